@@ -1,0 +1,50 @@
+"""Compression methods behind one entry point, :func:`apply_compression`.
+
+Each method takes the model (changed in place), the layers it may touch and a
+:class:`CompressContext`, and returns a dict of what it did (recorded in results.json).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from craft_runner.config import CompressConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressContext:
+    device: torch.device
+    calib_batches: list = field(default_factory=list)
+    # Fine-tunes the model for a number of epochs with the run's optimizer and data.
+    fine_tune: Optional[Callable[[nn.Module, int], None]] = None
+
+
+def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear layers in module order; optionally without the stem and the classifier."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if skip_first_last and len(layers) > 2:
+        head = model.get_classifier() if hasattr(model, "get_classifier") else layers[-1][1]
+        layers = [(n, m) for n, m in layers[1:] if m is not head]
+    return layers
+
+
+def apply_compression(model: nn.Module, cfg: CompressConfig, ctx: CompressContext) -> dict:
+    if cfg.name == "none":
+        return {}
+    layers = target_layers(model, cfg.skip_first_last)
+    if cfg.name == "ptq":
+        from craft_runner.compress.quant import base_ptq
+
+        return base_ptq(model, layers, cfg.w_bits, cfg.a_bits, ctx.calib_batches)
+    if cfg.name == "prune":
+        from craft_runner.compress.prune import magnitude_prune
+
+        return magnitude_prune(layers, cfg.sparsity)
+    raise ValueError(f"compress.name={cfg.name!r} is not implemented")

@@ -1,0 +1,271 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Hydra checks key names and types when it composes a config; the range checks in
+``__post_init__`` run when :func:`to_run_config` turns the DictConfig into these
+dataclasses, which the pipeline does before any data is read or any file written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range or unknown; the message is one line."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "${oc.env:CRAFT_DATA_DIR,data}"
+    # Trained checkpoints, keyed by a hash of what determines them; shared by every run.
+    cache_dir: str = "outputs/cache"
+    # The run's own directory; run.py fills it from Hydra, tests pass their own.
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    pretrained: bool = False
+    checkpoint_path: Optional[str] = None
+    # None: the dataset's number of classes (a new head for fine-tuning).
+    num_classes: Optional[int] = None
+    drop_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: Optional[str] = None  # None: ${paths.data_dir}/<name>
+    download: bool = False
+    img_size: Optional[int] = None  # None: the model's own input size
+    # Synthetic data only: its shape and size.
+    num_classes: int = 10
+    in_chans: int = 3
+    n_train: int = 256
+    n_test: int = 128
+    test_fraction: float = 0.2  # digits: held-out share of the stratified split
+    split_seed: int = 0
+    augment: bool = False
+    # Hold a small data set as tensors on the run's device (no loader workers).
+    on_device: bool = True
+    num_workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+
+    def __post_init__(self):
+        _check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", self.test_fraction, "a value in (0, 1)")
+        _check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.n_train >= 1 and self.n_test >= 1, "dataset.n_train", self.n_train, "positive sizes")
+        _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SHARPNESS_AWARE = ("sam", "asam")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    # Sharpness-aware optimizers wrap this base optimizer.
+    base: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)
+    nesterov: bool = False
+    rho: float = 0.05
+    adaptive: bool = False
+
+    def __post_init__(self):
+        _check_choice("optimizer.name", self.name, OPTIMIZERS + SHARPNESS_AWARE)
+        _check_choice("optimizer.base", self.base, OPTIMIZERS)
+        _check(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.rho > 0, "optimizer.rho", self.rho, "a positive number")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0
+    # bf16 autocast; only used on CUDA.
+    amp: bool = True
+    # NHWC activations: faster convolutions on CPU and on tensor cores.
+    channels_last: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.epochs >= 0, "train.epochs", self.epochs, "an integer >= 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _check_choice("train.scheduler", self.scheduler, ("cosine", "none"))
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "null or > 0")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
+
+
+@dataclass
+class SharpnessConfig:
+    enabled: bool = True
+    before: bool = True
+    after: bool = True
+    n_samples: int = 256
+    batch_size: int = 256
+    max_iter: int = 100
+    tol: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.n_samples >= 1, "sharpness.n_samples", self.n_samples, "an integer >= 1")
+        _check(self.batch_size >= 1, "sharpness.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.max_iter >= 1, "sharpness.max_iter", self.max_iter, "an integer >= 1")
+        _check(self.tol > 0, "sharpness.tol", self.tol, "a positive number")
+
+
+@dataclass
+class ArchConfig:
+    name: str = "base"
+    preact: bool = False
+    rprelu: bool = False
+
+    def __post_init__(self):
+        _check_choice("arch.name", self.name, ("base", "snt"))
+
+
+def _check_bits(key: str, bits: int) -> None:
+    _check(2 <= bits <= 32, key, bits, "an integer in 2..32 (16 or more: not quantized)")
+
+
+@dataclass
+class CompressConfig:
+    """Fields shared by every compression method; ``name`` picks the method."""
+
+    name: str = "none"
+    calib_size: int = 32  # training images used for calibration
+    calib_seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("compress.name", self.name, ("none", "ptq", "prune", "qat"))
+        _check(self.calib_size >= 1, "compress.calib_size", self.calib_size, "an integer >= 1")
+
+
+@dataclass
+class PTQConfig(CompressConfig):
+    name: str = "ptq"
+    method: str = "base"
+    # "WxAy" shorthand (e.g. W6A16) for sweeps; when set it overrides w_bits and a_bits.
+    bits: Optional[str] = None
+    w_bits: int = 8
+    a_bits: int = 8
+    calib_size: int = 32
+    # Keep the first and last layers in full precision.
+    skip_first_last: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits is not None:
+            m = re.fullmatch(r"W(\d+)A(\d+)", str(self.bits).upper())
+            _check(m is not None, "compress.bits", self.bits, "the form WxAy, e.g. W8A8 or W4A16")
+            self.w_bits, self.a_bits = int(m.group(1)), int(m.group(2))
+        _check_choice("compress.method", self.method, ("base",))
+        _check_bits("compress.w_bits", self.w_bits)
+        _check_bits("compress.a_bits", self.a_bits)
+
+
+@dataclass
+class PruneConfig(CompressConfig):
+    name: str = "prune"
+    criterion: str = "magnitude"
+    pattern: str = "unstructured"
+    sparsity: float = 0.5
+    skip_first_last: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("compress.criterion", self.criterion, ("magnitude",))
+        _check_choice("compress.pattern", self.pattern, ("unstructured",))
+        _check(0.0 <= self.sparsity < 1.0, "compress.sparsity", self.sparsity, "a value in [0, 1)")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "craft-runner"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    # auto: online when an API key is configured, otherwise offline.
+    mode: str = "auto"
+
+    def __post_init__(self):
+        _check_choice("logger.name", self.name, ("none", "wandb"))
+        _check_choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    compress: Any = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    device: str = "auto"
+    name: str = "run"
+
+    def __post_init__(self):
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
+               "auto, cpu or cuda[:N]")
+
+
+COMPRESS_SCHEMAS = {"none": CompressConfig, "ptq": PTQConfig, "prune": PruneConfig}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for name, node in COMPRESS_SCHEMAS.items():
+        cs.store(group="compress", name=f"{name}_schema", node=node)
+
+
+def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Resolve interpolations and build the typed config; raises ConfigError on a bad value."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf wraps errors raised in __post_init__
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return obj

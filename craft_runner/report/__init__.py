@@ -1,0 +1,1 @@
+"""Results → pandas → the papers' tables."""

@@ -1,0 +1,92 @@
+"""Collect results.json files into a DataFrame and print them as a paper table.
+
+Rows are training setups (optimizer, arch), columns are compression settings; a cell is
+"accuracy (drop)" as in CrAFT's Table 2, with the full-precision accuracy and λmax beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def compression_label(c: dict) -> str:
+    name = c.get("name", "none")
+    if name == "ptq":
+        method = "" if c.get("method", "base") == "base" else f"{c['method']} "
+        return f"{method}W{c['w_bits']}A{c['a_bits']}"
+    if name == "prune":
+        pattern = c.get("pattern", "unstructured")
+        shape = f"{c['n']}:{c['m']}" if pattern == "nm" else f"{100 * c['sparsity']:.0f}%"
+        return f"{c.get('criterion', 'magnitude')} {shape}"
+    if name == "qat":
+        return f"QAT W{c['w_bits']}A{c['a_bits']}"
+    return "none"
+
+
+def load_results(root: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted(Path(root).rglob("results.json")):
+        r = json.loads(path.read_text())
+        if r.get("status") != "ok":
+            continue
+        cfg, m = r["config"], r["metrics"]
+        rows.append({
+            "model": cfg["model"]["name"], "dataset": cfg["dataset"]["name"], "optimizer": cfg["optimizer"]["name"],
+            "arch": cfg["arch"]["name"] + ("" if cfg["arch"]["name"] == "base" else
+                                           f"(preact={cfg['arch']['preact']},rprelu={cfg['arch']['rprelu']})"),
+            "seed": cfg["seed"], "compression": compression_label(cfg["compress"]),
+            "fp_acc": m["fp_acc"], "compressed_acc": m.get("compressed_acc"), "drop": m.get("drop"),
+            "lambda_max": m.get("lambda_max_after"), "lambda_max_before": m.get("lambda_max_before"),
+            "train_seconds": m.get("train_seconds"), "path": str(path.parent),
+        })
+    return pd.DataFrame(rows)
+
+
+def paper_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, dataset, optimizer, arch); FP32, λmax, then one column per compression."""
+    keys = ["model", "dataset", "optimizer", "arch"]
+    base = df.groupby(keys, sort=False).agg(
+        FP32=("fp_acc", "mean"), lambda_max=("lambda_max", "mean"), train_s=("train_seconds", "mean"))
+    comp = df[df["compression"] != "none"].copy()
+    comp["cell"] = [f"{a:.2f} ({d:+.2f})" for a, d in zip(comp["compressed_acc"], comp["drop"])]
+    cells = comp.pivot_table(index=keys, columns="compression", values="cell", aggfunc="first", sort=False)
+    out = base.join(cells)
+    out["FP32"] = out["FP32"].map(lambda v: f"{v:.2f}")
+    out["lambda_max"] = out["lambda_max"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}")
+    out["train_s"] = out["train_s"].map(lambda v: f"{v:.1f}")
+    return out.reset_index()
+
+
+def format_table(df: pd.DataFrame, fmt: str = "github") -> str:
+    from tabulate import tabulate
+
+    return tabulate(df, headers="keys", tablefmt=fmt, showindex=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="craft-table", description=__doc__.splitlines()[0])
+    ap.add_argument("root", help="a sweep or run directory holding results.json files")
+    ap.add_argument("--format", default="github", help="tabulate format: github, latex, plain, ...")
+    ap.add_argument("--csv", help="also write the table as CSV to this path")
+    args = ap.parse_args(argv)
+    df = load_results(Path(args.root))
+    if df.empty:
+        print(f"craft-table: error: no finished results.json under {args.root}", file=sys.stderr)
+        return 2
+    table = paper_table(df)
+    print(format_table(table, args.format))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

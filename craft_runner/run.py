@@ -1,0 +1,54 @@
+"""`craft-run`: compose the config with Hydra and run the pipeline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from craft_runner.config import ConfigError, register_configs
+
+log = logging.getLogger("craft_runner")
+CONF_DIR = os.environ.get("CRAFT_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+
+register_configs()
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
+def main(cfg: DictConfig) -> float | None:
+    from craft_runner import pipeline
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    try:
+        rc, *_ = prepared = pipeline.prepare(cfg)
+    except ConfigError as e:
+        _remove_if_empty(run_dir)
+        print(f"craft-run: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        metrics = pipeline.run(rc, run_dir=run_dir, prepared=prepared)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    return metrics.get("compressed_acc", metrics.get("fp_acc"))
+
+
+if __name__ == "__main__":
+    main()

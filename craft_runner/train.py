@@ -1,0 +1,188 @@
+"""Training and evaluation loops, one for every optimizer, with atomic per-epoch checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from craft_runner.config import TrainConfig
+from craft_runner.optim import needs_second_pass
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm still normalises with batch statistics, but its running stats stay as they are."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.momentum))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "none":
+            return 1.0
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool = False):
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format
+    return x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
+
+
+def _clip(model: nn.Module, max_norm: Optional[float]) -> None:
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, opt: torch.optim.Optimizer,
+               cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    with autocast(device, cfg.amp):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    if needs_second_pass(opt):
+        opt.first_step(zero_grad=True)
+        with frozen_bn_stats(model), autocast(device, cfg.amp):
+            loss_fn(model(x), y).backward()
+        _clip(model, cfg.grad_clip)
+        opt.second_step(zero_grad=True)
+    else:
+        _clip(model, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def _loader_state(loader) -> Optional[dict]:
+    if hasattr(loader, "state_dict"):
+        return loader.state_dict()
+    gen = getattr(loader, "generator", None)
+    return {"generator": gen.get_state()} if gen is not None else None
+
+
+def _load_loader_state(loader, state: Optional[dict]) -> None:
+    if not state:
+        return
+    if hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(state)
+    elif getattr(loader, "generator", None) is not None:
+        loader.generator.set_state(state["generator"])
+
+
+def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
+        state_path: Optional[Path] = None, extra_state: Optional[dict] = None, desc: str = "train") -> dict:
+    """Train for ``cfg.epochs``; with ``state_path``, checkpoint every epoch and resume from it.
+
+    Returns ``{"train_seconds", "epochs", "history", "resumed_from"}``.
+    """
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # The schedule drives the base optimizer of a sharpness-aware wrapper (they share param_groups).
+    sched = build_scheduler(getattr(opt, "base_optimizer", opt), cfg, len(loader))
+    start, history, seconds = 0, [], 0.0
+    if state_path is not None and Path(state_path).exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        _load_loader_state(loader, st["loader"])
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        start, history, seconds = st["epoch"], st["history"], st["train_seconds"]
+        log.info("resuming %s from epoch %d of %d (%s)", desc, start, cfg.epochs, state_path)
+    resumed_from = start
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        total, count = torch.zeros((), device=device), 0
+        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if cfg.progress else True)
+        for x, y in bar:
+            x, y = to_device(x, y, device, cfg.channels_last)
+            loss = train_step(model, x, y, loss_fn, opt, cfg, device)
+            sched.step()
+            total += loss * len(y)
+            count += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": sched.get_last_lr()[0]})
+        log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, cfg.epochs, history[-1]["loss"])
+        if state_path is not None:
+            atomic_save({
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "loader": _loader_state(loader), "epoch": epoch + 1, "history": history,
+                "train_seconds": seconds, **(extra_state or {}),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            }, state_path)
+    return {"train_seconds": seconds, "epochs": cfg.epochs, "history": history, "resumed_from": resumed_from}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device, amp: bool = True,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy in percent."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    was_training = model.training
+    model.eval()
+    for x, y in loader:
+        x, y = to_device(x, y, device, channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        metric.update(logits.float(), y)
+    model.train(was_training)
+    return 100.0 * float(metric.compute())
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
