@@ -7,7 +7,6 @@ dataclasses, which the pipeline does before any data is read or any file written
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -76,7 +75,8 @@ class DatasetConfig:
 
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SHARPNESS_AWARE = ("sam", "asam")
+# looksam: a SAM step every k steps (Liu et al. 2022); randsam: a SAM step with probability sam_prob (SS-SAM).
+SHARPNESS_AWARE = ("sam", "asam", "looksam", "randsam")
 
 
 @dataclass
@@ -90,7 +90,14 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.999)
     nesterov: bool = False
     rho: float = 0.05
+    # ASAM's perturbation (e = rho T^2 g / ||T g||, T = |w|) for any SAM variant; asam sets it.
     adaptive: bool = False
+    # looksam: a full SAM step every k steps; alpha weighs the reused orthogonal direction g_v.
+    k: int = 5
+    alpha: float = 0.7
+    # randsam: probability that a step is a SAM step; the draw for step t depends on (seed, t) only.
+    sam_prob: float = 0.25
+    seed: int = 0
 
     def __post_init__(self):
         _check_choice("optimizer.name", self.name, OPTIMIZERS + SHARPNESS_AWARE)
@@ -98,6 +105,9 @@ class OptimizerConfig:
         _check(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.rho > 0, "optimizer.rho", self.rho, "a positive number")
+        _check(self.k >= 1, "optimizer.k", self.k, "an integer >= 1")
+        _check(self.alpha >= 0, "optimizer.alpha", self.alpha, "a number >= 0")
+        _check(0 <= self.sam_prob <= 1, "optimizer.sam_prob", self.sam_prob, "a value in [0, 1]")
 
 
 @dataclass
@@ -126,20 +136,43 @@ class TrainConfig:
 
 @dataclass
 class SharpnessConfig:
+    """Diagnostics measured before and after training (craft_runner.diagnostics.run_diagnostics)."""
+
     enabled: bool = True
     before: bool = True
     after: bool = True
+    # Calibration data for the Hessian and the activation ranges.
     n_samples: int = 256
     batch_size: int = 256
+    # lambda_max: top Hessian eigenvalue by power iteration or Lanczos (full reorthogonalisation).
+    lambda_max: bool = True
+    method: str = "power"
     max_iter: int = 100
     tol: float = 1e-3
     seed: int = 0
+    # Keep each batch's gradient graph across Hessian-vector products (faster, more memory).
+    reuse_graph: bool = True
+    # Hessian trace by Hutchinson's estimator with Rademacher probes.
+    trace: bool = False
+    trace_probes: int = 100
+    # Weight spectrum (CrAFT Fig. 1): share of variance in the top-k principal components of each
+    # Linear/Conv weight; k >= 1 is a count, 0 < k < 1 a fraction of each matrix's components.
+    spectrum: bool = False
+    spectrum_k: float = 0.25
+    # Per-channel min/max of each block's input (CrAFT Fig. 2).
+    act_ranges: bool = False
+    # PNG plots of the spectrum and the ranges, when the caller gives an output folder.
+    plots: bool = True
 
     def __post_init__(self):
         _check(self.n_samples >= 1, "sharpness.n_samples", self.n_samples, "an integer >= 1")
         _check(self.batch_size >= 1, "sharpness.batch_size", self.batch_size, "an integer >= 1")
+        _check_choice("sharpness.method", self.method, ("power", "lanczos"))
         _check(self.max_iter >= 1, "sharpness.max_iter", self.max_iter, "an integer >= 1")
         _check(self.tol > 0, "sharpness.tol", self.tol, "a positive number")
+        _check(self.trace_probes >= 1, "sharpness.trace_probes", self.trace_probes, "an integer >= 1")
+        _check(self.spectrum_k > 0, "sharpness.spectrum_k", self.spectrum_k,
+               "a count >= 1 or a fraction in (0, 1)")
 
 
 @dataclass
@@ -150,61 +183,6 @@ class ArchConfig:
 
     def __post_init__(self):
         _check_choice("arch.name", self.name, ("base", "snt"))
-
-
-def _check_bits(key: str, bits: int) -> None:
-    _check(2 <= bits <= 32, key, bits, "an integer in 2..32 (16 or more: not quantized)")
-
-
-@dataclass
-class CompressConfig:
-    """Fields shared by every compression method; ``name`` picks the method."""
-
-    name: str = "none"
-    calib_size: int = 32  # training images used for calibration
-    calib_seed: int = 0
-
-    def __post_init__(self):
-        _check_choice("compress.name", self.name, ("none", "ptq", "prune", "qat"))
-        _check(self.calib_size >= 1, "compress.calib_size", self.calib_size, "an integer >= 1")
-
-
-@dataclass
-class PTQConfig(CompressConfig):
-    name: str = "ptq"
-    method: str = "base"
-    # "WxAy" shorthand (e.g. W6A16) for sweeps; when set it overrides w_bits and a_bits.
-    bits: Optional[str] = None
-    w_bits: int = 8
-    a_bits: int = 8
-    calib_size: int = 32
-    # Keep the first and last layers in full precision.
-    skip_first_last: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.bits is not None:
-            m = re.fullmatch(r"W(\d+)A(\d+)", str(self.bits).upper())
-            _check(m is not None, "compress.bits", self.bits, "the form WxAy, e.g. W8A8 or W4A16")
-            self.w_bits, self.a_bits = int(m.group(1)), int(m.group(2))
-        _check_choice("compress.method", self.method, ("base",))
-        _check_bits("compress.w_bits", self.w_bits)
-        _check_bits("compress.a_bits", self.a_bits)
-
-
-@dataclass
-class PruneConfig(CompressConfig):
-    name: str = "prune"
-    criterion: str = "magnitude"
-    pattern: str = "unstructured"
-    sparsity: float = 0.5
-    skip_first_last: bool = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_choice("compress.criterion", self.criterion, ("magnitude",))
-        _check_choice("compress.pattern", self.pattern, ("unstructured",))
-        _check(0.0 <= self.sparsity < 1.0, "compress.sparsity", self.sparsity, "a value in [0, 1)")
 
 
 @dataclass
@@ -242,10 +220,9 @@ class RunConfig:
                "auto, cpu or cuda[:N]")
 
 
-COMPRESS_SCHEMAS = {"none": CompressConfig, "ptq": PTQConfig, "prune": PruneConfig}
-
-
 def register_configs() -> None:
+    from craft_runner.compress.config import COMPRESS_SCHEMAS
+
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name, node in COMPRESS_SCHEMAS.items():

@@ -200,7 +200,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
         metrics["fp_acc"] = evaluate(model, eval_loader, data.num_classes, device, rc.train.amp,
                                      rc.train.channels_last)
         if rc.compress.name != "none":
-            cmodel = copy.deepcopy(model)
+            # Compressors see the standard memory layout (torch.nn.utils.prune needs it).
+            cmodel = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
             calib = data.calib_batches(rc.compress.calib_size, rc.train.eval_batch_size, rc.compress.calib_seed,
                                        device)
 
@@ -210,6 +211,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
                 fit(m, loader, build_optimizer(m, rc.optimizer), ft_cfg, device, desc="fine-tune")
 
             info = apply_compression(cmodel, rc.compress, CompressContext(device, calib, fine_tune))
+            if rc.train.channels_last:
+                cmodel = cmodel.to(memory_format=torch.channels_last)
             metrics["compressed_acc"] = evaluate(cmodel, eval_loader, data.num_classes, device, rc.train.amp,
                                                  rc.train.channels_last)
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]

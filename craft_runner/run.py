@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from craft_runner.config import ConfigError, register_configs
 
@@ -39,6 +39,8 @@ def main(cfg: DictConfig) -> float | None:
         _remove_if_empty(run_dir)
         print(f"craft-run: error: {e}", file=sys.stderr)
         sys.exit(2)
+    OmegaConf.save(cfg, run_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), run_dir / "overrides.yaml")
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)

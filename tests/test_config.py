@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from craft_runner.config import ConfigError, to_run_config
+from helpers import CONF, compose_run
+
+GROUPS = ["model", "dataset", "optimizer", "arch", "compress", "logger", "experiment"]
+
+
+def options(group):
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose_run(f"{group}={option}")
+    rc = to_run_config(cfg)
+    if group not in ("experiment",):
+        assert getattr(rc, group) is not None
+
+
+def test_every_group_has_options():
+    for g in GROUPS:
+        assert options(g), g
+
+
+def test_bits_shorthand_sets_both_widths():
+    rc = to_run_config(compose_run("compress=ptq", "compress.bits=W6A16"))
+    assert (rc.compress.w_bits, rc.compress.a_bits) == (6, 16)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("compress.w_bits=1", "compress.w_bits"),
+    ("compress.a_bits=33", "compress.a_bits"),
+    ("compress.bits=W8", "compress.bits"),
+])
+def test_bits_out_of_range(override, key):
+    with pytest.raises(ConfigError, match=key):
+        to_run_config(compose_run("compress=ptq", override))
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_sparsity_out_of_range(value):
+    with pytest.raises(ConfigError, match=r"compress.sparsity=.*\[0, 1\)"):
+        to_run_config(compose_run("compress=prune", f"compress.sparsity={value}"))
+
+
+def test_typo_in_a_key_fails_at_compose():
+    with pytest.raises(Exception, match="lrr"):
+        compose_run("optimizer.lrr=0.1")
+
+
+def test_wrong_type_fails_at_compose():
+    with pytest.raises(Exception, match="epochs"):
+        compose_run("train.epochs=many")
+
+
+def test_error_message_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        to_run_config(compose_run("optimizer.lr=-1"))
+    assert "\n" not in str(e.value) and "optimizer.lr" in str(e.value)
