@@ -50,7 +50,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     name: str = "digits"
-    root: Optional[str] = None  # None: ${paths.data_dir}/<name>
+    root: Optional[str] = None  # None: ${paths.data_dir}/<torchvision's folder name>
     download: bool = False
     img_size: Optional[int] = None  # None: the model's own input size
     # Synthetic data only: its shape and size.

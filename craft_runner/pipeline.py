@@ -95,11 +95,8 @@ def prepare(cfg: DictConfig | RunConfig):
     data_config = model_data_config(rc.model.name)
     data = build_data(rc.dataset, img_size=data_config["input_size"][-1], data_dir=rc.paths.data_dir,
                       data_config=data_config)
-    model = create_model(rc.model, num_classes=data.num_classes, in_chans=data.in_chans)
-    if rc.arch.name == "snt":
-        from craft_runner.models.snt import apply_snt
-
-        model = apply_snt(model, preact=rc.arch.preact, rprelu=rc.arch.rprelu)
+    # The SNT transform is applied inside, between pretrained weights and a full checkpoint.
+    model = create_model(rc.model, num_classes=data.num_classes, in_chans=data.in_chans, arch=rc.arch)
     model = model.to(device)
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -59,6 +59,14 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     comp["cell"] = [f"{a:.2f} ({d:+.2f})" for a, d in zip(comp["compressed_acc"], comp["drop"])]
     cells = comp.pivot_table(index=keys, columns="compression", values="cell", aggfunc="first", sort=False)
     out = base.join(cells)
+    # Training cost relative to Adam on the same model and data, as in CrAFT's Table 4.
+    adam = out.xs("adam", level="optimizer", drop_level=False)["train_s"] if "adam" in out.index.get_level_values(
+        "optimizer") else None
+    if adam is not None:
+        ref = adam.groupby(level=["model", "dataset"]).mean()
+        out.insert(3, "overhead", [row.train_s / ref.get((i[0], i[1]), float("nan"))
+                                   for i, row in out.iterrows()])
+        out["overhead"] = out["overhead"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.2f}x")
     out["FP32"] = out["FP32"].map(lambda v: f"{v:.2f}")
     out["lambda_max"] = out["lambda_max"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}")
     out["train_s"] = out["train_s"].map(lambda v: f"{v:.1f}")

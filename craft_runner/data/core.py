@@ -1,0 +1,147 @@
+"""DataBundle, the object every data set builds, and the loaders it hands out.
+
+Small data sets are held as tensors on the run's device and batched by :class:`TensorLoader`,
+which costs no worker processes and no host-to-device copies per batch; larger ones are torch
+Datasets read by a DataLoader with workers and pinned memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from craft_runner.config import DatasetConfig
+
+log = logging.getLogger(__name__)
+
+
+class TensorLoader:
+    """Batches of (x, y) from tensors already on the device; reshuffles every epoch.
+
+    ``augment(x, generator)`` runs on each batch (training only), then ``transform(x)`` (e.g. uint8 to
+    normalised float); both see the batch on its device.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False,
+                 augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.augment = augment
+        self.transform = transform
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.x[idx]
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            if self.transform is not None:
+                x = self.transform(x)
+            yield x, self.y[idx]
+
+    # The shuffling generator is part of a resumable training state.
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class DataBundle:
+    name: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+    train_x: Optional[torch.Tensor]  # tensors when the set is held in memory
+    train_y: Optional[torch.Tensor]
+    test_x: Optional[torch.Tensor]
+    test_y: Optional[torch.Tensor]
+    train_dataset: object = None  # torch Datasets otherwise
+    train_eval_dataset: object = None  # training images with evaluation transforms
+    test_dataset: object = None
+    augment: Optional[Callable] = None  # (x, generator) -> x, on training batches of train_x
+    # x -> x on every batch of train_x/test_x after augment: None when they are model-ready already;
+    # CIFAR held on the device is stored as uint8 at 32x32 and resized and normalised here, per batch.
+    transform: Optional[Callable] = None
+    classes: Optional[list] = None
+    data_config: Optional[dict] = None  # the resolved timm data config the transforms follow
+    root: Optional[str] = None  # the folder read, for on-disk sets
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y) if self.train_y is not None else len(self.train_dataset)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_y) if self.test_y is not None else len(self.test_dataset)
+
+    def _on(self, device: torch.device) -> None:
+        # Copied once and kept, so a loader made every epoch costs no new host-to-device copy.
+        for k in ("train_x", "train_y", "test_x", "test_y"):
+            t = getattr(self, k)
+            if t is not None and t.device != torch.device(device):
+                setattr(self, k, t.to(device))
+
+    def train_loader(self, batch_size: int, seed: int, device: torch.device, cfg: DatasetConfig):
+        if self.train_x is not None:
+            self._on(device)
+            return TensorLoader(self.train_x, self.train_y, batch_size, shuffle=True, seed=seed,
+                                augment=self.augment, transform=self.transform)
+        return _torch_loader(self.train_dataset, batch_size, True, seed, cfg, device)
+
+    def eval_loader(self, batch_size: int, device: torch.device, cfg: DatasetConfig):
+        if self.test_x is not None:
+            self._on(device)
+            return TensorLoader(self.test_x, self.test_y, batch_size, transform=self.transform)
+        return _torch_loader(self.test_dataset, batch_size, False, 0, cfg, device)
+
+    def calib_batches(self, n: int, batch_size: int, seed: int, device: torch.device):
+        """A fixed, seeded subset of the training split (evaluation transforms), as a list of batches."""
+        idx = calib_indices(self.n_train, n, seed)
+        if self.train_x is not None:
+            x, y = self.train_x[idx.to(self.train_x.device)], self.train_y[idx.to(self.train_y.device)]
+            if self.transform is not None:
+                x = self.transform(x)
+        else:
+            ds = self.train_eval_dataset or self.train_dataset
+            items = [ds[int(i)] for i in idx]
+            x = torch.stack([it[0] for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items])
+        return [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+                for i in range(0, len(y), batch_size)]
+
+
+def calib_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:min(n, n_total)]
+
+
+def _torch_loader(ds, batch_size, shuffle, seed, cfg: DatasetConfig, device):
+    # The generator fixes the order and, through each worker's base seed, the augmentation in workers.
+    g = torch.Generator().manual_seed(seed)
+    workers = cfg.num_workers
+    device = torch.device(device)
+    kwargs = {}
+    if workers > 0 and getattr(cfg, "prefetch_factor", None):
+        kwargs["prefetch_factor"] = cfg.prefetch_factor
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+        pin_memory=cfg.pin_memory and device.type == "cuda",
+        persistent_workers=cfg.persistent_workers and workers > 0, drop_last=False, **kwargs)

@@ -1,0 +1,238 @@
+"""SNT network transformations (Heo et al., section 4): pre-activation reorder and RPReLU.
+
+:func:`apply_snt` rewrites a built model in place. Supported models and exactly what changes:
+
+**ResNet** (``resnet20`` here, timm's ``resnet18`` and any timm ``ResNet`` made of plain
+``BasicBlock``s with a single-conv stem). Each block ``conv1-bn1-act1-conv2-bn2 (+shortcut) -> act2``
+becomes a :class:`PreActBasicBlock`::
+
+    out = bn2(conv2(act1(bn1(conv1(act_pre(x)))))) + shortcut(x)
+
+i.e. the activation after the addition moves to the start of the residual branch, after the split,
+so every addition joins two linear paths (section 4.1). The stem (conv-BN-act) is unchanged; one
+activation (``final_act``; for timm, appended to ``layer4``) is added after the last stage so that
+the pooled features fed to the classifier are rectified as in the base network (this is also the
+final BN-ReLU of He et al.'s pre-activation ResNet). Conv/BN weights are the same objects, and the
+state_dict keys of every existing weight are unchanged.
+
+**MobileNet-V1** (``mobilenetv1_cifar``). It has no residual additions, so the paper's reason for
+the reorder does not apply; each depthwise-separable unit is still rewritten as
+``act_pre -> conv_dw -> bn1 -> act1 -> conv_pw -> bn2`` (:class:`PreActDepthwiseSeparable`), with
+``act_pre`` of the first unit an identity (the stem already ends in its activation; an activation on
+the raw image would not be meaningful) and ``final_act`` added before pooling. In a plain chain this
+only relabels which unit owns each activation: the network computes the same function as the base
+one (``tests/test_snt.py`` checks this), with ReLU and with RPReLU. For MobileNet-V1 the SNT effect
+therefore comes from RPReLU.
+
+**MLP-Mixer** (``mixer_s_cifar``). Its residual stream is never activated and each branch already
+ends in a linear layer (``x + fc2(GELU(fc1(LN(x))))``). The transform *adds* an activation at the
+start of each branch, after the split and its LayerNorm::
+
+    x = x + mlp_tokens(act_pre1(norm1(x)))      # token mixing
+    x = x + mlp_channels(act_pre2(norm2(x)))    # channel mixing
+
+keeping each MLP's own hidden activation (moving it instead would collapse ``fc2 . fc1`` into one
+linear map). This follows the norm -> activation -> weight order of pre-activation ResNets. The
+paper's Figure 4 is not available in text form, so this is our reading of it.
+
+**RPReLU** (section 4.2) replaces every activation of the network (ReLU; for the Mixer, GELU, which
+is piecewise-linearised by RPReLU exactly as the paper's function prescribes) by an
+:class:`RPReLU` with one ``(gamma, zeta, beta)`` triple per channel: dim 1 of NCHW feature maps,
+the last dim of token tensors (for the Mixer: the 128 embedding channels for ``act_pre*``, the
+D_S = 64 hidden units of token mixing and the D_C = 512 hidden units of channel mixing).
+
+Any other model raises :class:`~craft_runner.config.ConfigError`. With ``preact=False`` and
+``rprelu=False`` the model is returned untouched, whatever it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from craft_runner.config import ConfigError
+from craft_runner.models.cifar import BasicBlock as CifarBasicBlock
+from craft_runner.models.cifar import DepthwiseSeparable, MixerBlock, MlpMixerCifar, MobileNetV1Cifar, ResNetCifar
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["RPReLU", "PreActBasicBlock", "PreActDepthwiseSeparable", "apply_snt", "SNT_SUPPORTED"]
+
+SNT_SUPPORTED = ("resnet20", "resnet18 (timm ResNet of BasicBlocks)", "mobilenetv1_cifar", "mixer_s_cifar")
+
+
+class RPReLU(nn.Module):
+    """PReLU sandwiched between learnable shifts (SNT eq. 1, after ReActNet's RPReLU), per channel i::
+
+        f(x_i) = x_i - gamma_i + zeta_i          if x_i > gamma_i
+                 beta_i * (x_i - gamma_i) + zeta_i  otherwise
+
+    The channel is dim 1 of a 4-D (N, C, H, W) tensor and the last dim of any other tensor (tokens
+    (B, N, C), or (B, C)). ``gamma`` and ``zeta`` start at 0 and ``beta`` at 0.25 (PReLU's default), so
+    a fresh RPReLU is a PReLU. All three are 1-D parameters: the project's optimizer factory puts no
+    weight decay on parameters with ``ndim <= 1``, which is how they are kept free of weight decay.
+    """
+
+    def __init__(self, num_channels: int, beta_init: float = 0.25):
+        super().__init__()
+        self.num_channels = num_channels
+        self.gamma = nn.Parameter(torch.zeros(num_channels))
+        self.zeta = nn.Parameter(torch.zeros(num_channels))
+        self.beta = nn.Parameter(torch.full((num_channels,), float(beta_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            shape = (1, self.num_channels, 1, 1)
+            dim = 1
+        else:
+            shape = (self.num_channels,)
+            dim = -1
+        if x.shape[dim] != self.num_channels:
+            raise ValueError(f"RPReLU({self.num_channels}) got a tensor of shape {tuple(x.shape)} (channel dim {dim})")
+        y = x - self.gamma.view(shape)
+        return torch.where(y > 0, y, self.beta.view(shape) * y) + self.zeta.view(shape)
+
+    def extra_repr(self) -> str:
+        return str(self.num_channels)
+
+
+class PreActBasicBlock(nn.Module):
+    """A residual block taken over from a BasicBlock (its modules, not copies): the post-addition
+    activation is gone and ``act_pre`` starts the residual branch::
+
+        out = drop_path(bn2(conv2(aa(act1(drop_block(bn1(conv1(act_pre(x))))))))) + shortcut(x)
+
+    The shortcut keeps its name (``shortcut`` for resnet20, ``downsample`` for timm) so state_dict
+    keys do not change.
+    """
+
+    def __init__(self, block: nn.Module, act_pre: nn.Module):
+        super().__init__()
+        self.act_pre = act_pre
+        self.conv1 = block.conv1
+        self.bn1 = block.bn1
+        self.drop_block = getattr(block, "drop_block", None) or nn.Identity()
+        self.act1 = block.act1
+        self.aa = getattr(block, "aa", None) or nn.Identity()
+        self.conv2 = block.conv2
+        self.bn2 = block.bn2
+        self.drop_path = getattr(block, "drop_path", None) or nn.Identity()
+        self.shortcut_name = "downsample" if hasattr(block, "downsample") else "shortcut"
+        setattr(self, self.shortcut_name, getattr(block, self.shortcut_name) or nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = getattr(self, self.shortcut_name)(x)
+        out = self.drop_block(self.bn1(self.conv1(self.act_pre(x))))
+        out = self.bn2(self.conv2(self.aa(self.act1(out))))
+        return self.drop_path(out) + shortcut
+
+
+class PreActDepthwiseSeparable(nn.Module):
+    """A depthwise-separable unit taken over as ``act_pre -> conv_dw -> bn1 -> act1 -> conv_pw -> bn2``."""
+
+    def __init__(self, block: DepthwiseSeparable, act_pre: nn.Module):
+        super().__init__()
+        self.act_pre = act_pre
+        self.conv_dw = block.conv_dw
+        self.bn1 = block.bn1
+        self.act1 = block.act1
+        self.conv_pw = block.conv_pw
+        self.bn2 = block.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv_dw(self.act_pre(x))))
+        return self.bn2(self.conv_pw(x))
+
+
+def _act(base: type, channels: int, rprelu: bool) -> nn.Module:
+    # Never in-place: a pre-activation reads the tensor the shortcut also reads.
+    return RPReLU(channels) if rprelu else base()
+
+
+def _timm_basic_resnet(model: nn.Module) -> bool:
+    try:
+        from timm.models.resnet import BasicBlock as TimmBasicBlock
+        from timm.models.resnet import ResNet
+    except ImportError:  # pragma: no cover - timm is a hard dependency
+        return False
+    if not isinstance(model, ResNet) or not isinstance(model.conv1, nn.Conv2d):
+        return False
+    blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+    return all(type(b) is TimmBasicBlock and b.se is None for b in blocks)
+
+
+def _resnet(model: nn.Module, stages: list, preact: bool, rprelu: bool) -> None:
+    if rprelu:
+        model.act1 = RPReLU(model.bn1.num_features)
+    for stage in stages:
+        for i, block in enumerate(stage):
+            if rprelu:
+                block.act1 = RPReLU(block.bn1.num_features)
+                if not preact:  # with preact the post-addition activation is dropped
+                    block.act2 = RPReLU(block.bn2.num_features)
+            if preact:
+                stage[i] = PreActBasicBlock(block, _act(nn.ReLU, block.conv1.in_channels, rprelu))
+
+
+def _mobilenetv1(model: MobileNetV1Cifar, preact: bool, rprelu: bool) -> None:
+    blocks = list(model.blocks)
+    if rprelu:
+        model.act1 = RPReLU(model.bn1.num_features)
+        for block in blocks:
+            block.act1 = RPReLU(block.bn1.num_features)
+            block.act2 = RPReLU(block.bn2.num_features)
+    if preact:
+        # Unit i's pre-activation takes over unit i-1's post-activation (with its RPReLU
+        # parameters), which keeps the function; the stem's own activation feeds unit 0.
+        for i, block in enumerate(blocks):
+            model.blocks[i] = PreActDepthwiseSeparable(block, blocks[i - 1].act2 if i > 0 else nn.Identity())
+        model.final_act = blocks[-1].act2
+
+
+def _mixer(model: MlpMixerCifar, preact: bool, rprelu: bool) -> None:
+    for block in model.blocks:
+        assert isinstance(block, MixerBlock)
+        if rprelu:
+            block.mlp_tokens.act = RPReLU(block.mlp_tokens.fc1.out_features)
+            block.mlp_channels.act = RPReLU(block.mlp_channels.fc1.out_features)
+        if preact:
+            dim = block.norm1.normalized_shape[0]
+            block.act_pre1 = _act(nn.GELU, dim, rprelu)
+            block.act_pre2 = _act(nn.GELU, dim, rprelu)
+
+
+def apply_snt(model: nn.Module, preact: bool, rprelu: bool) -> nn.Module:
+    """Apply the SNT pre-activation reorder and/or RPReLU to ``model`` in place; returns ``model``.
+
+    See the module docstring for what each switch does per architecture. Raises
+    :class:`~craft_runner.config.ConfigError` when a switch is on and the model is not supported.
+    """
+    if not preact and not rprelu:
+        return model
+    name = type(model).__name__
+    if isinstance(model, ResNetCifar):
+        if not all(type(b) is CifarBasicBlock for stage in model.stages for b in stage):
+            raise ConfigError(f"arch: {name} has already been transformed (apply_snt once per model)")
+        _resnet(model, model.stages, preact, rprelu)
+        if preact:
+            model.final_act = _act(nn.ReLU, model.num_features, rprelu)
+    elif _timm_basic_resnet(model):
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+        _resnet(model, stages, preact, rprelu)
+        if preact:
+            # Appended at the end of layer4: keeps every existing state_dict key.
+            model.layer4.append(_act(nn.ReLU, model.num_features, rprelu))
+    elif isinstance(model, MobileNetV1Cifar):
+        if not all(type(b) is DepthwiseSeparable for b in model.blocks):
+            raise ConfigError(f"arch: {name} has already been transformed (apply_snt once per model)")
+        _mobilenetv1(model, preact, rprelu)
+    elif isinstance(model, MlpMixerCifar):
+        _mixer(model, preact, rprelu)
+    else:
+        raise ConfigError(
+            f"arch.name=snt (preact={preact}, rprelu={rprelu}) is not supported for model {name}: "
+            f"supported models are {', '.join(SNT_SUPPORTED)}; use arch=base for others")
+    _logger.info("SNT applied to %s: preact=%s rprelu=%s", name, preact, rprelu)
+    return model

@@ -1,0 +1,43 @@
+import json
+
+from craft_runner.report.table import compression_label, load_results, main, paper_table
+
+
+def write(path, optimizer, compress, fp, acc, lam, secs, status="ok"):
+    path.mkdir(parents=True)
+    cfg = {"model": {"name": "resnet20"}, "dataset": {"name": "digits"}, "optimizer": {"name": optimizer},
+           "arch": {"name": "base", "preact": False, "rprelu": False}, "seed": 0, "compress": compress}
+    metrics = {"fp_acc": fp, "lambda_max_after": lam, "train_seconds": secs}
+    if acc is not None:
+        metrics.update(compressed_acc=acc, drop=acc - fp)
+    (path / "results.json").write_text(json.dumps({"config": cfg, "metrics": metrics, "status": status}))
+
+
+def test_table_cells_overhead_and_failed_runs(tmp_path, capsys):
+    ptq = {"name": "ptq", "method": "base", "w_bits": 8, "a_bits": 8}
+    prune = {"name": "prune", "criterion": "magnitude", "pattern": "unstructured", "sparsity": 0.5}
+    write(tmp_path / "a1", "adam", ptq, 98.0, 97.5, 40.0, 10.0)
+    write(tmp_path / "a2", "adam", prune, 98.0, 90.25, 40.0, 10.0)
+    write(tmp_path / "s1", "sam", ptq, 98.5, 98.25, 12.0, 21.0)
+    write(tmp_path / "s2", "sam", prune, 98.5, 95.0, 12.0, 21.0, status="failed")
+    df = load_results(tmp_path)
+    assert len(df) == 3
+    t = paper_table(df).set_index("optimizer")
+    assert t.loc["adam", "W8A8"] == "97.50 (-0.50)" and t.loc["sam", "W8A8"] == "98.25 (-0.25)"
+    assert t.loc["adam", "magnitude 50%"] == "90.25 (-7.75)"
+    assert t.loc["sam", "overhead"] == "2.10x" and t.loc["adam", "overhead"] == "1.00x"
+    assert t.loc["sam", "lambda_max"] == "12"
+    assert main([str(tmp_path)]) == 0
+    assert "97.50 (-0.50)" in capsys.readouterr().out
+
+
+def test_labels():
+    assert compression_label({"name": "ptq", "method": "base", "w_bits": 6, "a_bits": 16}) == "W6A16"
+    assert compression_label({"name": "prune", "criterion": "wanda", "pattern": "nm", "n": 2, "m": 4,
+                              "sparsity": 0.5}) == "wanda 2:4"
+    assert compression_label({"name": "none"}) == "none"
+
+
+def test_empty_dir_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no finished results.json" in capsys.readouterr().err
