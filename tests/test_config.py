@@ -60,3 +60,10 @@ def test_error_message_is_one_line():
     with pytest.raises(ConfigError) as e:
         to_run_config(compose_run("optimizer.lr=-1"))
     assert "\n" not in str(e.value) and "optimizer.lr" in str(e.value)
+
+
+def test_experiment_overrides_the_defaults():
+    rc = to_run_config(compose_run("experiment=digits_default"))
+    assert rc.train.epochs == 8 and rc.sharpness.max_iter == 30
+    # and a command-line override still wins over the experiment
+    assert to_run_config(compose_run("experiment=digits_default", "train.epochs=3")).train.epochs == 3
