@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from craft_runner.config import CompressConfig
+from craft_runner.compress.config import CompressConfig
 
 log = logging.getLogger(__name__)
 
