@@ -2,13 +2,19 @@
 
 Each method takes the model (changed in place), the layers it may touch and a
 :class:`CompressContext`, and returns a dict of what it did (recorded in results.json).
+
+- ``ptq``: BasePTQ or PTQ4ViT (:mod:`.quant`, :mod:`.ptq4vit`), optionally followed by
+  fine-tuning with the weights kept quantized;
+- ``prune``: magnitude or Wanda, unstructured or N:M, one-shot or iterative (:mod:`.prune`);
+- ``qat``: PACT quantization-aware training (:mod:`.qat`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,15 +42,29 @@ def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn
 
 
 def apply_compression(model: nn.Module, cfg: CompressConfig, ctx: CompressContext) -> dict:
+    """Compress ``model`` in place as ``cfg`` says; returns a JSON-serialisable record."""
     if cfg.name == "none":
         return {}
     layers = target_layers(model, cfg.skip_first_last)
     if cfg.name == "ptq":
-        from craft_runner.compress.quant import base_ptq
+        from craft_runner.compress.quant import base_ptq, fine_tune_quantized
 
-        return base_ptq(model, layers, cfg.w_bits, cfg.a_bits, ctx.calib_batches)
+        scales = None
+        if cfg.method == "ptq4vit":
+            from craft_runner.compress.ptq4vit import ptq4vit
+
+            info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches)
+        else:
+            info = base_ptq(model, layers, cfg.w_bits, cfg.a_bits, ctx.calib_batches, cfg.quant_attention)
+        if cfg.finetune_epochs:
+            fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs, ctx.fine_tune, scales)
+        return {**info, "name": "ptq", "finetune_epochs": cfg.finetune_epochs}
     if cfg.name == "prune":
-        from craft_runner.compress.prune import magnitude_prune
+        from craft_runner.compress.prune import prune_model
 
-        return magnitude_prune(layers, cfg.sparsity)
+        return {"name": "prune", **prune_model(model, layers, cfg, ctx)}
+    if cfg.name == "qat":
+        from craft_runner.compress.qat import pact_qat
+
+        return {"name": "qat", **pact_qat(model, layers, cfg, ctx)}
     raise ValueError(f"compress.name={cfg.name!r} is not implemented")

@@ -1,12 +1,22 @@
-"""One-shot pruning through ``torch.nn.utils.prune``; masks are made permanent before evaluation."""
+"""Weight pruning through ``torch.nn.utils.prune``: magnitude or Wanda scores, unstructured (per
+layer or per output row) or N:M, one-shot or iterative (IMP with a cubic or exponential schedule).
+
+Masks are applied with ``prune.custom_from_mask`` and stay applied (the ``weight_orig`` ×
+``weight_mask`` reparametrisation) through any fine-tuning; ``prune.remove`` makes them permanent
+before evaluation. Every score is computed on the weight matrix viewed as (out, in): a Conv2d
+weight (out, in/groups, kh, kw) is flattened over (in/groups, kh, kw) in PyTorch's row-major order.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as tprune
+
+from craft_runner.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -16,19 +26,221 @@ def layer_sparsity(module: nn.Module) -> float:
     return float((w == 0).sum()) / w.numel()
 
 
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer computes with, also while a pruning reparametrisation is attached
+    (``module.weight`` is only refreshed by the next forward)."""
+    if hasattr(module, "weight_orig"):
+        return (module.weight_orig * module.weight_mask).detach()
+    return module.weight.detach()
+
+
+# --------------------------------------------------------------------------- scores
+
+
+@torch.no_grad()
+def input_feature_norms(model: nn.Module, modules: list[nn.Module], batches) -> dict[nn.Module, torch.Tensor]:
+    """‖X_j‖₂ of every input feature j of each module over the calibration batches (forward hooks).
+
+    Linear: j indexes the last input dim; the norm runs over all other dims (batch, tokens).
+    Conv2d: j indexes the unfolded patch element (c, kh, kw) of the module's own kernel, stride,
+    padding and dilation, so it matches column j of the flattened weight; the norm runs over the
+    batch and every unfold position (zero padding counts as zeros). Returns, per module, a tensor
+    (groups, in/groups · kh · kw) for Conv2d and (1, in) for Linear.
+    """
+    sq: dict[nn.Module, torch.Tensor] = {}
+
+    def hook(mod, args, _out):
+        x = args[0].detach().float()
+        if isinstance(mod, nn.Conv2d):
+            cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+            s = cols.pow(2).sum(dim=(0, 2)).view(mod.groups, -1)
+        else:
+            s = x.reshape(-1, x.shape[-1]).pow(2).sum(0).view(1, -1)
+        sq[mod] = sq[mod] + s if mod in sq else s
+
+    for m in modules:
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            raise ValueError(f"Wanda norms assume zero padding; got padding_mode={m.padding_mode!r}")
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _ in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {m: s.sqrt() for m, s in sq.items()}
+
+
+def wanda_scores(weight: torch.Tensor, feat_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| · ‖X_j‖₂, shaped like ``weight``; ``feat_norm`` is (groups, columns) as returned by
+    :func:`input_feature_norms` (output row i belongs to group i // (out/groups))."""
+    w2 = weight.detach().abs().flatten(1)
+    groups = feat_norm.shape[0]
+    norms = feat_norm.to(w2).repeat_interleave(w2.shape[0] // groups, dim=0)
+    return (w2 * norms).view_as(weight)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "layer") -> torch.Tensor:
+    """Keep-mask (1 keep, 0 prune) zeroing the lowest scores: round(sparsity · size) of them per
+    layer (``scope="layer"``) or per output row (``scope="row"``)."""
+    s2 = scores.flatten(1)
+    mask = torch.ones_like(s2)
+    if scope == "layer":
+        k = round(sparsity * s2.numel())
+        if k:
+            mask.view(-1)[torch.topk(s2.reshape(-1), k, largest=False).indices] = 0
+    elif scope == "row":
+        k = round(sparsity * s2.shape[1])
+        if k:
+            mask.scatter_(1, torch.topk(s2, k, dim=1, largest=False).indices, 0)
+    else:
+        raise ValueError(f"unknown scope {scope!r}")
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: in every group of ``m`` consecutive weights along the input dimension (the
+    weight flattened to (out, in·kh·kw)), the ``n`` with the lowest scores are zeroed — n pruned of
+    m, sparsity n/m, so every group keeps exactly m − n non-zeros (given non-zero weights).
+    The input size must be a multiple of m."""
+    s2 = scores.flatten(1)
+    if s2.shape[1] % m:
+        raise ValueError(f"input size {s2.shape[1]} is not a multiple of m={m}")
+    g = s2.reshape(s2.shape[0], -1, m)
+    mask = torch.ones_like(g).scatter_(2, torch.topk(g, n, dim=2, largest=False).indices, 0)
+    return mask.view_as(scores)
+
+
+def schedule_sparsity(t: int, steps: int, final: float, initial: float = 0.0, kind: str = "cubic") -> float:
+    """Target sparsity after pruning step t of ``steps`` (t = steps gives ``final``).
+
+    cubic (AGP, Zhu & Gupta 2017): s_t = s_f + (s_i − s_f)(1 − t/T)³.
+    exponential: the same share of the remaining weights each step,
+    1 − s_t = (1 − s_i)·((1 − s_f)/(1 − s_i))^(t/T).
+    """
+    r = t / steps
+    if kind == "cubic":
+        return final + (initial - final) * (1 - r) ** 3
+    if kind == "exponential":
+        return 1 - (1 - initial) * ((1 - final) / (1 - initial)) ** r
+    raise ValueError(f"unknown schedule kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- pruning
+
+
 def magnitude_prune(layers: list[tuple[str, nn.Module]], sparsity: float) -> dict:
     """Unstructured: in each layer, zero the ``sparsity`` share of weights with the smallest |w|."""
     for _, m in layers:
-        tprune.l1_unstructured(m, "weight", amount=sparsity)
+        tprune.custom_from_mask(m, "weight", unstructured_mask(m.weight.detach().abs(), sparsity, "layer"))
         tprune.remove(m, "weight")
+    log.info("magnitude pruning to %.0f%% on %d layers", 100 * sparsity, len(layers))
+    return _report(layers)
+
+
+def _report(layers) -> dict:
     per_layer = {name: layer_sparsity(m) for name, m in layers}
     total = sum(m.weight.numel() for _, m in layers)
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
-    log.info("magnitude pruning to %.0f%% on %d layers", 100 * sparsity, len(layers))
     return {"layer_sparsity": per_layer, "sparsity": zeros / max(total, 1)}
+
+
+def _nm_prunable(layers, cfg) -> tuple[list, list]:
+    keep, skipped = [], []
+    for name, m in layers:
+        cols = m.weight[0].numel()
+        if cols % cfg.m == 0:
+            keep.append((name, m))
+        elif cfg.nm_indivisible == "skip":
+            skipped.append(name)
+        else:
+            raise ConfigError(f"compress.m={cfg.m} is not allowed: expected a divisor of the input size {cols} of "
+                              f"layer {name} (or compress.nm_indivisible=skip)")
+    if skipped:
+        log.warning("N:M leaves %d layers dense (input size not a multiple of %d): %s", len(skipped), cfg.m,
+                    ", ".join(skipped))
+    return keep, skipped
+
+
+def _prune_step(model, layers, cfg, sparsity: float, batches) -> None:
+    """One pruning step to ``sparsity`` on every layer, in module order; masks stay attached.
+
+    Wanda measures each layer's input norms with every earlier layer already pruned (Wanda's
+    sequential order, layer by layer here instead of block by block).
+    """
+    for _, m in layers:
+        w = effective_weight(m)
+        if cfg.criterion == "wanda":
+            scores = wanda_scores(w, input_feature_norms(model, [m], batches)[m])
+        else:
+            scores = w.abs()
+        if hasattr(m, "weight_mask"):
+            # Pruned weights rank below every live one, so masks only grow and the target is exact.
+            scores = scores.masked_fill(m.weight_mask == 0, -1.0)
+        if cfg.pattern == "nm":
+            mask = nm_mask(scores, cfg.n, cfg.m)
+        else:
+            mask = unstructured_mask(scores, sparsity, cfg.resolved_scope)
+        tprune.custom_from_mask(m, "weight", mask)
+
+
+def prune_model(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx) -> dict:
+    """Prune ``layers`` of ``model`` in place as ``cfg`` (a PruneConfig) says; returns the record."""
+    skipped: list[str] = []
+    if cfg.pattern == "nm":
+        layers, skipped = _nm_prunable(layers, cfg)
+    if cfg.criterion == "wanda" and not ctx.calib_batches:
+        raise ValueError("Wanda needs calibration batches")
+    steps = cfg.steps if cfg.schedule == "iterative" else 1
+    if cfg.finetune_epochs and ctx.fine_tune is None:
+        raise ValueError("fine-tuning between pruning steps needs CompressContext.fine_tune")
+    history = []
+    try:
+        for t in range(1, steps + 1):
+            target = (schedule_sparsity(t, steps, cfg.sparsity, cfg.initial_sparsity, cfg.schedule_kind)
+                      if cfg.schedule == "iterative" else cfg.sparsity)
+            _prune_step(model, layers, cfg, target, ctx.calib_batches)
+            achieved = _achieved(layers)
+            log.info("pruning step %d/%d: target %.4f, achieved %.4f", t, steps, target, achieved)
+            if cfg.finetune_epochs:
+                ctx.fine_tune(model, cfg.finetune_epochs)
+            history.append({"step": t, "target": target, "achieved": achieved})
+    finally:
+        for _, m in layers:
+            if tprune.is_pruned(m):
+                tprune.remove(m, "weight")
+    info = _report(layers)
+    info.update(criterion=cfg.criterion, pattern=cfg.pattern, target_sparsity=cfg.sparsity, schedule=cfg.schedule,
+                pruned_layers=len(layers), finetune_epochs=cfg.finetune_epochs)
+    if cfg.pattern == "nm":
+        info.update(n=cfg.n, m=cfg.m, skipped_layers=skipped)
+    else:
+        info.update(scope=cfg.resolved_scope)
+    if cfg.schedule == "iterative":
+        info.update(schedule_kind=cfg.schedule_kind, steps=steps, history=history)
+    log.info("%s pruning (%s): sparsity %.4f on %d layers", cfg.criterion,
+             f"{cfg.n}:{cfg.m}" if cfg.pattern == "nm" else f"unstructured per {cfg.resolved_scope}", info["sparsity"],
+             len(layers))
+    return info
+
+
+def _achieved(layers) -> float:
+    zeros = sum(int((effective_weight(m) == 0).sum()) for _, m in layers)
+    return zeros / max(sum(m.weight_orig.numel() if hasattr(m, "weight_orig") else m.weight.numel()
+                           for _, m in layers), 1)
 
 
 @torch.no_grad()
 def global_zero_share(model: nn.Module) -> float:
     ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+__all__ = ["layer_sparsity", "effective_weight", "input_feature_norms", "wanda_scores", "unstructured_mask", "nm_mask",
+           "schedule_sparsity", "magnitude_prune", "prune_model", "global_zero_share"]

@@ -1,8 +1,12 @@
-"""Uniform fake quantization and BasePTQ (symmetric, round to nearest).
+"""Uniform fake quantization, twin uniform quantization (PTQ4ViT) and BasePTQ.
 
-Integer range for b bits: [−2^(b−1), 2^(b−1)−1]. Weights get one scale per output channel
-from max |w|; the input activation of each Conv2d/Linear gets one scale per tensor, from the
-largest |x| seen on calibration data. 16 or more bits means "not quantized".
+Integer range for b bits: [−2^(b−1), 2^(b−1)−1]. BasePTQ gives weights one scale per output
+channel from max |w|, and the input activation of each Conv2d/Linear one scale per tensor, from
+the largest |x| seen on calibration data. 16 or more bits means "not quantized".
+
+Rounding passes gradients straight through (STE) and values clipped by the integer range get zero
+gradient, as with ``torch.fake_quantize_per_channel_affine``; scales get no gradient.
+Quantizers compute in float32 and return the input's dtype.
 """
 
 from __future__ import annotations
@@ -11,20 +15,55 @@ import logging
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 log = logging.getLogger(__name__)
 
 FULL_PRECISION_BITS = 16
+# |min GELU(x)| = 0.16997 (at x ≈ −0.7518): post-GELU values never fall below −GELU_NEG_RANGE.
+GELU_NEG_RANGE = 0.16997124254703522
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return _RoundSTE.apply(x)
 
 
 def qrange(n_bits: int) -> tuple[int, int]:
     return -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
 
 
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax):
+        q = torch.round(x / scale)
+        ctx.save_for_backward((q >= qmin) & (q <= qmax))
+        return torch.clamp(q, qmin, qmax) * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        (inside,) = ctx.saved_tensors
+        return g * inside, None, None, None
+
+
 def fake_quant(x: torch.Tensor, n_bits: int, scale: torch.Tensor | float) -> torch.Tensor:
-    """Quantize to signed n-bit integers with ``scale`` (broadcast against x), then dequantize."""
+    """Quantize to signed n-bit integers with ``scale`` (broadcast against x), then dequantize.
+
+    Gradient (w.r.t. x only): passed straight through where round(x/scale) is inside the integer
+    range, zero where it is clipped — the rule of ``torch.fake_quantize_per_channel_affine``.
+    """
     qmin, qmax = qrange(n_bits)
-    return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return _FakeQuant.apply(x, scale, qmin, qmax)
 
 
 def symmetric_scale(max_abs: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -44,6 +83,46 @@ def quantize_weight_(module: nn.Module, n_bits: int) -> None:
         w.copy_(fake_quant(w, n_bits, per_channel_scale(w, n_bits)))
 
 
+# --------------------------------------------------------------------------- twin uniform (PTQ4ViT)
+
+
+def twin_uniform_softmax(x: torch.Tensor, n_bits: int, shift: int) -> torch.Tensor:
+    """PTQ4ViT's twin uniform quantization of post-softmax values (in [0, 1]) with k = n_bits.
+
+    Two unsigned (k−1)-bit grids, the k-th bit picks one: R2 has Δ_R2 = 1/(2^(k−1) − 1), so its
+    2^(k−1) levels cover [0, 1] with 1 exact (as in the reference code); R1 has
+    Δ_R1 = Δ_R2 / 2^shift (Δ_R2 = 2^m Δ_R1, a bit shift apart). A value is quantized on R1 when
+    R1's grid holds it without clipping, i.e. x < (2^(k−1) − ½)·Δ_R1, otherwise on R2.
+    """
+    levels = 2 ** (n_bits - 1)
+    d2 = 1.0 / (levels - 1)
+    d1 = d2 / 2 ** shift
+    xf = x.float()
+    q1 = round_ste(xf / d1)
+    fine = torch.clamp(q1, 0, levels - 1) * d1
+    coarse = torch.clamp(round_ste(xf / d2), 0, levels - 1) * d2
+    return torch.where(q1 <= levels - 1, fine, coarse).to(x.dtype)
+
+
+def twin_uniform_gelu(x: torch.Tensor, n_bits: int, delta_pos: torch.Tensor | float,
+                      delta_neg: float | None = None) -> torch.Tensor:
+    """PTQ4ViT's twin uniform quantization of post-GELU values with k = n_bits.
+
+    R1 holds the negative values on Δ_R1 = 0.16997/2^(k−1), so R1 = [−2^(k−1)Δ_R1, 0] is exactly
+    GELU's negative range; R2 holds the positive values on 2^(k−1) levels of the searched Δ_R2,
+    R2 = [0, (2^(k−1) − 1)Δ_R2]. The sign picks the range.
+    """
+    levels = 2 ** (n_bits - 1)
+    delta_neg = GELU_NEG_RANGE / levels if delta_neg is None else delta_neg
+    xf = x.float()
+    neg = torch.clamp(round_ste(xf / delta_neg), -levels, 0) * delta_neg
+    pos = torch.clamp(round_ste(xf / delta_pos), 0, levels - 1) * delta_pos
+    return torch.where(xf < 0, neg, pos).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- quantizer modules
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor symmetric quantizer of a layer's input; records max |x| while calibrating."""
 
@@ -57,20 +136,45 @@ class ActQuantizer(nn.Module):
         if self.calibrating:
             self.max_abs = torch.maximum(self.max_abs, x.detach().abs().max().to(self.max_abs))
             return x
-        return fake_quant(x, self.n_bits, symmetric_scale(self.max_abs, self.n_bits).to(x))
+        return fake_quant(x.float(), self.n_bits, symmetric_scale(self.max_abs, self.n_bits)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}"
+
+
+class WeightFakeQuant(nn.Module):
+    """Parametrization: the layer sees its weight fake-quantized, the float weight gets STE gradients.
+
+    ``scale`` None: one scale per output channel from the current max |w| (recomputed each call);
+    otherwise that fixed scale.
+    """
+
+    def __init__(self, n_bits: int, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.n_bits = n_bits
+        if scale is None:
+            self.scale = None
+        else:
+            self.register_buffer("scale", scale.detach().clone())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        s = per_channel_scale(w, self.n_bits) if self.scale is None else self.scale
+        return fake_quant(w, self.n_bits, s)
 
 
 def _quantize_input_hook(module: nn.Module, args):
     return (module.input_quantizer(args[0]), *args[1:])
 
 
-def attach_act_quantizer(module: nn.Module, n_bits: int) -> ActQuantizer:
-    module.input_quantizer = ActQuantizer(n_bits).to(module.weight.device)
+def attach_input_quantizer(module: nn.Module, quantizer: nn.Module) -> nn.Module:
+    """Quantize the first positional input of ``module`` with ``quantizer`` (a forward pre-hook)."""
+    module.input_quantizer = quantizer
     module.register_forward_pre_hook(_quantize_input_hook)
-    return module.input_quantizer
+    return quantizer
+
+
+def attach_act_quantizer(module: nn.Module, n_bits: int) -> ActQuantizer:
+    return attach_input_quantizer(module, ActQuantizer(n_bits).to(module.weight.device))
 
 
 @torch.no_grad()
@@ -87,15 +191,50 @@ def calibrate(model: nn.Module, quantizers: list[ActQuantizer], batches) -> None
 
 
 def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], w_bits: int, a_bits: int,
-             calib_batches) -> dict:
-    """BasePTQ in place on ``layers``; returns what was quantized."""
+             calib_batches, quant_attention: bool = False) -> dict:
+    """BasePTQ in place on ``layers``; returns what was quantized.
+
+    With ``quant_attention``, timm ViT attention runs as explicit matmuls whose two operands get a
+    per-tensor max-calibrated quantizer each (as the PTQ4ViT code's BasePTQ quantizes them).
+    """
     quantizers = []
     for _, m in layers:
         if w_bits < FULL_PRECISION_BITS:
             quantize_weight_(m, w_bits)
         if a_bits < FULL_PRECISION_BITS:
             quantizers.append(attach_act_quantizer(m, a_bits))
+    matmuls = []
+    if quant_attention and a_bits < FULL_PRECISION_BITS:
+        from craft_runner.compress.attention import make_attention_explicit
+
+        for _, mm in make_attention_explicit(model):
+            dev = next(model.parameters()).device
+            mm.quant_a, mm.quant_b = ActQuantizer(a_bits).to(dev), ActQuantizer(a_bits).to(dev)
+            quantizers += [mm.quant_a, mm.quant_b]
+            matmuls.append(mm)
     if quantizers:
         calibrate(model, quantizers, calib_batches)
-    log.info("BasePTQ W%dA%d on %d layers", w_bits, a_bits, len(layers))
-    return {"quantized_layers": len(layers), "w_bits": w_bits, "a_bits": a_bits}
+    log.info("BasePTQ W%dA%d on %d layers, %d attention matmuls", w_bits, a_bits, len(layers), len(matmuls))
+    return {"method": "base", "quantized_layers": len(layers), "quantized_matmuls": len(matmuls),
+            "w_bits": w_bits, "a_bits": a_bits}
+
+
+def fine_tune_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], w_bits: int, epochs: int,
+                        fine_tune, scales: dict | None = None) -> None:
+    """Fine-tune with every layer's weight fake-quantized (STE), then keep the quantized weights.
+
+    ``scales`` maps a layer to a fixed weight scale (PTQ4ViT's searched ones); other layers use
+    the per-channel max scale of their current weight. Activation quantizers stay as calibrated.
+    """
+    if fine_tune is None:
+        raise ValueError("fine-tuning needs CompressContext.fine_tune")
+    if w_bits < FULL_PRECISION_BITS:
+        for _, m in layers:
+            s = (scales or {}).get(m)
+            parametrize.register_parametrization(m, "weight", WeightFakeQuant(w_bits, s))
+    try:
+        fine_tune(model, epochs)
+    finally:
+        for _, m in layers:
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)

@@ -1,0 +1,278 @@
+"""Pruning: magnitude and Wanda scores, unstructured and N:M masks, one-shot and iterative schedules."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as tprune
+
+from craft_runner.compress import CompressContext, apply_compression, target_layers
+from craft_runner.compress.config import PruneConfig
+from craft_runner.compress.prune import (
+    input_feature_norms,
+    magnitude_prune,
+    nm_mask,
+    prune_model,
+    schedule_sparsity,
+    unstructured_mask,
+    wanda_scores,
+)
+from craft_runner.config import ConfigError
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread start-up costs more than it saves (and the machine is shared).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def batches(n=2, bs=4, shape=(3, 8, 8)):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(bs, *shape, generator=g), torch.randint(0, 4, (bs,), generator=g)) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def test_magnitude_mask_equals_topk():
+    w = torch.randn(8, 5, 3, 3)
+    for s in (0.1, 0.5, 0.9):
+        mask = unstructured_mask(w.abs(), s, "layer")
+        keep = w.numel() - round(s * w.numel())
+        expected = torch.zeros(w.numel())
+        expected[torch.topk(w.abs().flatten(), keep).indices] = 1
+        assert torch.equal(mask.flatten(), expected)
+        # per row: every output channel keeps its own largest |w|
+        rows = unstructured_mask(w.abs(), s, "row").flatten(1)
+        keep_row = 45 - round(s * 45)
+        for i in range(8):
+            exp = torch.zeros(45)
+            exp[torch.topk(w[i].abs().flatten(), keep_row).indices] = 1
+            assert torch.equal(rows[i], exp)
+
+
+def test_wanda_scores_linear_by_hand():
+    lin = nn.Linear(6, 4)
+    model = nn.Sequential(lin)
+    xs = [torch.randn(2, 5, 6), torch.randn(3, 5, 6)]
+    norms = input_feature_norms(model, [lin], [(x, None) for x in xs])[lin]
+    tokens = torch.cat([x.reshape(-1, 6) for x in xs])  # 25 tokens
+    by_hand = torch.sqrt((tokens ** 2).sum(0))
+    assert torch.allclose(norms.flatten(), by_hand, atol=1e-6)
+    scores = wanda_scores(lin.weight, norms)
+    for i in range(4):
+        for j in range(6):
+            assert torch.isclose(scores[i, j], lin.weight[i, j].abs() * by_hand[j])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_wanda_scores_conv_by_hand(groups):
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups)
+    x = torch.randn(2, 4, 7, 7)
+    norms = input_feature_norms(nn.Sequential(conv), [conv], [(x, None)])[conv]
+    # Patch elements by explicit slicing of the zero-padded input, one output position at a time.
+    xp = F.pad(x, (1, 1, 1, 1))
+    cin = 4 // groups
+    sq = torch.zeros(groups, cin * 9)
+    for i in range(4):
+        for j in range(4):
+            patch = xp[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]  # (B, 4, 3, 3)
+            for g in range(groups):
+                sq[g] += (patch[:, g * cin:(g + 1) * cin].reshape(2, -1) ** 2).sum(0)
+    assert torch.allclose(norms, sq.sqrt(), atol=1e-5)
+    scores = wanda_scores(conv.weight, norms)
+    out_per_group = 6 // groups
+    for o in range(6):
+        g = o // out_per_group
+        assert torch.allclose(scores[o].flatten(), conv.weight[o].abs().flatten() * sq[g].sqrt(), atol=1e-5)
+
+
+def test_wanda_prunes_differently_from_magnitude_when_inputs_are_skewed():
+    lin = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(1, 33, dtype=torch.float).view(4, 8))
+    x = torch.ones(16, 8)
+    x[:, :4] *= 100.0  # the small weights see large inputs
+    model = nn.Sequential(lin)
+    cfg = PruneConfig(criterion="wanda", sparsity=0.5)
+    prune_model(model, [("0", lin)], cfg, CompressContext(CPU, [(x, None)]))
+    assert cfg.resolved_scope == "row"
+    assert (lin.weight[:, :4] != 0).all() and (lin.weight[:, 4:] == 0).all()
+
+
+# --------------------------------------------------------------------------- masks and sparsity
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (16, 32), (1, 8), (3, 4)])
+def test_nm_mask_prunes_exactly_n_of_every_m(n, m):
+    w = torch.randn(6, 8, 2, 2) if m <= 32 else torch.randn(6, 64)
+    mask = nm_mask(w.abs(), n, m)
+    groups = mask.flatten(1).reshape(6, -1, m)
+    assert ((groups == 0).sum(-1) == n).all()
+    # the zeroed ones are the smallest of their group
+    wg = w.abs().flatten(1).reshape(6, -1, m)
+    pruned_max = torch.where(groups == 0, wg, torch.zeros(())).amax(-1)
+    kept_min = torch.where(groups == 1, wg, torch.full((), float("inf"))).amin(-1)
+    assert (pruned_max <= kept_min).all()
+
+
+def test_nm_on_a_model_and_indivisible_layers():
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    cfg = PruneConfig(pattern="nm", n=2, m=4, criterion="wanda")
+    assert cfg.sparsity == 0.5
+    info = apply_compression(model, cfg, CompressContext(CPU, batches()))
+    for name, mod in target_layers(model, True):
+        nz = (mod.weight.flatten(1).reshape(mod.weight.shape[0], -1, 4) != 0).sum(-1)
+        assert (nz == 2).all(), name
+        assert info["layer_sparsity"][name] == 0.5
+    assert info["n"] == 2 and info["m"] == 4 and info["pattern"] == "nm"
+    # m=16 does not divide the 8·9 = 72 inputs of the two inner convs, but divides the 16 of the Linear
+    with pytest.raises(ConfigError, match=r"compress\.m=16.*72") as e:
+        apply_compression(tiny_cnn(), PruneConfig(pattern="nm", n=8, m=16), CompressContext(CPU, batches()))
+    assert "\n" not in str(e.value)
+    model = tiny_cnn()
+    dense = copy.deepcopy(model)
+    info = apply_compression(model, PruneConfig(pattern="nm", n=8, m=16, nm_indivisible="skip"),
+                             CompressContext(CPU, batches()))
+    assert info["skipped_layers"] == ["2", "4"] and list(info["layer_sparsity"]) == ["8"]
+    assert torch.equal(model[2].weight, dense[2].weight) and info["layer_sparsity"]["8"] == 0.5
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+@pytest.mark.parametrize("scope", ["layer", "row"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_achieved_sparsity_equals_target(criterion, scope, sparsity):
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    info = apply_compression(model, PruneConfig(criterion=criterion, scope=scope, sparsity=sparsity),
+                             CompressContext(CPU, batches()))
+    layers = target_layers(model, True)
+    assert [n for n, _ in layers] == list(info["layer_sparsity"])
+    assert "0" not in info["layer_sparsity"] and "11" not in info["layer_sparsity"]  # stem, head dense
+    for name, mod in layers:
+        w = mod.weight.flatten(1)
+        assert not tprune.is_pruned(mod)
+        if scope == "row":
+            assert ((w == 0).sum(1) == round(sparsity * w.shape[1])).all()
+        assert info["layer_sparsity"][name] == (w == 0).sum().item() / w.numel()
+        if scope == "layer":
+            assert (w == 0).sum().item() == round(sparsity * w.numel())
+    assert abs(info["sparsity"] - sparsity) < 0.02
+
+
+def test_magnitude_prune_kept_working():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10))
+    info = magnitude_prune(target_layers(model, False), 0.4)
+    assert info["layer_sparsity"] == {"0": 0.4, "1": 0.4}
+
+
+def test_prune_config_errors_are_one_line():
+    cases = [
+        (dict(pattern="nm", n=4, m=4), "compress.n"),
+        (dict(pattern="nm", n=0, m=4), "compress.n"),
+        (dict(pattern="nm", m=1, n=1), "compress.m"),
+        (dict(pattern="nm", schedule="iterative"), "compress.schedule"),
+        (dict(criterion="snip"), "compress.criterion"),
+        (dict(scope="global"), "compress.scope"),
+        (dict(schedule_kind="linear"), "compress.schedule_kind"),
+        (dict(steps=0), "compress.steps"),
+        (dict(sparsity=0.5, initial_sparsity=0.6), "compress.initial_sparsity"),
+    ]
+    for kwargs, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+            PruneConfig(**kwargs)
+        assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- iterative
+
+
+def test_schedules_by_hand():
+    # cubic (AGP): s_t = s_f + (s_i - s_f)(1 - t/T)^3
+    assert schedule_sparsity(1, 4, 0.8, 0.0, "cubic") == pytest.approx(0.8 - 0.8 * 0.75 ** 3)
+    assert schedule_sparsity(2, 4, 0.8, 0.2, "cubic") == pytest.approx(0.8 - 0.6 * 0.5 ** 3)
+    # exponential: density multiplied by the same factor every step
+    d = [1 - schedule_sparsity(t, 4, 0.8, 0.0, "exponential") for t in range(0, 5)]
+    ratios = [d[t + 1] / d[t] for t in range(4)]
+    assert ratios == pytest.approx([0.2 ** 0.25] * 4)
+    for kind in ("cubic", "exponential"):
+        assert schedule_sparsity(4, 4, 0.8, 0.1, kind) == pytest.approx(0.8)
+        assert schedule_sparsity(0, 4, 0.8, 0.1, kind) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["cubic", "exponential"])
+def test_iterative_pruning_holds_masks_while_fine_tuning(kind):
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    data = batches()
+    seen = []
+
+    def fine_tune(m, epochs):
+        assert epochs == 2
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        layers = target_layers(m, True)
+        before = {n: mod.weight_orig.detach().clone() for n, mod in layers}
+        for x, y in data:
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        m(data[0][0])  # refresh module.weight from the reparametrisation
+        step = {}
+        for n, mod in layers:
+            assert tprune.is_pruned(mod)
+            mask = mod.weight_mask
+            assert (mod.weight[mask == 0] == 0).all()
+            assert not torch.equal(mod.weight_orig, before[n])  # it trained
+            step[n] = mask.clone()
+        seen.append(step)
+
+    cfg = PruneConfig(schedule="iterative", schedule_kind=kind, steps=3, sparsity=0.7, finetune_epochs=2)
+    info = apply_compression(model, cfg, CompressContext(CPU, data, fine_tune))
+    assert len(seen) == 3
+    targets = [schedule_sparsity(t, 3, 0.7, 0.0, kind) for t in (1, 2, 3)]
+    assert [h["target"] for h in info["history"]] == pytest.approx(targets)
+    for name, mod in target_layers(model, True):
+        assert not tprune.is_pruned(mod) and not hasattr(mod, "weight_orig")
+        # masks only grow, and each step's mask has that step's sparsity
+        for step, target in zip(seen, targets):
+            assert (step[name] == 0).sum().item() == round(target * mod.weight.numel())
+        for a, b in zip(seen, seen[1:]):
+            assert ((a[name] == 0) <= (b[name] == 0)).all()
+        assert torch.equal(mod.weight == 0, seen[-1][name] == 0)
+        assert info["layer_sparsity"][name] == pytest.approx(round(0.7 * mod.weight.numel()) / mod.weight.numel())
+    assert info["schedule_kind"] == kind and info["steps"] == 3
+
+
+def test_fine_tuning_without_a_fine_tune_function_fails():
+    with pytest.raises(ValueError, match="fine_tune"):
+        apply_compression(tiny_cnn(), PruneConfig(schedule="iterative", steps=2, finetune_epochs=1),
+                          CompressContext(CPU, batches()))
+
+
+def test_wanda_on_vit_prunes_attention_and_mlp():
+    import timm
+
+    model = timm.create_model("test_vit", num_classes=4, img_size=32, patch_size=8)
+    x = torch.randn(4, 3, 32, 32)
+    ref = copy.deepcopy(model)
+    info = apply_compression(model, PruneConfig(criterion="wanda", sparsity=0.5), CompressContext(CPU, [(x, None)]))
+    assert "blocks.0.attn.qkv" in info["layer_sparsity"] and "head" not in info["layer_sparsity"]
+    assert all(v == 0.5 for v in info["layer_sparsity"].values())
+    assert torch.equal(model.head.weight, ref.head.weight)
+    model(x)

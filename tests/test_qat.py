@@ -1,0 +1,154 @@
+"""PACT QAT: straight-through gradients, signed variant for PReLU/RPReLU, module surgery, training."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from craft_runner.compress import CompressContext, apply_compression, target_layers
+from craft_runner.compress.config import QATConfig
+from craft_runner.compress.qat import PACT, SignedPACT, find_activations, insert_pact, pact_quant, signed_pact_quant
+from craft_runner.compress.quant import fake_quant, per_channel_scale
+from craft_runner.config import ConfigError
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: thread start-up costs more than it saves (and the machine is shared).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_pact_forward_and_straight_through_gradients_by_hand():
+    x = torch.tensor([-1.0, 0.0, 0.3, 0.99, 1.0, 2.5], requires_grad=True)
+    alpha = torch.tensor(1.0, requires_grad=True)
+    y = pact_quant(x, alpha, 2)  # 2 bits: levels 0, 1/3, 2/3, 1
+    assert torch.allclose(y, torch.tensor([0, 0, 1 / 3, 1, 1, 1]))
+    y.backward(torch.arange(1.0, 7.0))
+    # ∂y_q/∂x = 1 on [0, α), else 0; ∂y_q/∂α = 1 where x >= α (PACT), weighted by the upstream 1..6
+    assert torch.equal(x.grad, torch.tensor([0.0, 2, 3, 4, 0, 0]))
+    assert alpha.grad.item() == 5 + 6
+
+
+def test_signed_pact_forward_and_gradients_by_hand():
+    x = torch.tensor([-2.0, -0.5, -0.2, 0.3, 1.0, 3.0], requires_grad=True)
+    lo = torch.tensor(-0.5, requires_grad=True)
+    hi = torch.tensor(1.0, requires_grad=True)
+    # 2 bits on [-0.5, 1]: step 0.5, zero point 1, grid {-0.5, 0, 0.5, 1}
+    y = signed_pact_quant(x, lo, hi, 2)
+    assert torch.allclose(y, torch.tensor([-0.5, -0.5, 0.0, 0.5, 1.0, 1.0]))
+    y.backward(torch.arange(1.0, 7.0))
+    assert torch.equal(x.grad, torch.tensor([0.0, 0, 3, 4, 0, 0]))
+    assert lo.grad.item() == 1 + 2 and hi.grad.item() == 5 + 6
+
+
+def test_pact_l2_on_alpha_only_while_training():
+    m = PACT(4, alpha=2.0, weight_decay=0.1)
+    x = torch.tensor([0.5, 3.0, 4.0])
+    m.train()
+    m(x).sum().backward()
+    assert m.alpha.grad.item() == pytest.approx(2 + 0.1 * 2.0)  # two clipped values + λα
+    m.alpha.grad = None
+    m.eval()
+    m(x).sum().backward()
+    assert m.alpha.grad.item() == pytest.approx(2.0)
+
+
+def snt_like_cnn():
+    from craft_runner.models.snt import RPReLU
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8),
+        nn.Conv2d(8, 8, 3, padding=1), RPReLU(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_surgery_replaces_relu_and_wraps_negative_activations():
+    torch.manual_seed(0)
+    model = snt_like_cnn()
+    with torch.no_grad():
+        model[5].zeta.fill_(-0.3)  # RPReLU shifted down: its outputs go below zero
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        h1 = model[1](model[0](x).clone())
+        h5 = model[:6](x)
+    assert [k for _, _, k in find_activations(model)] == ["unsigned", "signed", "signed"]
+    init = insert_pact(model, 4, [(x, None)], alpha_init=None, weight_decay=0.0)
+    assert isinstance(model[1], PACT) and model[1].alpha.item() == pytest.approx(h1.max().item())
+    for i in (3, 5):
+        assert isinstance(model[i], nn.Sequential) and isinstance(model[i][1], SignedPACT)
+    assert type(model[5][0]).__name__ == "RPReLU"
+    assert init["5"]["alpha_lo"] == pytest.approx(h5.min().item()) and init["5"]["alpha_lo"] < 0
+    assert init["5"]["alpha_hi"] == pytest.approx(h5.max().item())
+    with torch.no_grad():
+        q5 = model[:6](x)
+    assert q5.unique().numel() <= 16 and (q5 < 0).any()  # 4-bit, negative values kept
+    fixed = snt_like_cnn()
+    init = insert_pact(fixed, 4, [(x, None)], alpha_init=6.0, weight_decay=0.0)
+    assert init["1"] == {"alpha": 6.0} and init["3"] == {"alpha_lo": -6.0, "alpha_hi": 6.0}
+
+
+def test_qat_trains_alpha_and_leaves_quantized_weights():
+    torch.manual_seed(0)
+    model = snt_like_cnn()
+    data = [(torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))) for _ in range(2)]
+    dense = copy.deepcopy(model)
+    layers_seen = []
+
+    def fine_tune(m, epochs):
+        opt = torch.optim.SGD(m.parameters(), lr=0.2)
+        for _ in range(epochs):
+            for x, y in data:
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+        layers_seen.extend(n for n, mod in m.named_modules() if parametrize.is_parametrized(mod, "weight"))
+
+    info = apply_compression(model, QATConfig(epochs=2), CompressContext(CPU, data, fine_tune))
+    assert layers_seen == ["2", "4"]  # stem and classifier stay in float (skip_first_last)
+    assert info["act_quantizers"] == 3 and info["signed_act_quantizers"] == 2 and info["epochs"] == 2
+    assert info["alpha"]["1"]["alpha"] != info["alpha_init"]["1"]["alpha"]  # α learned
+    for i in (2, 4):
+        w = model[i].weight
+        assert not parametrize.is_parametrized(model[i])
+        assert torch.equal(w, fake_quant(w, 4, per_channel_scale(w, 4)))
+        assert not torch.equal(w, dense[i].weight)
+    with torch.no_grad():
+        act = model[:2](data[0][0])
+    assert act.unique().numel() <= 16 and act.min() >= 0
+
+
+def test_qat_on_snt_resnet20_with_rprelu():
+    import timm
+
+    from craft_runner.models import apply_snt
+
+    torch.manual_seed(0)
+    model = apply_snt(timm.create_model("resnet20", num_classes=3), preact=True, rprelu=True)
+    x = torch.randn(4, 3, 8, 8)
+    info = apply_compression(model, QATConfig(epochs=0), CompressContext(CPU, [(x, None)]))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "RPReLU" in kinds and "SignedPACT" in kinds
+    assert info["signed_act_quantizers"] >= 1 and info["act_quantizers"] >= info["signed_act_quantizers"]
+    for _, layer in target_layers(model, True):
+        w = layer.weight
+        assert torch.equal(w, fake_quant(w, 4, per_channel_scale(w, 4)))
+    model(x)
+
+
+def test_qat_config_errors_are_one_line():
+    for kwargs, key in [(dict(bits="W4"), "compress.bits"), (dict(epochs=-1), "compress.epochs"),
+                        (dict(alpha_init=0.0), "compress.alpha_init"), (dict(a_bits=1), "compress.a_bits"),
+                        (dict(alpha_weight_decay=-1.0), "alpha_weight_decay")]:
+        with pytest.raises(ConfigError, match=key) as e:
+            QATConfig(**kwargs)
+        assert "\n" not in str(e.value)
+    assert (QATConfig(bits="W8A4").w_bits, QATConfig(bits="W8A4").a_bits) == (8, 4)
