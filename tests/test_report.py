@@ -36,6 +36,10 @@ def test_labels():
     assert compression_label({"name": "prune", "criterion": "wanda", "pattern": "nm", "n": 2, "m": 4,
                               "sparsity": 0.5}) == "wanda 2:4"
     assert compression_label({"name": "none"}) == "none"
+    assert compression_label({"name": "ptq", "method": "base", "w_bits": 4, "a_bits": 32,
+                              "finetune_epochs": 1}) == "W4A32 +ft1"
+    assert compression_label({"name": "prune", "criterion": "magnitude", "pattern": "unstructured",
+                              "sparsity": 0.8, "schedule": "iterative"}) == "iterative magnitude 80%"
 
 
 def test_empty_dir_is_an_error(tmp_path, capsys):

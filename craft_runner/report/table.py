@@ -21,11 +21,13 @@ def compression_label(c: dict) -> str:
     name = c.get("name", "none")
     if name == "ptq":
         method = "" if c.get("method", "base") == "base" else f"{c['method']} "
-        return f"{method}W{c['w_bits']}A{c['a_bits']}"
+        ft = f" +ft{c['finetune_epochs']}" if c.get("finetune_epochs") else ""
+        return f"{method}W{c['w_bits']}A{c['a_bits']}{ft}"
     if name == "prune":
         pattern = c.get("pattern", "unstructured")
         shape = f"{c['n']}:{c['m']}" if pattern == "nm" else f"{100 * c['sparsity']:.0f}%"
-        return f"{c.get('criterion', 'magnitude')} {shape}"
+        kind = "iterative " if c.get("schedule") == "iterative" else ""
+        return f"{kind}{c.get('criterion', 'magnitude')} {shape}"
     if name == "qat":
         return f"QAT W{c['w_bits']}A{c['a_bits']}"
     return "none"
