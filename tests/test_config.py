@@ -67,3 +67,17 @@ def test_experiment_overrides_the_defaults():
     assert rc.train.epochs == 8 and rc.sharpness.max_iter == 30
     # and a command-line override still wins over the experiment
     assert to_run_config(compose_run("experiment=digits_default", "train.epochs=3")).train.epochs == 3
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_sweeps_compose_at_every_value(experiment):
+    """Each value of each swept parameter of a paper experiment composes and validates."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("run", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params or {}
+    for key, values in params.items():
+        for value in str(values).split(","):
+            rc = to_run_config(compose_run(f"experiment={experiment}", f"{key}={value}"))
+            assert rc is not None
