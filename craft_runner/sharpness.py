@@ -1,16 +1,21 @@
-"""Loss-curvature diagnostics: Hessian-vector products and the top Hessian eigenvalue (λmax).
+"""Loss-curvature diagnostics: Hessian-vector products, λmax (power iteration, Lanczos), Hutchinson trace.
 
 Usable without Hydra: every function takes a model, a mean-reduced ``loss_fn`` and a list of
 ``(inputs, targets)`` batches. The Hessian is that of the mean loss over all the batches, with
-respect to every trainable parameter, with the model in eval mode (BatchNorm uses running stats).
+respect to every trainable parameter (``requires_grad``), with the model in eval mode (BatchNorm uses
+running stats, dropout off) and fused attention switched off while measuring (:func:`measuring_mode`).
+
+The weight spectrum, the activation ranges and :func:`craft_runner.diagnostics.run_diagnostics`, the one
+entry the pipeline calls, live in :mod:`craft_runner.diagnostics`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -19,17 +24,124 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+_PLAIN_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+def _bn_as_affine(self: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm written as x·s + t (s = γ/√(σ²+ε), t = β − μ·s): the same function, with a
+    cheap double backward (the fused kernel's is a long chain of full-size elementwise ops)."""
+    scale = torch.rsqrt(self.running_var + self.eps)
+    shift = -self.running_mean * scale
+    if self.weight is not None:
+        scale = scale * self.weight
+        shift = shift * self.weight
+    if self.bias is not None:
+        shift = shift + self.bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+
+
+class _ConvGrads(torch.autograd.Function):
+    """(gO, x, w) ↦ (∂L/∂x, ∂L/∂w) of a convolution, with a double backward made of plain convolutions.
+
+    Convolution is bilinear in (x, w), so for cotangents (u, U) of the two outputs
+    ⟨u, gx⟩ + ⟨U, gw⟩ = ⟨conv(u, w) + conv(x, U), gO⟩, whence ∂/∂gO = conv(u, w) + conv(x, U),
+    ∂/∂w = the weight gradient of conv(u, ·) at gO and ∂/∂x = the input gradient of conv(·, U) at gO.
+    PyTorch's own double backward computes the weight term as one huge convolution over transposed
+    tensors (slow on CPU); these are the ordinary backward kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, g_out, x, w, conf, need_x, need_w):
+        stride, padding, dilation, groups = conf
+        gx, gw, _ = torch.ops.aten.convolution_backward(g_out, x, w, None, stride, padding, dilation, False,
+                                                          [0] * len(stride), groups, [need_x, need_w, False])
+        ctx.save_for_backward(g_out, x, w)
+        ctx.conf = conf
+        dummy = torch.zeros((), dtype=x.dtype, device=x.device)  # for an output nobody asked for
+        return (gx if need_x else dummy), (gw if need_w else dummy)
+
+    @staticmethod
+    def backward(ctx, u, big_u):
+        g_out, x, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        n = len(stride)
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        u = u if u is not None and u.dim() == x.dim() else None
+        big_u = big_u if big_u is not None and big_u.dim() == w.dim() else None
+        d_g = d_x = d_w = None
+        if need_g and (u is not None or big_u is not None):
+            if u is not None:
+                d_g = torch.convolution(u, w, None, stride, padding, dilation, False, [0] * n, groups)
+            if big_u is not None:
+                term = torch.convolution(x, big_u, None, stride, padding, dilation, False, [0] * n, groups)
+                d_g = term if d_g is None else d_g.add_(term)
+        if need_w and u is not None:
+            d_w = torch.ops.aten.convolution_backward(g_out, u, w, None, stride, padding, dilation, False,
+                                                      [0] * n, groups, [False, True, False])[1]
+        if need_x and big_u is not None:
+            d_x = torch.ops.aten.convolution_backward(g_out, x, big_u, None, stride, padding, dilation, False,
+                                                      [0] * n, groups, [True, False, False])[0]
+        return d_g, d_x, d_w, None, None, None
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, conf):
+        stride, padding, dilation, groups = conf
+        ctx.save_for_backward(x, w)
+        ctx.conf, ctx.has_bias = conf, b is not None
+        return torch.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_x or need_w:
+            gx, gw = _ConvGrads.apply(g_out, x, w, ctx.conf, need_x, need_w)
+        if need_b:
+            gb = g_out.sum(dim=[d for d in range(g_out.dim()) if d != 1])
+        return (gx if need_x else None), (gw if need_w else None), gb, None
+
+
+def _conv_for_hvp(self: torch.nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    return _Conv.apply(x, self.weight, self.bias, (list(self.stride), list(self.padding), list(self.dilation),
+                                                  self.groups))
+
+
+_PLAIN_CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
 @contextlib.contextmanager
 def measuring_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, and fused attention off (it has no double backward); both restored afterwards."""
+    """The state in which curvature is measured; everything restored afterwards, also on error.
+
+    Eval mode; fused attention off (it has no double backward); and two substitutions that compute the
+    same function with a much cheaper double backward, hence cheaper Hessian-vector products: plain
+    BatchNorm layers as the per-channel affine map they are in eval mode, and plain convolutions with the
+    double backward of :class:`_ConvGrads`.
+    """
     was_training = model.training
     fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    bns = [m for m in model.modules()
+           if type(m) in _PLAIN_BN and m.running_mean is not None and m.running_var is not None
+           and "forward" not in m.__dict__]
+    convs = [m for m in model.modules()
+             if type(m) in _PLAIN_CONV and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+             and "forward" not in m.__dict__]
     model.eval()
     for m, _ in fused:
         m.fused_attn = False
+    for m in bns:
+        m.forward = types.MethodType(_bn_as_affine, m)
+    for m in convs:
+        m.forward = types.MethodType(_conv_for_hvp, m)
     try:
         yield
     finally:
+        for m in bns + convs:
+            del m.forward
         for m, flag in fused:
             m.fused_attn = flag
         model.train(was_training)
@@ -40,18 +152,22 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class HessianOperator:
-    """v ↦ H v for the mean loss over ``batches``.
+    """v ↦ H v for the mean loss over ``batches`` (a reverse-over-reverse Hessian-vector product).
 
     With ``reuse_graph`` the first-order gradient graph of every batch is built once and
     differentiated again for each product (fast; memory grows with the number of samples).
+    Vectors are lists of tensors shaped like ``params``; :meth:`flat_matvec` takes a flat vector.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch],
                  reuse_graph: bool = True):
         self.model, self.loss_fn, self.batches = model, loss_fn, list(batches)
         self.params = trainable_params(model)
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
         self.n_total = sum(len(y) for _, y in self.batches)
         self.reuse_graph = reuse_graph
+        self.products = 0
         self._grads: list[tuple[torch.Tensor, ...]] | None = None
         if reuse_graph:
             self._grads = [self._batch_grad(b) for b in self.batches]
@@ -70,12 +186,29 @@ class HessianOperator:
         out = [torch.zeros_like(p) for p in self.params]
         for i, batch in enumerate(self.batches):
             grads = self._grads[i] if self._grads is not None else self._batch_grad(batch)
-            dot = sum((g * vi).sum() for g, vi in zip(grads, v))
-            hv = torch.autograd.grad(dot, self.params, retain_graph=self.reuse_graph, allow_unused=True)
+            # d(g·v)/dw = H v: a vector-Jacobian product of the gradient with v
+            hv = torch.autograd.grad(grads, self.params, grad_outputs=list(v), retain_graph=self.reuse_graph,
+                                     allow_unused=True)
             for o, h in zip(out, hv):
                 if h is not None:
                     o.add_(h.detach())
+        self.products += 1
         return out
+
+    def flat_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return _flatten(self.matvec(_unflatten(v, self.params)))
+
+
+def _flatten(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflatten(v: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in like:
+        out.append(v[i:i + p.numel()].view_as(p))
+        i += p.numel()
+    return out
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -90,33 +223,130 @@ def _normalize(v: list[torch.Tensor]) -> list[torch.Tensor]:
 @dataclass
 class EigResult:
     value: float
-    iterations: int
+    iterations: int  # Hessian-vector products used
     rel_change: float  # |λ_k − λ_{k−1}| / |λ_k| at the last iteration
     converged: bool
+    method: str = "power"
+    # ‖H v − λ v‖ / |λ| of the final estimate (power: the last iterate; Lanczos: the top Ritz pair).
+    rel_residual: float | None = None
+    # Lanczos only: the smallest Ritz value (the most negative curvature seen).
+    lambda_min: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], max_iter: int = 100,
                     tol: float = 1e-3, seed: int = 0, reuse_graph: bool = True) -> EigResult:
-    """Dominant Hessian eigenvalue by power iteration on Hessian-vector products."""
+    """Dominant Hessian eigenvalue (largest in magnitude) by power iteration on Hessian-vector products.
+
+    Stops when the Rayleigh quotient changes by less than ``tol`` (relative) between two iterations. A
+    slow change is not convergence when the top eigenvalues are close: ``rel_residual`` says how far the
+    last iterate is from an eigenvector (Lanczos, which stops on that residual, is the safer method).
+    """
     with measuring_mode(model):
         op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
         g = torch.Generator().manual_seed(seed)
         v = _normalize([torch.randn(p.shape, generator=g).to(p) for p in op.params])
-        eig, rel, it = 0.0, float("inf"), 0
+        eig, rel, it, resid = 0.0, float("inf"), 0, float("inf")
         for it in range(1, max_iter + 1):
             hv = op.matvec(v)
             new = float(_dot(v, hv))
             rel = abs(new - eig) / max(abs(new), 1e-12)
             eig = new
+            resid = float(torch.sqrt(sum(((h - new * x) ** 2).sum() for h, x in zip(hv, v)))) / max(abs(new), 1e-12)
             v = _normalize(hv)
             if it > 1 and rel < tol:
                 break
-    res = EigResult(eig, it, rel, rel < tol)
+    res = EigResult(eig, it, rel, rel < tol, "power", rel_residual=resid)
     log.debug("power iteration: λmax=%.4g after %d iterations (rel. change %.2g)", eig, it, rel)
     return res
 
 
+def lanczos(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], max_iter: int = 100,
+            tol: float = 1e-3, seed: int = 0, reuse_graph: bool = True) -> EigResult:
+    """Largest Hessian eigenvalue by Lanczos with full reorthogonalisation.
+
+    After m Hessian-vector products the m×m tridiagonal matrix T_m = Qᵀ H Q is formed and its
+    eigenvalues (Ritz values) taken by ``torch.linalg.eigvalsh``; the top Ritz value θ is λmax's
+    estimate, from below. Every new Lanczos vector is orthogonalised against all previous ones twice
+    ("twice is enough"), so no spurious copies appear. Stops when the top Ritz pair's residual
+    ‖H y − θ y‖ = β_m |s_m| is below ``tol``·|θ| (the eigenvalue error is then at most that, and usually
+    far smaller), or after ``max_iter`` products, or when the Krylov space is exhausted (β = 0: exact).
+    Also reports the smallest Ritz value (most negative curvature seen). Memory: ``max_iter`` vectors
+    of the size of the model.
+    """
+    with measuring_mode(model):
+        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
+        n = op.dim
+        m_max = min(max_iter, n)
+        like = op.params[0]
+        basis_bytes = m_max * n * like.element_size()
+        if basis_bytes > 2 ** 31:
+            log.warning("lanczos keeps %d vectors of %d entries (%.1f GiB); lower max_iter or use power iteration",
+                        m_max, n, basis_bytes / 2 ** 30)
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(n, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+        q /= torch.linalg.vector_norm(q)
+        Q = torch.zeros(m_max, n, dtype=like.dtype, device=like.device)
+        alphas: list[float] = []
+        betas: list[float] = []
+        theta, prev, rel, resid, lam_min, it = 0.0, float("nan"), float("inf"), float("inf"), 0.0, 0
+        for it in range(1, m_max + 1):
+            Q[it - 1] = q
+            w = op.flat_matvec(q)
+            a = float(torch.dot(w.double(), q.double()))
+            alphas.append(a)
+            basis = Q[:it]
+            for _ in range(2):  # full reorthogonalisation, twice
+                w = w - basis.T @ (basis @ w)
+            b = float(torch.linalg.vector_norm(w.double()))
+            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if it > 1:
+                off = torch.tensor(betas, dtype=torch.float64)
+                T = T + torch.diag(off, 1) + torch.diag(off, -1)
+            evals, evecs = torch.linalg.eigh(T)
+            theta, lam_min = float(evals[-1]), float(evals[0])
+            resid = b * abs(float(evecs[-1, -1])) / max(abs(theta), 1e-12)
+            rel = abs(theta - prev) / max(abs(theta), 1e-12) if it > 1 else float("inf")
+            prev = theta
+            if resid < tol or b <= 1e-10 * max(abs(theta), 1.0):
+                break
+            betas.append(b)
+            q = w / b
+    converged = resid < tol or b <= 1e-10 * max(abs(theta), 1.0)
+    res = EigResult(theta, it, rel, converged, "lanczos", rel_residual=resid, lambda_min=lam_min)
+    log.debug("lanczos: λmax=%.4g after %d iterations (rel. change %.2g, residual %.2g)", theta, it, rel, resid)
+    return res
+
+
 def top_eigenvalue(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], max_iter: int = 100,
-                   tol: float = 1e-3) -> float:
+                   tol: float = 1e-3, method: str = "power") -> float:
     """λmax: the top eigenvalue of the Hessian of the mean loss over ``batches``."""
-    return power_iteration(model, loss_fn, batches, max_iter=max_iter, tol=tol).value
+    fn = {"power": power_iteration, "lanczos": lanczos}[method]
+    return fn(model, loss_fn, batches, max_iter=max_iter, tol=tol).value
+
+
+@dataclass
+class TraceResult:
+    value: float
+    stderr: float  # standard error of the mean over probes
+    probes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hutchinson_trace(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], probes: int = 100,
+                     seed: int = 0, reuse_graph: bool = True) -> TraceResult:
+    """tr(H) ≈ mean over Rademacher probes z (entries ±1, seeded) of zᵀ H z (Hutchinson 1989)."""
+    with measuring_mode(model):
+        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
+        g = torch.Generator().manual_seed(seed)
+        vals = []
+        for _ in range(probes):
+            z = [(torch.randint(0, 2, p.shape, generator=g) * 2 - 1).to(p) for p in op.params]
+            vals.append(float(_dot(z, op.matvec(z))))
+    t = torch.tensor(vals, dtype=torch.float64)
+    stderr = float(t.std() / len(vals) ** 0.5) if len(vals) > 1 else float("inf")
+    return TraceResult(float(t.mean()), stderr, probes)

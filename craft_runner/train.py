@@ -8,8 +8,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from craft_runner.config import TrainConfig
-from craft_runner.optim import needs_second_pass
+from craft_runner.optim import is_two_pass, needs_second_pass
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,20 @@ def autocast(device: torch.device, enabled: bool):
 
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module):
-    """BatchNorm still normalises with batch statistics, but its running stats stay as they are."""
+    """BatchNorm still normalises with batch statistics, but its running stats (and count) stay as they are."""
     saved = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            saved.append((m, m.momentum))
+            count = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
+            saved.append((m, m.momentum, count))
             m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in saved:
+        for m, momentum, count in saved:
             m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -83,15 +87,41 @@ def _clip(model: nn.Module, max_norm: Optional[float]) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
+def _local_grads(model: nn.Module, local: bool):
+    """DDP: keep this backward's gradients on the rank (no all-reduce); elsewhere a no-op."""
+    if local and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, opt: torch.optim.Optimizer,
                cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    with autocast(device, cfg.amp):
-        loss = loss_fn(model(x), y)
-    loss.backward()
-    if needs_second_pass(opt):
+    """One optimizer step; returns the loss at the unperturbed weights (detached).
+
+    A two-pass (sharpness-aware) optimizer is asked whether *this* step needs the gradient at perturbed
+    weights; when it does not (LookSAM between its SAM steps, randomised SAM's plain steps) the step costs
+    one forward-backward and the gradient at w is kept. Under DistributedDataParallel the first backward of
+    a two-pass step is not all-reduced: each rank perturbs with its local gradient (the SAM-DDP practice of
+    the reference implementations, m-sharpness with m = the per-rank batch), and the second backward is
+    all-reduced, so every rank applies the same mean of the perturbed gradients. Clipping acts on the
+    gradient the base optimizer gets. The second pass never updates BatchNorm running statistics.
+    """
+    two_pass = is_two_pass(opt)
+    second = two_pass and needs_second_pass(opt)
+    with _local_grads(model, second):
+        with autocast(device, cfg.amp):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+    if second:
         opt.first_step(zero_grad=True)
-        with frozen_bn_stats(model), autocast(device, cfg.amp):
-            loss_fn(model(x), y).backward()
+        with frozen_bn_stats(model):
+            with autocast(device, cfg.amp):
+                loss2 = loss_fn(model(x), y)
+            loss2.backward()
+    if two_pass:
+        unperturb = getattr(opt, "unperturb", None)
+        if unperturb is not None:
+            unperturb()  # weights back at w, .grad = the update gradient (LookSAM composes it here)
         _clip(model, cfg.grad_clip)
         opt.second_step(zero_grad=True)
     else:
@@ -121,7 +151,9 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
         state_path: Optional[Path] = None, extra_state: Optional[dict] = None, desc: str = "train") -> dict:
     """Train for ``cfg.epochs``; with ``state_path``, checkpoint every epoch and resume from it.
 
-    Returns ``{"train_seconds", "epochs", "history", "resumed_from"}``.
+    Returns ``{"train_seconds", "epochs", "history", "resumed_from", "steps", "second_pass_fraction"}``:
+    ``train_seconds`` is the wall time of the training epochs (end to end, no checkpoint writing), summed over
+    resumptions; ``second_pass_fraction`` the share of steps that took a second forward-backward.
     """
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # The schedule drives the base optimizer of a sharpness-aware wrapper (they share param_groups).
@@ -142,19 +174,22 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
     for epoch in range(start, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        total, count = torch.zeros((), device=device), 0
+        total, count, steps, second_passes = torch.zeros((), device=device), 0, 0, 0
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if cfg.progress else True)
         for x, y in bar:
             x, y = to_device(x, y, device, cfg.channels_last)
+            second_passes += needs_second_pass(opt)
             loss = train_step(model, x, y, loss_fn, opt, cfg, device)
             sched.step()
             total += loss * len(y)
             count += len(y)
+            steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": sched.get_last_lr()[0]})
+        history.append({"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": sched.get_last_lr()[0],
+                        "steps": steps, "second_passes": second_passes})
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, cfg.epochs, history[-1]["loss"])
         if state_path is not None:
             atomic_save({
@@ -163,7 +198,10 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
                 "train_seconds": seconds, **(extra_state or {}),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             }, state_path)
-    return {"train_seconds": seconds, "epochs": cfg.epochs, "history": history, "resumed_from": resumed_from}
+    steps = sum(h.get("steps", 0) for h in history)
+    passes = sum(h.get("second_passes", 0) for h in history)
+    return {"train_seconds": seconds, "epochs": cfg.epochs, "history": history, "resumed_from": resumed_from,
+            "steps": steps, "second_pass_fraction": passes / steps if steps else 0.0}
 
 
 @torch.no_grad()

@@ -3,14 +3,22 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from craft_runner.sharpness import HessianOperator, power_iteration, top_eigenvalue
+from craft_runner.sharpness import (
+    HessianOperator,
+    hutchinson_trace,
+    lanczos,
+    measuring_mode,
+    power_iteration,
+    top_eigenvalue,
+)
 
 
 def dense_hessian(model, loss_fn, batches):
-    """The Hessian of the mean loss over all samples, by torch.autograd.functional.hessian."""
-    names = [n for n, p in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    """The Hessian of the mean loss over all samples w.r.t. the trainable parameters (autograd.functional)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    shapes = [p.shape for _, p in named]
+    flat0 = torch.cat([p.detach().flatten() for _, p in named])
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
 
@@ -22,7 +30,7 @@ def dense_hessian(model, loss_fn, batches):
             i += k
         return loss_fn(functional_call(model, params, (x,)), y)
 
-    return torch.autograd.functional.hessian(f, flat0)
+    return torch.autograd.functional.hessian(f, flat0, vectorize=True)
 
 
 def tiny_mlp():
@@ -81,3 +89,156 @@ def test_power_iteration_reports_iterations_and_stops_at_max_iter():
     model, batches = tiny_mlp(), tiny_batches()
     res = power_iteration(model, nn.functional.cross_entropy, batches, max_iter=3, tol=1e-12)
     assert res.iterations == 3 and not res.converged
+
+
+def bn_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():  # non-trivial running stats
+        model(tiny_batches(n_batches=1, bs=16)[0][0] * 2 + 1)
+    return model
+
+
+def tiny_vit():
+    """timm's test_vit, 8x8 images, one block; the Hessian is over the attention qkv and the head (243)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=2,
+                              mlp_ratio=1, num_classes=3).double()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(("blocks.0.attn.qkv", "head")))
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
+               for _ in range(2)]
+    return model, batches
+
+
+def dense_top(model, batches):
+    """Dense Hessian in plain eval mode (no measuring-mode substitutions), fused attention off."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    was = model.training
+    model.eval()
+    for m in fused:
+        m.fused_attn = False
+    try:
+        H = dense_hessian(model, nn.functional.cross_entropy, batches)
+    finally:
+        for m in fused:
+            m.fused_attn = True
+        model.train(was)
+    return H, torch.linalg.eigvalsh(H)
+
+
+class ConvNet(nn.Module):
+    """Every convolution flavour measuring_mode substitutes: stride, padding, dilation, groups, bias, 1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=True)
+        self.c3 = nn.Conv1d(4, 3, 2, bias=True)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.bn(self.c1(x)))
+        x = torch.relu(self.dw(x)) + x
+        x = torch.tanh(self.c3(x.flatten(2)))
+        return self.fc(x.mean(-1))
+
+
+def conv_net():
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial running stats
+        model(torch.randn(16, 2, 6, 6, generator=g, dtype=torch.float64) * 2 + 1)
+    batches = [(torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
+               for _ in range(2)]
+    return model, batches
+
+
+@pytest.mark.parametrize("frozen", [(), ("c1.weight", "dw.bias", "c3.weight")])
+def test_measuring_mode_substitutions_give_the_same_hessian_vector_products(frozen):
+    model, batches = conv_net()
+    model.eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    v = [torch.randn_like(p) for p in model.parameters() if p.requires_grad]
+    plain = HessianOperator(model, nn.functional.cross_entropy, batches).matvec(v)
+    out = model(batches[0][0])
+    with measuring_mode(model):
+        assert "forward" in model.c1.__dict__ and "forward" in model.bn.__dict__
+        assert torch.allclose(model(batches[0][0]), out, atol=1e-12)
+        fast = HessianOperator(model, nn.functional.cross_entropy, batches).matvec(v)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    for a, b in zip(plain, fast):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("make", ["mlp", "bn", "conv", "vit"])
+def test_power_iteration_and_lanczos_match_the_dense_top_eigenvalue(make):
+    if make == "mlp":
+        model, batches = tiny_mlp(), tiny_batches()
+    elif make == "bn":
+        model, batches = bn_net(), tiny_batches(n_batches=2, bs=8)
+    elif make == "conv":
+        model, batches = conv_net()
+    else:
+        model, batches = tiny_vit()
+    _, eigs = dense_top(model, batches)
+    expected = eigs[-1].item()
+    assert expected > 0 and expected >= abs(eigs[0].item())  # the top eigenvalue is the dominant one here
+    model.train()
+    lz = lanczos(model, nn.functional.cross_entropy, batches, max_iter=200, tol=1e-6)
+    assert lz.value == pytest.approx(expected, rel=1e-2) and lz.converged
+    assert lz.lambda_min == pytest.approx(eigs[0].item(), rel=1e-2, abs=1e-6)
+    assert lz.iterations <= 200 and lz.method == "lanczos" and lz.rel_residual < 1e-6
+    pw = power_iteration(model, nn.functional.cross_entropy, batches, max_iter=2000, tol=1e-8)
+    assert pw.value == pytest.approx(expected, rel=1e-2) and pw.converged
+    assert model.training
+
+
+def test_lanczos_converges_in_fewer_products_than_power_iteration():
+    model, batches = bn_net(), tiny_batches(n_batches=2, bs=8)
+    lz = lanczos(model, nn.functional.cross_entropy, batches, max_iter=100, tol=1e-4)
+    pw = power_iteration(model, nn.functional.cross_entropy, batches, max_iter=1000, tol=1e-8)
+    assert lz.value == pytest.approx(pw.value, rel=1e-3)
+    assert lz.iterations < pw.iterations
+    assert top_eigenvalue(model, nn.functional.cross_entropy, batches, method="lanczos", tol=1e-4) == lz.value
+
+
+def test_vit_double_backward_needs_the_unfused_path_and_the_flag_is_restored():
+    model, batches = tiny_vit()
+    attn = model.blocks[0].attn
+    assert attn.fused_attn  # timm's default on this torch: fused SDPA, which has no double backward on CPU
+    with pytest.raises(RuntimeError):
+        HessianOperator(model.eval(), nn.functional.cross_entropy, batches).matvec(
+            [torch.ones_like(p) for p in model.parameters() if p.requires_grad])
+    model.train()
+    with measuring_mode(model):
+        assert not attn.fused_attn and not model.training
+    assert attn.fused_attn and model.training
+    try:
+        with measuring_mode(model):
+            raise KeyError
+    except KeyError:
+        pass
+    assert attn.fused_attn and model.training
+
+
+def test_hutchinson_trace_matches_the_dense_trace():
+    batches = tiny_batches()
+    torch.manual_seed(0)
+    convex = nn.Sequential(nn.Linear(4, 3)).double()  # softmax regression: a PSD Hessian, a stable relative error
+    res = hutchinson_trace(convex, nn.functional.cross_entropy, batches, probes=1000, seed=0)
+    dense = torch.trace(dense_hessian(convex, nn.functional.cross_entropy, batches)).item()
+    assert res.value == pytest.approx(dense, rel=0.05)
+    assert res.probes == 1000 and 0 < res.stderr < 0.02 * abs(res.value)
+    assert hutchinson_trace(convex, nn.functional.cross_entropy, batches, probes=1000, seed=0).value == res.value
+    # an indefinite Hessian: consistent with its own standard error
+    model = tiny_mlp()
+    res = hutchinson_trace(model, nn.functional.cross_entropy, batches, probes=400, seed=1)
+    dense = torch.trace(dense_hessian(model, nn.functional.cross_entropy, batches)).item()
+    assert abs(res.value - dense) < 4 * res.stderr

@@ -121,3 +121,19 @@ def test_fit_resumes_to_the_same_weights(tmp_path):
     assert info["resumed_from"] == 1
     for a, b, c in zip(m1.state_dict().values(), m2.state_dict().values(), m4.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name,fraction", [("adam", 0.0), ("sam", 1.0), ("looksam", 0.5)])
+def test_fit_reports_steps_second_pass_fraction_and_time(name, fraction):
+    from craft_runner.data import TensorLoader
+
+    torch.manual_seed(0)
+    model = bn_net()
+    g = torch.Generator().manual_seed(0)
+    loader = TensorLoader(torch.randn(32, 3, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g), 8,
+                          shuffle=True, seed=1)
+    opt = build_optimizer(model, OptimizerConfig(name=name, k=2))
+    info = fit(model, loader, opt, TrainConfig(epochs=2, progress=False, channels_last=False), torch.device("cpu"))
+    assert info["steps"] == 8 and info["second_pass_fraction"] == fraction
+    assert [h["second_passes"] for h in info["history"]] == [int(4 * fraction)] * 2
+    assert info["train_seconds"] > 0

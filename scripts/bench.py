@@ -1,0 +1,297 @@
+"""`make bench`: speed ratios of the runner, each measured side by side in one process.
+
+Every figure is a ratio of two timings taken on the same model and batch, interleaved (A, B, A, B, ...,
+with the order rotated each round, after warm-up) so that noise from the machine hits both sides; the
+medians are compared. Model: ResNet-20 (``timm.create_model("resnet20")`` as registered by
+craft_runner.models; a local equivalent if that import fails), 32x32 inputs, channels_last, batch 64.
+
+- SAM / Adam: one train_step of each (craft_runner.train.train_step, the runner's own step).
+- LookSAM / Adam and randomised SAM / Adam: their steps are of two kinds (one or two forward-backward
+  passes); each kind's median is weighted by its configured share (1/k, p), the expected cost per step.
+  The realised mean ratio over the measured steps is shown as well.
+- HVP / gradient: one Hessian-vector product as λmax measurement does it (gradient graph reused,
+  measuring mode) against one forward+backward of the same batch in eval mode.
+- runner epoch / bare loop: craft_runner.train.fit for one epoch on a TensorLoader against a minimal
+  hand-written loop (zero_grad, forward, backward, step) on the same model, data and optimizer.
+
+    .venv/bin/python scripts/bench.py [--rounds 30] [--strict]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from craft_runner.config import OptimizerConfig, TrainConfig  # noqa: E402
+from craft_runner.data import TensorLoader  # noqa: E402
+from craft_runner.optim import build_optimizer, needs_second_pass  # noqa: E402
+from craft_runner.sharpness import HessianOperator, measuring_mode  # noqa: E402
+from craft_runner.train import fit, train_step  # noqa: E402
+
+CPU = torch.device("cpu")
+CE = nn.functional.cross_entropy
+TARGETS = {"sam": 2.05, "cheap": 1.35, "hvp": 2.5, "runner": 1.10}
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+class _Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class _ResNet20(nn.Module):
+    """Fallback: the CIFAR ResNet-20 of He et al. (widths 16/32/64, 3 blocks per stage)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        blocks, cin = [], 16
+        for i, w in enumerate((16, 32, 64)):
+            for j in range(3):
+                blocks.append(_Block(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def build_model() -> tuple[nn.Module, str]:
+    try:
+        import timm
+
+        import craft_runner.models  # noqa: F401  (registers resnet20 in timm)
+
+        return timm.create_model("resnet20", num_classes=10), "resnet20 (timm, craft_runner.models)"
+    except Exception as e:  # the models package is not there or broken: a local equivalent
+        return _ResNet20(), f"ResNet-20 (local fallback: {type(e).__name__})"
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+class ForeignLoad:
+    """The share of the machine's CPU time that other processes used while the bench ran (Linux /proc)."""
+
+    def __init__(self):
+        self.busy0, self.ours0, self.wall0 = self._busy(), time.process_time(), _now()
+
+    @staticmethod
+    def _busy():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def share(self):
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        foreign = (busy - self.busy0) - (time.process_time() - self.ours0)
+        return max(0.0, foreign / ((os.cpu_count() or 1) * (_now() - self.wall0)))
+
+
+@dataclass
+class Row:
+    name: str
+    ratio: float
+    target: float
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= self.target
+
+
+def bench_steps(model, x, y, rounds: int, warmup: int, deadline: float) -> list[Row]:
+    cfg = TrainConfig(progress=False, channels_last=True)
+    variants = {
+        "adam": OptimizerConfig(name="adam"),
+        "sam": OptimizerConfig(name="sam"),
+        "looksam": OptimizerConfig(name="looksam"),
+        "randsam": OptimizerConfig(name="randsam"),
+    }
+    models = {n: copy.deepcopy(model).train() for n in variants}
+    opts = {n: build_optimizer(models[n], c) for n, c in variants.items()}
+    times: dict[str, list[tuple[bool, float]]] = {n: [] for n in variants}
+    names = list(variants)
+    done = 0
+    for r in range(warmup + rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            second = needs_second_pass(opts[n])
+            t0 = _now()
+            train_step(models[n], x, y, CE, opts[n], cfg, CPU)
+            dt = _now() - t0
+            if r >= warmup:
+                times[n].append((second, dt))
+        done = r + 1 - warmup
+        if done >= 8 and _now() > deadline:
+            break
+    adam = [t for _, t in times["adam"]]
+    # paired: each step against the Adam step of the same round, then the median of those ratios
+    sam = statistics.median(t / a for (_, t), a in zip(times["sam"], adam))
+    rows = [Row("SAM / Adam step", sam, TARGETS["sam"],
+                f"median step {statistics.median(t for _, t in times['sam']) * 1e3:.0f} ms vs "
+                f"{statistics.median(adam) * 1e3:.0f} ms, {done} rounds")]
+    for n, share, label in (("looksam", 1 / variants["looksam"].k, f"LookSAM (k={variants['looksam'].k})"),
+                            ("randsam", variants["randsam"].sam_prob,
+                             f"random SAM (p={variants['randsam'].sam_prob:g})")):
+        full = [t / a for (s, t), a in zip(times[n], adam) if s]
+        plain = [t / a for (s, t), a in zip(times[n], adam) if not s]
+        realised = sum(t for _, t in times[n]) / sum(adam)
+        if full and plain:
+            expected = share * statistics.median(full) + (1 - share) * statistics.median(plain)
+            detail = (f"{len(full)} SAM steps x{statistics.median(full):.2f}, {len(plain)} plain steps "
+                      f"x{statistics.median(plain):.2f}, weighted by {share:g}; realised mean {realised:.2f}")
+        else:  # too few rounds to see both kinds of step
+            expected, detail = realised, "realised mean"
+        rows.append(Row(f"{label} / Adam step", expected, TARGETS["cheap"], detail))
+    return rows
+
+
+def bench_hvp(model, x, y, rounds: int, deadline: float) -> Row:
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = [torch.randn_like(p) for p in params]
+    model.eval()
+
+    def grad():
+        torch.autograd.grad(CE(model(x), y), params)
+
+    with measuring_mode(model):
+        op = HessianOperator(model, CE, [(x, y)], reuse_graph=True)
+    tg, th = [], []
+    for r in range(rounds + 2):
+        pair = []
+        for f in ((grad, "g"), (None, "h")) if r % 2 == 0 else ((None, "h"), (grad, "g")):
+            t0 = _now()
+            if f[1] == "g":
+                grad()
+            else:
+                with measuring_mode(model):
+                    op.matvec(v)
+            pair.append((f[1], _now() - t0))
+        if r >= 2:
+            d = dict(pair)
+            tg.append(d["g"])
+            th.append(d["h"])
+            if len(tg) >= 3 and _now() > deadline:
+                break
+    ratio = statistics.median(h / g for g, h in zip(tg, th))
+    return Row("HVP / gradient", ratio, TARGETS["hvp"],
+               f"median {statistics.median(th) * 1e3:.0f} ms vs {statistics.median(tg) * 1e3:.0f} ms "
+               f"(eval mode, gradient graph reused), {len(tg)} pairs")
+
+
+def bench_epoch(model, data_x, data_y, batch: int, rounds: int, deadline: float) -> Row:
+    cfg = TrainConfig(epochs=1, progress=False, channels_last=True, scheduler="none")
+    m_run, m_bare = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    o_run = build_optimizer(m_run, OptimizerConfig(name="adam"))
+    o_bare = build_optimizer(m_bare, OptimizerConfig(name="adam"))
+    l_run = TensorLoader(data_x, data_y, batch, shuffle=True, seed=0)
+    l_bare = TensorLoader(data_x, data_y, batch, shuffle=True, seed=0)
+
+    def runner():
+        fit(m_run, l_run, o_run, cfg, CPU)
+
+    def bare():
+        m_bare.train()
+        for xb, yb in l_bare:
+            xb = xb.to(memory_format=torch.channels_last)
+            o_bare.zero_grad(set_to_none=True)
+            CE(m_bare(xb), yb).backward()
+            o_bare.step()
+
+    tr, tb = [], []
+    for r in range(rounds + 1):
+        for f, out in ((runner, tr), (bare, tb)) if r % 2 == 0 else ((bare, tb), (runner, tr)):
+            t0 = _now()
+            f()
+            if r >= 1:
+                out.append(_now() - t0)
+        if len(tr) >= 3 and _now() > deadline:
+            break
+    ratio = statistics.median(a / b for a, b in zip(tr, tb))
+    return Row("runner epoch / bare loop", ratio, TARGETS["runner"],
+               f"fit() {statistics.median(tr):.2f} s vs {statistics.median(tb):.2f} s per epoch of {len(l_run)} "
+               f"batches, {len(tr)} pairs")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=40, help="interleaved steps per optimizer (default 40)")
+    ap.add_argument("--budget", type=float, default=150.0,
+                    help="seconds after which each part stops early (after a minimum number of samples)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    start = _now()
+    load = ForeignLoad()
+    torch.manual_seed(0)
+    model, label = build_model()
+    model = model.to(memory_format=torch.channels_last)
+    batch = 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"craft-runner bench: {label}, {n_params / 1e6:.2f} M parameters; batch {batch}x3x32x32 channels_last; "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+          flush=True)
+
+    rows = bench_steps(model, x, y, rounds=args.rounds, warmup=3, deadline=start + args.budget * 0.55)
+    rows.append(bench_hvp(model, x, y, rounds=max(6, args.rounds // 3), deadline=start + args.budget * 0.7))
+    ex = torch.randn(6 * batch, 3, 32, 32, generator=g)
+    ey = torch.randint(0, 10, (6 * batch,), generator=g)
+    rows.append(bench_epoch(model, ex, ey, batch, rounds=6, deadline=start + args.budget))
+
+    w = max(len(r.name) for r in rows)
+    print(f"\n{'measurement':<{w}}  {'ratio':>6}  {'target':>7}  result  detail")
+    for r in rows:
+        print(f"{r.name:<{w}}  {r.ratio:6.2f}  {'<= ' + format(r.target, '.2f'):>7}  {'PASS' if r.ok else 'FAIL':<6}  "
+              f"{r.detail}")
+    failed = [r.name for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} targets met in {_now() - start:.0f} s"
+          + (f"; missed: {', '.join(failed)}" if failed else ""))
+    share = load.share()
+    if share is not None:
+        print(f"other processes used {100 * share:.0f}% of the machine's CPU time meanwhile"
+              + ("; a busy machine makes these ratios noisy and usually inflates them: rerun when idle"
+                 if share > 0.15 else ""))
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The SAM family under DistributedDataParallel: two CPU processes, gloo, a tiny model.
+
+The rule (craft_runner.train.train_step): on a two-pass step the first backward is not all-reduced, so
+rank r perturbs with its local gradient g_r (e_r = ρ g_r/‖g_r‖); the second backward is all-reduced, so
+every rank steps with g_s = mean_r ∇L_r(w + e_r). LookSAM stores g_v = mean_r (g_s − (⟨g_r, g_s⟩/‖g_r‖²) g_r)
+(an all-reduce every k steps); its plain steps all-reduce as usual: g = mean_r g_r.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from craft_runner.optim import RandomSAM
+
+STEPS = 4
+CONFIGS = {
+    "sam": dict(name="sam", base="sgd", lr=0.1, momentum=0.9, rho=0.1),
+    "looksam": dict(name="looksam", base="sgd", lr=0.1, momentum=0.9, rho=0.1, k=2, alpha=0.7),
+    "randsam": dict(name="randsam", base="adam", lr=0.01, rho=0.1, sam_prob=0.5, seed=1),
+}
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def shards(world):
+    """STEPS global batches of 12 samples; rank r gets rows r::world."""
+    g = torch.Generator().manual_seed(7)
+    data = [(torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
+            for _ in range(STEPS)]
+    return [[(x[r::world], y[r::world]) for x, y in data] for r in range(world)]
+
+
+def worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from craft_runner.config import OptimizerConfig, TrainConfig
+    from craft_runner.optim import build_optimizer
+    from craft_runner.train import train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig(channels_last=False, progress=False)
+        for name, kw in CONFIGS.items():
+            model = DDP(make_model())
+            opt = build_optimizer(model, OptimizerConfig(**kw))
+            for x, y in shards(world)[rank]:
+                train_step(model, x, y, nn.functional.cross_entropy, opt, cfg, torch.device("cpu"))
+            flat = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+            torch.save(flat, os.path.join(out_dir, f"{name}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def hand_rule(name, world):
+    from test_optim import HandAdam, HandSGD, Ref
+
+    kw = CONFIGS[name]
+    ref = Ref(make_model())
+    data = list(zip(*shards(world)))  # per step: the ranks' shards
+    w, gv = ref.w, None
+    hand = HandSGD(kw["lr"], kw["momentum"]) if kw["base"] == "sgd" else HandAdam(kw["lr"])
+    for t, per_rank in enumerate(data):
+        sam = t % kw["k"] == 0 if name == "looksam" else True
+        if name == "randsam":
+            sam = RandomSAM.draw(kw["seed"], t) < kw["sam_prob"]
+        if sam:
+            pairs = [ref.sam_grad(w, x, y, kw["rho"]) for x, y in per_rank]
+            gs = torch.stack([p[1] for p in pairs]).mean(0)
+            if name == "looksam":
+                gv = torch.stack([gs - (g @ gs) / (g @ g) * g for g, _ in pairs]).mean(0)
+            update = gs
+        else:
+            g = torch.stack([ref.grad(w, x, y) for x, y in per_rank]).mean(0)
+            update = g + kw["alpha"] * g.norm() / gv.norm() * gv if name == "looksam" else g
+        w = hand(w, update)
+    return w
+
+
+def test_sam_family_under_ddp_two_processes():
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        got = {name: [torch.load(os.path.join(tmp, f"{name}-{r}.pt")) for r in range(world)] for name in CONFIGS}
+    for name, (w0, w1) in got.items():
+        assert torch.equal(w0, w1), f"{name}: ranks disagree"
+    draws = [RandomSAM.draw(CONFIGS["randsam"]["seed"], t) < 0.5 for t in range(STEPS)]
+    assert 0 < sum(draws) < STEPS  # both kinds of step are exercised
+    for name in CONFIGS:
+        expected = hand_rule(name, world)
+        assert torch.allclose(got[name][0], expected, atol=1e-10, rtol=0), name
+    # the local perturbation matters: with the global gradient the result is different
+    assert not torch.allclose(got["sam"][0], _global_perturbation_sam(world), atol=1e-8)
+
+
+def _global_perturbation_sam(world):
+    from test_optim import HandSGD, Ref
+
+    kw = CONFIGS["sam"]
+    ref = Ref(make_model())
+    w, hand = ref.w, HandSGD(kw["lr"], kw["momentum"])
+    for per_rank in zip(*shards(world)):
+        x = torch.cat([b[0] for b in per_rank])
+        y = torch.cat([b[1] for b in per_rank])
+        w = hand(w, ref.sam_grad(w, x, y, kw["rho"])[1])
+    return w
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
