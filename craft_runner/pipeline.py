@@ -108,17 +108,6 @@ def _sharpness_batches(rc: RunConfig, data, device):
     return data.calib_batches(s.n_samples, s.batch_size, s.seed, device)
 
 
-def _lambda_max(model, batches, rc: RunConfig) -> dict:
-    from craft_runner.sharpness import power_iteration
-    from craft_runner.train import cross_entropy
-
-    t0 = time.perf_counter()
-    res = power_iteration(model, cross_entropy, batches, max_iter=rc.sharpness.max_iter, tol=rc.sharpness.tol,
-                          seed=rc.sharpness.seed)
-    return {"value": res.value, "iterations": res.iterations, "rel_change": res.rel_change,
-            "seconds": time.perf_counter() - t0}
-
-
 def train_or_load(rc: RunConfig, model, data, device, cache_dir: Path) -> dict:
     """Load the cached weights for this key, or train (resuming from the last epoch) and cache them."""
     from craft_runner.optim import build_optimizer
@@ -134,7 +123,7 @@ def train_or_load(rc: RunConfig, model, data, device, cache_dir: Path) -> dict:
     loader = data.train_loader(rc.train.batch_size, rc.seed, device, rc.dataset)
     info = fit(model, loader, opt, rc.train, device, state_path=cache_dir / "state.pt",
                desc=f"{rc.optimizer.name}")
-    meta = {"train_seconds": info["train_seconds"], "history": info["history"], "epochs": info["epochs"]}
+    meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction")}
     atomic_save({"model": model.state_dict(), "meta": meta}, final)
     (cache_dir / "state.pt").unlink(missing_ok=True)
     return {**meta, "trained": True, "resumed_from": info["resumed_from"]}
@@ -159,6 +148,7 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
     ``prepared`` is the result of :func:`prepare` when the caller already checked the input.
     """
     from craft_runner.compress import CompressContext, apply_compression
+    from craft_runner.diagnostics import run_diagnostics
     from craft_runner.optim import build_optimizer
     from craft_runner.train import evaluate, fit
 
@@ -177,20 +167,28 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
         sharp_batches = _sharpness_batches(rc, data, device) if rc.sharpness.enabled else None
         skey = hashlib.sha256(json.dumps(dataclasses.asdict(rc.sharpness), sort_keys=True).encode()).hexdigest()[:8]
         with locked(cache_dir):
+            # Diagnostics are cached beside the weights they describe (plots too).
             sharp_path = cache_dir / f"sharpness-{skey}.json"
             sharp = _read_json(sharp_path)
-            if sharp_batches and rc.sharpness.before and "before" not in sharp:
-                sharp["before"] = _lambda_max(model, sharp_batches, rc)
-                atomic_write_json(sharp, sharp_path)
+
+            def diagnose(when: str) -> None:
+                if sharp_batches and getattr(rc.sharpness, when) and when not in sharp:
+                    sharp[when] = run_diagnostics(model, sharp_batches, rc.sharpness,
+                                                  cache_dir / f"diagnostics-{skey}", tag=when)
+                    atomic_write_json(sharp, sharp_path)
+
+            diagnose("before")
             train_info = train_or_load(rc, model, data, device, cache_dir)
-            if sharp_batches and rc.sharpness.after and "after" not in sharp:
-                sharp["after"] = _lambda_max(model, sharp_batches, rc)
-                atomic_write_json(sharp, sharp_path)
+            diagnose("after")
         for when in ("before", "after"):
             if when in sharp and getattr(rc.sharpness, when):
-                metrics[f"lambda_max_{when}"] = sharp[when]["value"]
-                metrics[f"lambda_max_{when}_iterations"] = sharp[when]["iterations"]
-        metrics.update(train_seconds=train_info["train_seconds"], trained=train_info["trained"])
+                d = sharp[when]
+                if "lambda_max" in d:
+                    metrics[f"lambda_max_{when}"] = d["lambda_max"]["value"]
+                    metrics[f"lambda_max_{when}_iterations"] = d["lambda_max"]["iterations"]
+                metrics.update({f"{when}/{k}": v for k, v in d.get("scalars", {}).items()})
+        metrics.update(train_seconds=train_info["train_seconds"], trained=train_info["trained"],
+                       second_pass_fraction=train_info.get("second_pass_fraction"))
 
         eval_loader = data.eval_loader(rc.train.eval_batch_size, device, rc.dataset)
         t0 = time.perf_counter()

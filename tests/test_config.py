@@ -1,9 +1,9 @@
 from pathlib import Path
 
 import pytest
+from helpers import CONF, compose_run
 
 from craft_runner.config import ConfigError, to_run_config
-from helpers import CONF, compose_run
 
 GROUPS = ["model", "dataset", "optimizer", "arch", "compress", "logger", "experiment"]
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, compose_run
 
 import craft_runner.train as train_mod
 from craft_runner import pipeline
 from craft_runner.config import ConfigError
-from helpers import TINY, compose_run
 
 
 def run_tiny(tmp_path, *overrides):
@@ -148,3 +148,16 @@ def test_cli_multirun_and_table(tmp_path):
 
     t = paper_table(load_results(sweep))
     assert list(t["optimizer"]) == ["adam", "sam"] and {"W8A8", "W4A16"} <= set(t.columns)
+
+
+def test_diagnostics_switches_land_in_results_and_plots(tmp_path):
+    m = run_tiny(tmp_path, "sharpness.method=lanczos", "sharpness.trace=true", "sharpness.trace_probes=4",
+                 "sharpness.spectrum=true", "sharpness.act_ranges=true", "sharpness.before=false")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    after = res["sharpness"]["after"]
+    assert after["lambda_max"]["method"] == "lanczos" and m["lambda_max_after"] == after["lambda_max"]["value"]
+    assert "lambda_max_before" not in m
+    assert m["after/hessian_trace"] == after["trace"]["value"]
+    assert after["spectrum"]["by_kind"] and after["act_ranges"]
+    pngs = [Path(p) for p in after["plots"].values()] if isinstance(after["plots"], dict) else after["plots"]
+    assert pngs and all(Path(p).exists() and Path(p).suffix == ".png" for p in pngs)
