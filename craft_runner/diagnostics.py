@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from craft_runner.calibration import forward_with_hooks
 from craft_runner.config import SharpnessConfig
 from craft_runner.sharpness import Batch, hutchinson_trace, lanczos, power_iteration
 
@@ -178,16 +179,7 @@ def activation_ranges(model: nn.Module, batches: Sequence[Batch],
                 stats[name] = [cd, lo, hi]
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in blocks]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, batches, pre_hooks=[(m, hook(n)) for n, m in blocks])
     out = {}
     for name, _ in blocks:
         if name not in stats:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as tprune
 
+from craft_runner.calibration import forward_with_hooks
 from craft_runner.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,7 @@ def input_feature_norms(model: nn.Module, modules: list[nn.Module], batches) -> 
     for m in modules:
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise ValueError(f"Wanda norms assume zero padding; got padding_mode={m.padding_mode!r}")
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, batches, forward_hooks=[(m, hook) for m in modules])
     return {m: s.sqrt() for m, s in sq.items()}
 
 

@@ -14,6 +14,7 @@ import logging
 import torch
 from torch import nn
 
+from craft_runner.calibration import forward_with_hooks
 from craft_runner.compress.quant import FULL_PRECISION_BITS, fine_tune_quantized
 
 log = logging.getLogger(__name__)
@@ -149,16 +150,7 @@ def _output_ranges(model: nn.Module, modules: list[nn.Module], batches) -> dict:
         old = ranges.get(mod, (lo, hi))
         ranges[mod] = (min(lo, old[0]), max(hi, old[1]))
 
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    model.eval()
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, batches, forward_hooks=[(m, hook) for m in modules])
     return ranges
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from craft_runner.calibration import forward_with_hooks
+
 log = logging.getLogger(__name__)
 
 FULL_PRECISION_BITS = 16
@@ -179,15 +181,11 @@ def attach_act_quantizer(module: nn.Module, n_bits: int) -> ActQuantizer:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, quantizers: list[ActQuantizer], batches) -> None:
-    was_training = model.training
-    model.eval()
     for q in quantizers:
         q.calibrating = True
-    for x, _ in batches:
-        model(x)
+    forward_with_hooks(model, batches)
     for q in quantizers:
         q.calibrating = False
-    model.train(was_training)
 
 
 def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], w_bits: int, a_bits: int,
