@@ -17,14 +17,6 @@ CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"
 MODEL_OPTIONS = sorted(p.stem for p in CONF_MODEL.glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a loaded 2-core machine: one intra-op thread is ~100x faster than two (no spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())

@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -31,14 +30,6 @@ from craft_runner.compress.quant import (
 
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up costs more than it saves (and the machine is shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_vit(seed=0, **kw):

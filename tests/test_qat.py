@@ -17,14 +17,6 @@ from craft_runner.config import ConfigError
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up costs more than it saves (and the machine is shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_pact_forward_and_straight_through_gradients_by_hand():
     x = torch.tensor([-1.0, 0.0, 0.3, 0.99, 1.0, 2.5], requires_grad=True)

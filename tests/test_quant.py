@@ -19,15 +19,6 @@ from craft_runner.compress.quant import (
 from craft_runner.config import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up costs more than it saves (and the machine is shared).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_fake_quant_by_hand():
     x = torch.tensor([-1.0, -0.26, 0.0, 0.1, 0.24, 0.26, 0.9, 2.0])
     # 3 bits: integers -4..3, scale 0.25 → grid -1.0 .. 0.75

@@ -17,14 +17,6 @@ SUPPORTED = ["resnet20", "resnet18", "mobilenetv1_cifar", "mixer_s_cifar"]
 CONF_ARCH = Path(__file__).resolve().parent.parent / "conf" / "arch"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a loaded 2-core machine: one intra-op thread is ~100x faster than two (no spin-waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def build(name, seed=0):
     torch.manual_seed(seed)
