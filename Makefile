@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_DIR ?= outputs/default
 
-.PHONY: help install run test test-full lint bench clean
+.PHONY: help install run test test-full test-slow lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP)  ## the fast test suite
 
 test-full: $(STAMP)  ## every test, including the slow ones
 	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## only the slow tests (CI runs them after make test)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check craft_runner tests scripts

@@ -161,3 +161,33 @@ def test_diagnostics_switches_land_in_results_and_plots(tmp_path):
     assert after["spectrum"]["by_kind"] and after["act_ranges"]
     pngs = [Path(p) for p in after["plots"].values()] if isinstance(after["plots"], dict) else after["plots"]
     assert pngs and all(Path(p).exists() and Path(p).suffix == ".png" for p in pngs)
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_the_same_results(tmp_path):
+    """A real kill -9 in the middle of training; the same command then resumes and matches."""
+    import signal
+    import time
+
+    args = (*TINY, "dataset.n_train=512", "train.epochs=6", "optimizer=sam", "compress=ptq")
+
+    def cmd(name):
+        return [sys.executable, "-m", "craft_runner.run", *args, f"hydra.run.dir={tmp_path / name / 'run'}",
+                f"paths.cache_dir={tmp_path / name / 'cache'}"]
+
+    whole = subprocess.run(cmd("whole"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen(cmd("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed" / "cache").glob("*/state.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    again = subprocess.run(cmd("killed"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = json.loads((tmp_path / "whole" / "run" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "run" / "results.json").read_text())
+    assert b["train"]["resumed_from"] >= 1
+    for k in ("fp_acc", "compressed_acc", "lambda_max_after"):
+        assert a["metrics"][k] == b["metrics"][k], k
