@@ -74,10 +74,9 @@ def model_data_config(name: str) -> dict:
 
     try:
         pcfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # a name without a pretrained config
+    except Exception:  # a name timm has no pretrained config for
         pcfg = None
-    return resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg else {}) if pcfg else {
-        "input_size": (3, 224, 224)}
+    return resolve_data_config(pretrained_cfg=pcfg.to_dict()) if pcfg else {"input_size": (3, 224, 224)}
 
 
 def prepare(cfg: DictConfig | RunConfig):
@@ -101,11 +100,6 @@ def prepare(cfg: DictConfig | RunConfig):
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return rc, device, data, model
-
-
-def _sharpness_batches(rc: RunConfig, data, device):
-    s = rc.sharpness
-    return data.calib_batches(s.n_samples, s.batch_size, s.seed, device)
 
 
 def train_or_load(rc: RunConfig, model, data, device, cache_dir: Path) -> dict:
@@ -164,7 +158,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
     status = "failed"
     try:
         metrics: dict = {}
-        sharp_batches = _sharpness_batches(rc, data, device) if rc.sharpness.enabled else None
+        s = rc.sharpness
+        sharp_batches = data.calib_batches(s.n_samples, s.batch_size, s.seed, device) if s.enabled else None
         skey = hashlib.sha256(json.dumps(dataclasses.asdict(rc.sharpness), sort_keys=True).encode()).hexdigest()[:8]
         with locked(cache_dir):
             # Diagnostics are cached beside the weights they describe (plots too).
