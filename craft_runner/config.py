@@ -119,8 +119,8 @@ class TrainConfig:
     warmup_epochs: int = 0
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
-    # bf16 autocast; only used on CUDA.
-    amp: bool = True
+    # Mixed precision: auto = bf16 autocast on CUDA, none on CPU; bf16 = bf16 autocast on any device.
+    amp: str = "auto"
     # NHWC activations: faster convolutions on CPU and on tensor cores.
     channels_last: bool = True
     progress: bool = True
@@ -130,6 +130,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
         _check_choice("train.scheduler", self.scheduler, ("cosine", "none"))
+        _check_choice("train.amp", self.amp, ("auto", "bf16", "off"))
         _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "null or > 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
 

@@ -187,8 +187,8 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
 
         eval_loader = data.eval_loader(rc.train.eval_batch_size, device, rc.dataset)
         t0 = time.perf_counter()
-        metrics["fp_acc"] = evaluate(model, eval_loader, data.num_classes, device, rc.train.amp,
-                                     rc.train.channels_last)
+        # Evaluated in float32: bf16 would round the quantized values again.
+        metrics["fp_acc"] = evaluate(model, eval_loader, data.num_classes, device, "off", rc.train.channels_last)
         if rc.compress.name != "none":
             # Compressors see the standard memory layout (torch.nn.utils.prune needs it).
             cmodel = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -203,7 +203,7 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
             info = apply_compression(cmodel, rc.compress, CompressContext(device, calib, fine_tune))
             if rc.train.channels_last:
                 cmodel = cmodel.to(memory_format=torch.channels_last)
-            metrics["compressed_acc"] = evaluate(cmodel, eval_loader, data.num_classes, device, rc.train.amp,
+            metrics["compressed_acc"] = evaluate(cmodel, eval_loader, data.num_classes, device, "off",
                                                  rc.train.channels_last)
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]
             results["compression"] = info

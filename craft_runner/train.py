@@ -30,9 +30,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, mode: str):
+    """``train.amp``: auto (bf16 on CUDA only), bf16 (on any device) or off."""
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -205,7 +206,7 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device, amp: bool = True,
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device, amp: str = "off",
              channels_last: bool = False) -> float:
     """Top-1 accuracy in percent."""
     from torchmetrics.classification import MulticlassAccuracy

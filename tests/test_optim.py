@@ -294,15 +294,18 @@ def test_grad_clip_acts_on_the_update_gradient_of_every_variant():
             w_prev = w
 
 
-def test_amp_is_inert_on_cpu_for_every_variant():
-    data = batches(3)
+def test_amp_auto_is_inert_on_cpu_and_bf16_runs_every_variant():
+    data = [(x.float(), y) for x, y in batches(3)]
     for name in ("adam", "sam", "asam", "looksam", "randsam"):
-        got = []
-        for amp in (False, True):
-            model = mlp()
+        got = {}
+        for amp in ("off", "auto", "bf16"):
+            model = mlp().float()
             opt = build_optimizer(model, OptimizerConfig(name=name, k=2, sam_prob=0.5))
-            got.append(run_steps(model, opt, data, amp=amp))
-        assert torch.equal(got[0], got[1]), name
+            got[amp] = run_steps(model, opt, data, amp=amp, grad_clip=1.0)
+        assert torch.equal(got["off"], got["auto"]), name
+        # bf16 autocast really ran (results differ) and stayed close to float32
+        assert not torch.equal(got["off"], got["bf16"]), name
+        assert torch.allclose(got["off"], got["bf16"], atol=5e-2), name
 
 
 def test_second_pass_never_updates_bn_stats_and_plain_steps_update_once():
