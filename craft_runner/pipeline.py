@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -130,6 +131,12 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
+def _scheduler_job() -> dict:
+    """Where the run ran, when a cluster scheduler started it."""
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME")
+    return {k.lower(): os.environ[k] for k in keys if k in os.environ}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -154,7 +161,7 @@ def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: O
     cache_dir = Path(rc.paths.cache_dir) / key
     tracker = make_tracker(rc.logger, config_dict, run_dir, rc.name)
     results = {"config": config_dict, "cache_key": key, "versions": _versions(), "device": _device_name(device),
-               "status": "running"}
+               "status": "running", **({"slurm": job} if (job := _scheduler_job()) else {})}
     status = "failed"
     try:
         metrics: dict = {}

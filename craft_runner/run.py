@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -17,6 +18,17 @@ log = logging.getLogger("craft_runner")
 CONF_DIR = os.environ.get("CRAFT_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 
 register_configs()
+
+
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """A sweep job's directory name from its overrides: readable, one path component, never too long."""
+    name = overrides.replace("/", "_") or "default"
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit - 17]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
+
+
+OmegaConf.register_new_resolver("craft.dirname", job_dirname, replace=True)
 
 
 def _remove_if_empty(path: Path) -> None:

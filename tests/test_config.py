@@ -81,3 +81,12 @@ def test_experiment_sweeps_compose_at_every_value(experiment):
         for value in str(values).split(","):
             rc = to_run_config(compose_run(f"experiment={experiment}", f"{key}={value}"))
             assert rc is not None
+
+
+def test_sweep_job_dirnames_are_one_short_path_component():
+    from craft_runner.run import job_dirname
+
+    assert job_dirname("optimizer=sam,compress.bits=W8A8") == "optimizer=sam,compress.bits=W8A8"
+    assert job_dirname("paths.x=/a/b") == "paths.x=_a_b"
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    assert len(job_dirname(long_a)) == 120 and job_dirname(long_a) != job_dirname(long_b)

@@ -72,7 +72,13 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     out["FP32"] = out["FP32"].map(lambda v: f"{v:.2f}")
     out["lambda_max"] = out["lambda_max"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}")
     out["train_s"] = out["train_s"].map(lambda v: f"{v:.1f}")
-    return out.reset_index()
+    # Baselines first: optimizers in the order the config lists them, then the arch.
+    from craft_runner.config import OPTIMIZERS, SHARPNESS_AWARE
+
+    order = {name: i for i, name in enumerate(OPTIMIZERS + SHARPNESS_AWARE)}
+    out = out.reset_index()
+    out["_o"] = out["optimizer"].map(lambda o: order.get(o, len(order)))
+    return out.sort_values(["model", "dataset", "arch", "_o"], kind="stable").drop(columns="_o")
 
 
 def format_table(df: pd.DataFrame, fmt: str = "github") -> str:
