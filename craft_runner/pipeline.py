@@ -97,6 +97,9 @@ def prepare(cfg: DictConfig | RunConfig):
                       data_config=data_config)
     # The SNT transform is applied inside, between pretrained weights and a full checkpoint.
     model = create_model(rc.model, num_classes=data.num_classes, in_chans=data.in_chans, arch=rc.arch)
+    from craft_runner.compress import check_compression
+
+    check_compression(model, rc.compress)
     model = model.to(device)
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -191,3 +191,9 @@ def test_sigkilled_cli_run_resumes_to_the_same_results(tmp_path):
     assert b["train"]["resumed_from"] >= 1
     for k in ("fp_acc", "compressed_acc", "lambda_max_after"):
         assert a["metrics"][k] == b["metrics"][k], k
+
+
+def test_nm_groups_that_do_not_fit_a_layer_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"compress.m=32 .*144"):
+        run_tiny(tmp_path, "compress=nm", "compress.n=16", "compress.m=32")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

@@ -3,10 +3,11 @@ import json
 from craft_runner.report.table import compression_label, load_results, main, paper_table
 
 
-def write(path, optimizer, compress, fp, acc, lam, secs, status="ok"):
+def write(path, optimizer, compress, fp, acc, lam, secs, status="ok", arch="base", seed=0):
     path.mkdir(parents=True)
+    snt = arch != "base"
     cfg = {"model": {"name": "resnet20"}, "dataset": {"name": "digits"}, "optimizer": {"name": optimizer},
-           "arch": {"name": "base", "preact": False, "rprelu": False}, "seed": 0, "compress": compress}
+           "arch": {"name": arch, "preact": snt, "rprelu": snt}, "seed": seed, "compress": compress}
     metrics = {"fp_acc": fp, "lambda_max_after": lam, "train_seconds": secs}
     if acc is not None:
         metrics.update(compressed_acc=acc, drop=acc - fp)
@@ -45,3 +46,16 @@ def test_labels():
 def test_empty_dir_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no finished results.json" in capsys.readouterr().err
+
+
+def test_overhead_is_against_adam_on_the_base_arch_and_seeds_stay_apart(tmp_path):
+    ptq = {"name": "ptq", "method": "base", "w_bits": 8, "a_bits": 8}
+    write(tmp_path / "a", "adam", ptq, 98.0, 97.0, 40.0, 10.0)
+    write(tmp_path / "b", "adam", ptq, 98.0, 96.0, 30.0, 30.0, arch="snt")
+    write(tmp_path / "c", "sam", ptq, 98.0, 97.5, 10.0, 20.0)
+    write(tmp_path / "d", "adam", ptq, 97.0, 95.0, 50.0, 12.0, seed=1)
+    t = paper_table(load_results(tmp_path))
+    rows = {(r.optimizer, r.arch.split("(")[0], r.seed): r for r in t.itertuples()}
+    assert rows[("adam", "base", 0)].overhead == "1.00x" and rows[("adam", "snt", 0)].overhead == "3.00x"
+    assert rows[("sam", "base", 0)].overhead == "2.00x" and rows[("adam", "base", 1)].overhead == "1.00x"
+    assert rows[("adam", "base", 1)].W8A8 == "95.00 (-2.00)" and rows[("adam", "base", 0)].W8A8 == "97.00 (-1.00)"

@@ -41,6 +41,14 @@ def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn
     return layers
 
 
+def check_compression(model: nn.Module, cfg: CompressConfig) -> None:
+    """What can be checked against the built model before training: N:M groups must fit every layer."""
+    if cfg.name == "prune" and cfg.pattern == "nm":
+        from craft_runner.compress.prune import _nm_prunable
+
+        _nm_prunable(target_layers(model, cfg.skip_first_last), cfg)
+
+
 def apply_compression(model: nn.Module, cfg: CompressConfig, ctx: CompressContext) -> dict:
     """Compress ``model`` in place as ``cfg`` says; returns a JSON-serialisable record."""
     if cfg.name == "none":

@@ -111,8 +111,9 @@ class PruneConfig(CompressConfig):
 
     pattern: ``unstructured`` prunes round(sparsity · group size) weights per group (layer or row).
     ``nm`` (N:M): in every group of M consecutive weights along the input dimension, the N with the
-    lowest scores are zeroed (N pruned of M, sparsity N/M; Wanda's convention, so the papers' 2:4,
-    16:32 and 32:64 are all 50 %). The input dimension of a Conv2d is its weight flattened over
+    lowest scores are zeroed (N pruned of M, sparsity N/M; Wanda and NVIDIA count N kept of M
+    instead — the two agree at 50 %, which covers the papers' 2:4, 16:32 and 32:64). The input
+    dimension of a Conv2d is its weight flattened over
     (in_channels, kh, kw) in PyTorch's row-major order; ``sparsity`` is set to n/m.
 
     schedule: ``oneshot`` prunes once; ``iterative`` (iterative magnitude pruning) prunes in

@@ -53,32 +53,33 @@ def load_results(root: Path) -> pd.DataFrame:
 
 
 def paper_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, dataset, optimizer, arch); FP32, λmax, then one column per compression."""
-    keys = ["model", "dataset", "optimizer", "arch"]
+    """One row per (model, dataset, optimizer, arch, seed); FP32, λmax, then one column per compression."""
+    from craft_runner.config import OPTIMIZERS, SHARPNESS_AWARE
+
+    keys = ["model", "dataset", "optimizer", "arch", "seed"]
+    dup = df.duplicated(keys + ["compression"], keep=False)
+    if dup.any():
+        log.warning("%d runs share a table cell (same setup, seed and compression); the first is shown",
+                    int(dup.sum()))
     base = df.groupby(keys, sort=False).agg(
-        FP32=("fp_acc", "mean"), lambda_max=("lambda_max", "mean"), train_s=("train_seconds", "mean"))
+        FP32=("fp_acc", "first"), lambda_max=("lambda_max", "first"), train_s=("train_seconds", "first"))
     comp = df[df["compression"] != "none"].copy()
     comp["cell"] = [f"{a:.2f} ({d:+.2f})" for a, d in zip(comp["compressed_acc"], comp["drop"])]
     cells = comp.pivot_table(index=keys, columns="compression", values="cell", aggfunc="first", sort=False)
-    out = base.join(cells)
-    # Training cost relative to Adam on the same model and data, as in CrAFT's Table 4.
-    adam = out.xs("adam", level="optimizer", drop_level=False)["train_s"] if "adam" in out.index.get_level_values(
-        "optimizer") else None
-    if adam is not None:
-        ref = adam.groupby(level=["model", "dataset"]).mean()
-        out.insert(3, "overhead", [row.train_s / ref.get((i[0], i[1]), float("nan"))
-                                   for i, row in out.iterrows()])
-        out["overhead"] = out["overhead"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.2f}x")
+    out = base.join(cells).reset_index()
+    # Training cost relative to Adam on the base architecture, same model, data and seed (CrAFT Table 4).
+    ref = out[(out["optimizer"] == "adam") & (out["arch"] == "base")].set_index(["model", "dataset", "seed"])
+    overhead = [row.train_s / ref["train_s"].get((row.model, row.dataset, row.seed), float("nan"))
+                for row in out.itertuples()]
+    out.insert(out.columns.get_loc("train_s") + 1, "overhead",
+               ["n/a" if pd.isna(v) else f"{v:.2f}x" for v in overhead])
     out["FP32"] = out["FP32"].map(lambda v: f"{v:.2f}")
     out["lambda_max"] = out["lambda_max"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}")
     out["train_s"] = out["train_s"].map(lambda v: f"{v:.1f}")
-    # Baselines first: optimizers in the order the config lists them, then the arch.
-    from craft_runner.config import OPTIMIZERS, SHARPNESS_AWARE
-
+    # Baselines first: optimizers in the order the config lists them.
     order = {name: i for i, name in enumerate(OPTIMIZERS + SHARPNESS_AWARE)}
-    out = out.reset_index()
     out["_o"] = out["optimizer"].map(lambda o: order.get(o, len(order)))
-    return out.sort_values(["model", "dataset", "arch", "_o"], kind="stable").drop(columns="_o")
+    return out.sort_values(["model", "dataset", "seed", "arch", "_o"], kind="stable").drop(columns="_o")
 
 
 def format_table(df: pd.DataFrame, fmt: str = "github") -> str:
