@@ -90,7 +90,25 @@ class BasicBlock(nn.Module):
         return self.act2(x + shortcut)
 
 
-class ResNetCifar(nn.Module):
+class _PooledCNN(nn.Module):
+    """timm's classifier interface for the CIFAR CNNs: global pool, dropout, ``fc``."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class ResNetCifar(_PooledCNN):
     """CIFAR ResNet (He et al. 2016, section 4.2): depth 6n+2, widths 16/32/64.
 
     ``final_act`` sits between the last stage and the pooling; it is an ``nn.Identity`` here and
@@ -139,24 +157,11 @@ class ResNetCifar(nn.Module):
     def stages(self):
         return [self.layer1, self.layer2, self.layer3]
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.final_act(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ------------------------------------------------------------------------------------------ MobileNet-V1
@@ -186,7 +191,7 @@ MOBILENETV1_CIFAR_CFG = ((64, 1), (128, 1), (128, 1), (256, 2), (256, 1), (512, 
                          (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 
 
-class MobileNetV1Cifar(nn.Module):
+class MobileNetV1Cifar(_PooledCNN):
     """MobileNet-V1 (width 1.0) for 32x32 input: stem conv3x3/32 stride 1, 13 depthwise-separable blocks."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, stem_chs: int = 32,
@@ -215,23 +220,10 @@ class MobileNetV1Cifar(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         return self.final_act(self.blocks(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # -------------------------------------------------------------------------------------------- MLP-Mixer
