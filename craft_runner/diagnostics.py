@@ -220,6 +220,10 @@ def plot_spectrum(spectrum: dict, path: Path, title: str = "") -> Path:
     ax.set_ylim(0, 1.02)
     ax.set_title(title or f"weight spectrum (top-k share, k={k:g})")
     ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,12 +253,7 @@ def plot_activation_ranges(ranges: dict, path: Path, title: str = "", max_blocks
         ax.axis("off")
     fig.suptitle(title or "block input ranges per channel", fontsize=9)
     fig.supxlabel("channel", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # --------------------------------------------------------------------------------------------- entry
