@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from craft_runner.calibration import forward_with_hooks
-from craft_runner.config import SharpnessConfig
+from craft_runner.schema import SharpnessConfig
 from craft_runner.sharpness import Batch, hutchinson_trace, lanczos, power_iteration
 
 log = logging.getLogger(__name__)
@@ -267,12 +268,9 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
     seconds; Lanczos adds lambda_min and rel_residual), ``trace`` (value, stderr, probes, seconds),
     ``spectrum`` (see :func:`weight_spectrum`), ``act_ranges`` (see :func:`activation_ranges`), ``plots``
     (PNG paths, when ``cfg.plots`` and ``out_dir``; the file names end in ``-{tag}``), and always
-    ``scalars``: a flat dict of numbers for a tracker. ``value`` and ``iterations`` at the top level mirror
-    ``lambda_max`` (what the pipeline read before). ``loss_fn`` defaults to mean cross-entropy.
+    ``scalars``: a flat dict of numbers for a tracker. ``loss_fn`` defaults to mean cross-entropy.
     """
-    from craft_runner.train import cross_entropy
-
-    loss_fn = loss_fn or cross_entropy
+    loss_fn = loss_fn or F.cross_entropy
     out: dict = {}
     scalars: dict[str, float] = {}
     if cfg.lambda_max:
@@ -282,7 +280,6 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
                  reuse_graph=cfg.reuse_graph)
         d = {**res.to_dict(), "seconds": time.perf_counter() - t0}
         out["lambda_max"] = d
-        out["value"], out["iterations"] = d["value"], d["iterations"]
         scalars.update(lambda_max=d["value"], lambda_max_iterations=d["iterations"],
                        lambda_max_rel_change=d["rel_change"])
         if not res.converged:

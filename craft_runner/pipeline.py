@@ -1,6 +1,9 @@
-"""One run, one point of a paper table:
+"""One run, one point of a paper table, as named stages:
 
-config ─► data ─► model (+ arch transform) ─► train or load cached ─► λmax ─► compress ─► evaluate ─► record
+prepare ─► diagnostics before (cached) ─► train or load (cached) ─► diagnostics after (cached)
+        ─► evaluate ─► compress and evaluate ─► record
+
+Each stage is a function a test or a notebook can call; :func:`run` calls them in that order.
 """
 
 from __future__ import annotations
@@ -15,22 +18,28 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
+from torch import nn
 
 from craft_runner import __version__
-from craft_runner.config import RunConfig, to_run_config
-from craft_runner.tracking import atomic_write_json, make_tracker
+from craft_runner.atomic import atomic_save, atomic_write_json
+from craft_runner.config import to_run_config
+from craft_runner.schema import ConfigError, RunConfig
+from craft_runner.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# Bumped whenever what a key hashes changes meaning (2: only the fields that apply; key.json).
+CACHE_VERSION = 2
 # Settings that change how fast a run is, not what it computes.
 _NOT_IN_KEY = {"progress", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "root",
                "download", "on_device"}
+# Diagnostics switches that decide when and how results are shown, not what is measured.
+_NOT_IN_DIAGNOSTICS_KEY = {"enabled", "before", "after", "plots"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,17 +48,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _strip(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in _NOT_IN_KEY}
+# --------------------------------------------------------------------------------------------- cache keys
+
+
+def _digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_key(rc: RunConfig) -> dict:
+    """Everything that determines the trained weights (not the compression): the inputs of the cache key."""
+    from craft_runner.optim.registry import optimizer_key
+
+    parts = {name: {k: v for k, v in dataclasses.asdict(getattr(rc, name)).items() if k not in _NOT_IN_KEY}
+             for name in ("model", "dataset", "arch", "train")}
+    return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION}
 
 
 def cache_key(rc: RunConfig) -> str:
-    """Hash of everything that determines the trained weights (not the compression)."""
-    parts = {name: _strip(dataclasses.asdict(getattr(rc, name)))
-             for name in ("model", "dataset", "arch", "optimizer", "train")}
-    parts.update(seed=rc.seed, version=CACHE_VERSION)
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest(weights_key(rc))
+
+
+def diagnostics_key(rc: RunConfig) -> dict:
+    """What determines the diagnostics of given weights."""
+    s = dataclasses.asdict(rc.sharpness)
+    return {**{k: v for k, v in s.items() if k not in _NOT_IN_DIAGNOSTICS_KEY}, "version": CACHE_VERSION}
+
+
+def cache_entry(directory: Path, inputs: dict) -> Path:
+    """``directory`` with ``key.json`` (the inputs of its key) written once, so the entry explains itself."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "key.json").exists():
+        atomic_write_json(inputs, directory / "key.json")
+    return directory
 
 
 @contextlib.contextmanager
@@ -64,67 +94,146 @@ def locked(directory: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+# --------------------------------------------------------------------------------------------- stages
 
 
-def model_data_config(name: str) -> dict:
-    """The model's own input size and normalisation, without building it."""
-    import timm
-    from timm.data import resolve_data_config
+@dataclasses.dataclass
+class Prepared:
+    """What every later stage works on: the checked config, the device, the data and the model."""
 
-    try:
-        pcfg = timm.models.get_pretrained_cfg(name)
-    except Exception:  # a name timm has no pretrained config for
-        pcfg = None
-    return resolve_data_config(pretrained_cfg=pcfg.to_dict()) if pcfg else {"input_size": (3, 224, 224)}
+    rc: RunConfig
+    device: torch.device
+    data: Any  # craft_runner.data.DataBundle
+    model: nn.Module
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.rc.paths.cache_dir) / cache_key(self.rc)
 
 
-def prepare(cfg: DictConfig | RunConfig):
+def prepare(cfg) -> Prepared:
     """Everything that can fail on bad input, before anything is trained or written."""
-    from craft_runner.data import build_data, check_dataset
-    from craft_runner.models import check_model_name, create_model
+    from craft_runner.compress import check_compression
+    from craft_runner.data import build_data
+    from craft_runner.models import check_model_name, create_model, model_data_config
+    from craft_runner.train import seed_everything
 
     rc = to_run_config(cfg)
     check_model_name(rc.model.name)
-    check_dataset(rc.dataset, data_dir=rc.paths.data_dir)
     device = resolve_device(rc.device)
-    from craft_runner.train import seed_everything
-
     seed_everything(rc.seed)
     data_config = model_data_config(rc.model.name)
     data = build_data(rc.dataset, img_size=data_config["input_size"][-1], data_dir=rc.paths.data_dir,
                       data_config=data_config)
     # The SNT transform is applied inside, between pretrained weights and a full checkpoint.
     model = create_model(rc.model, num_classes=data.num_classes, in_chans=data.in_chans, arch=rc.arch)
-    from craft_runner.compress import check_compression
-
     check_compression(model, rc.compress)
     model = model.to(device)
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return rc, device, data, model
+    return Prepared(rc, device, data, model)
 
 
-def train_or_load(rc: RunConfig, model, data, device, cache_dir: Path) -> dict:
+class Diagnostics:
+    """The diagnostics of the weights of one cache entry, measured once per key and kept beside them."""
+
+    def __init__(self, p: Prepared):
+        self.p = p
+        s = p.rc.sharpness
+        inputs = diagnostics_key(p.rc)
+        self.dir = p.cache_dir / "diagnostics" / _digest(inputs)
+        self._inputs = inputs
+        self.path = self.dir / "diagnostics.json"
+        self.results: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self._batches = None
+        self.enabled = s.enabled
+
+    def measure(self, when: str) -> None:
+        """Measure ``when`` ("before" or "after" training) unless switched off or already cached."""
+        from craft_runner.diagnostics import run_diagnostics
+
+        s = self.p.rc.sharpness
+        if not (self.enabled and getattr(s, when)) or when in self.results:
+            return
+        if self._batches is None:
+            self._batches = self.p.data.calib_batches(s.n_samples, s.batch_size, s.seed, self.p.device)
+        cache_entry(self.dir, self._inputs)
+        self.results[when] = run_diagnostics(self.p.model, self._batches, s, self.dir, tag=when)
+        atomic_write_json(self.results, self.path)
+
+    def metrics(self) -> dict:
+        """λmax and every diagnostic scalar, as ``lambda_max_{when}`` and ``{when}/{name}``."""
+        out = {}
+        for when in ("before", "after"):
+            d = self.results.get(when)
+            if d is None or not getattr(self.p.rc.sharpness, when):
+                continue
+            if "lambda_max" in d:
+                out[f"lambda_max_{when}"] = d["lambda_max"]["value"]
+                out[f"lambda_max_{when}_iterations"] = d["lambda_max"]["iterations"]
+            out.update({f"{when}/{k}": v for k, v in d.get("scalars", {}).items()})
+        return out
+
+    def record(self) -> dict:
+        s = self.p.rc.sharpness
+        return {when: d for when, d in self.results.items() if getattr(s, when)}
+
+
+def train_or_load(p: Prepared) -> dict:
     """Load the cached weights for this key, or train (resuming from the last epoch) and cache them."""
+    from craft_runner import train
     from craft_runner.optim import build_optimizer
-    from craft_runner.train import atomic_save, fit
 
+    rc, cache_dir = p.rc, p.cache_dir
     final = cache_dir / "model.pt"
     if final.exists():
-        st = torch.load(final, map_location=device, weights_only=False)
-        model.load_state_dict(st["model"])
+        st = torch.load(final, map_location=p.device, weights_only=False)
+        p.model.load_state_dict(st["model"])
         log.info("loaded cached weights %s (no training)", final)
         return {**st["meta"], "trained": False}
-    opt = build_optimizer(model, rc.optimizer)
-    loader = data.train_loader(rc.train.batch_size, rc.seed, device, rc.dataset)
-    info = fit(model, loader, opt, rc.train, device, state_path=cache_dir / "state.pt",
-               desc=f"{rc.optimizer.name}")
+    opt = build_optimizer(p.model, rc.optimizer)
+    loader = p.data.train_loader(rc.train.batch_size, rc.seed, p.device, rc.dataset)
+    info = train.fit(p.model, loader, opt, rc.train, p.device, state_path=cache_dir / "state.pt",
+                     desc=rc.optimizer.name)
     meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction")}
-    atomic_save({"model": model.state_dict(), "meta": meta}, final)
+    atomic_save({"model": p.model.state_dict(), "meta": meta}, final)
     (cache_dir / "state.pt").unlink(missing_ok=True)
     return {**meta, "trained": True, "resumed_from": info["resumed_from"]}
+
+
+def evaluate(p: Prepared, model: Optional[nn.Module] = None) -> float:
+    """Top-1 accuracy (%) on the test split, in float32 (bf16 would round quantized values again)."""
+    from craft_runner import train
+
+    loader = p.data.eval_loader(p.rc.train.eval_batch_size, p.device, p.rc.dataset)
+    return train.evaluate(model if model is not None else p.model, loader, p.data.num_classes, p.device, "off",
+                          p.rc.train.channels_last)
+
+
+def compress_and_evaluate(p: Prepared) -> tuple[float, dict]:
+    """Compress a copy of the trained model as ``rc.compress`` says; returns its accuracy and the record."""
+    from craft_runner import train
+    from craft_runner.compress import CompressContext, apply_compression
+    from craft_runner.optim import build_optimizer
+
+    rc = p.rc
+    # Compressors see the standard memory layout (torch.nn.utils.prune needs it).
+    model = copy.deepcopy(p.model).to(memory_format=torch.contiguous_format)
+    calib = p.data.calib_batches(rc.compress.calib_size, rc.train.eval_batch_size, rc.compress.calib_seed,
+                                 p.device)
+
+    def fine_tune(m: nn.Module, epochs: int) -> None:
+        loader = p.data.train_loader(rc.train.batch_size, rc.seed + 1, p.device, rc.dataset)
+        train.fit(m, loader, build_optimizer(m, rc.optimizer), dataclasses.replace(rc.train, epochs=epochs),
+                  p.device, desc="fine-tune")
+
+    info = apply_compression(model, rc.compress, CompressContext(p.device, calib, fine_tune))
+    if rc.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return evaluate(p, model), info
+
+
+# --------------------------------------------------------------------------------------------- record
 
 
 def _versions() -> dict:
@@ -146,79 +255,48 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def run(cfg: DictConfig | RunConfig, run_dir: Optional[Path] = None, prepared: Optional[tuple] = None) -> dict:
-    """Run the whole pipeline; returns the metrics dict (what a Hydra sweeper optimises).
+def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
+    """The metric ``optimized_metric`` names (null: compressed_acc when compressing, else fp_acc)."""
+    name = name or ("compressed_acc" if "compressed_acc" in metrics else "fp_acc")
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} is not allowed: expected one of {', '.join(sorted(metrics))}")
+    return metrics[name]
 
-    ``prepared`` is the result of :func:`prepare` when the caller already checked the input.
+
+def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> dict:
+    """Run every stage; returns the metrics dict and writes ``results.json`` in ``paths.run_dir``.
+
+    ``on_start(rc)`` runs once the input is known to be good (config, data root, model, compression),
+    before anything is trained or written.
     """
-    from craft_runner.compress import CompressContext, apply_compression
-    from craft_runner.diagnostics import run_diagnostics
-    from craft_runner.optim import build_optimizer
-    from craft_runner.train import evaluate, fit
-
-    rc, device, data, model = prepared or prepare(cfg)
-    run_dir = Path(run_dir or rc.paths.run_dir or "outputs/last")
+    p = prepare(cfg)
+    rc = p.rc
+    run_dir = Path(rc.paths.run_dir or "outputs/last")
+    if on_start is not None:
+        on_start(rc)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = dataclasses.asdict(rc)
-    key = cache_key(rc)
-    cache_dir = Path(rc.paths.cache_dir) / key
+    cache_dir = cache_entry(p.cache_dir, weights_key(rc))
     tracker = make_tracker(rc.logger, config_dict, run_dir, rc.name)
-    results = {"config": config_dict, "cache_key": key, "versions": _versions(), "device": _device_name(device),
-               "status": "running", **({"slurm": job} if (job := _scheduler_job()) else {})}
+    results = {"config": config_dict, "cache_key": cache_dir.name, "versions": _versions(),
+               "device": _device_name(p.device), "status": "running",
+               **({"slurm": job} if (job := _scheduler_job()) else {})}
     status = "failed"
     try:
-        metrics: dict = {}
-        s = rc.sharpness
-        sharp_batches = data.calib_batches(s.n_samples, s.batch_size, s.seed, device) if s.enabled else None
-        skey = hashlib.sha256(json.dumps(dataclasses.asdict(rc.sharpness), sort_keys=True).encode()).hexdigest()[:8]
+        diagnostics = Diagnostics(p)
         with locked(cache_dir):
-            # Diagnostics are cached beside the weights they describe (plots too).
-            sharp_path = cache_dir / f"sharpness-{skey}.json"
-            sharp = _read_json(sharp_path)
-
-            def diagnose(when: str) -> None:
-                if sharp_batches and getattr(rc.sharpness, when) and when not in sharp:
-                    sharp[when] = run_diagnostics(model, sharp_batches, rc.sharpness,
-                                                  cache_dir / f"diagnostics-{skey}", tag=when)
-                    atomic_write_json(sharp, sharp_path)
-
-            diagnose("before")
-            train_info = train_or_load(rc, model, data, device, cache_dir)
-            diagnose("after")
-        for when in ("before", "after"):
-            if when in sharp and getattr(rc.sharpness, when):
-                d = sharp[when]
-                if "lambda_max" in d:
-                    metrics[f"lambda_max_{when}"] = d["lambda_max"]["value"]
-                    metrics[f"lambda_max_{when}_iterations"] = d["lambda_max"]["iterations"]
-                metrics.update({f"{when}/{k}": v for k, v in d.get("scalars", {}).items()})
-        metrics.update(train_seconds=train_info["train_seconds"], trained=train_info["trained"],
-                       second_pass_fraction=train_info.get("second_pass_fraction"))
-
-        eval_loader = data.eval_loader(rc.train.eval_batch_size, device, rc.dataset)
+            diagnostics.measure("before")
+            train_info = train_or_load(p)
+            diagnostics.measure("after")
+        metrics = {**diagnostics.metrics(), "train_seconds": train_info["train_seconds"],
+                   "trained": train_info["trained"], "second_pass_fraction": train_info.get("second_pass_fraction")}
         t0 = time.perf_counter()
-        # Evaluated in float32: bf16 would round the quantized values again.
-        metrics["fp_acc"] = evaluate(model, eval_loader, data.num_classes, device, "off", rc.train.channels_last)
+        metrics["fp_acc"] = evaluate(p)
         if rc.compress.name != "none":
-            # Compressors see the standard memory layout (torch.nn.utils.prune needs it).
-            cmodel = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-            calib = data.calib_batches(rc.compress.calib_size, rc.train.eval_batch_size, rc.compress.calib_seed,
-                                       device)
-
-            def fine_tune(m, epochs):
-                ft_cfg = dataclasses.replace(rc.train, epochs=epochs)
-                loader = data.train_loader(rc.train.batch_size, rc.seed + 1, device, rc.dataset)
-                fit(m, loader, build_optimizer(m, rc.optimizer), ft_cfg, device, desc="fine-tune")
-
-            info = apply_compression(cmodel, rc.compress, CompressContext(device, calib, fine_tune))
-            if rc.train.channels_last:
-                cmodel = cmodel.to(memory_format=torch.channels_last)
-            metrics["compressed_acc"] = evaluate(cmodel, eval_loader, data.num_classes, device, "off",
-                                                 rc.train.channels_last)
+            metrics["compressed_acc"], results["compression"] = compress_and_evaluate(p)
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]
-            results["compression"] = info
         metrics["eval_seconds"] = time.perf_counter() - t0
-        results.update(metrics=metrics, train=train_info, sharpness=sharp, status="ok")
+        results.update(metrics=metrics, train=train_info, sharpness=diagnostics.record(), status="ok")
         atomic_write_json(results, run_dir / "results.json")
         tracker.log(metrics)
         status = "ok"

@@ -6,26 +6,15 @@ ignored, and ``finish`` always runs.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Optional, Protocol
 
-from craft_runner.config import LoggerConfig
+from craft_runner.atomic import atomic_write_json  # noqa: F401  (re-exported)
+from craft_runner.schema import LoggerConfig
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write_json(obj: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Tracker(Protocol):

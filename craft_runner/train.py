@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -14,12 +13,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from craft_runner.config import TrainConfig
+from craft_runner.atomic import atomic_save
 from craft_runner.optim import is_two_pass, needs_second_pass
+from craft_runner.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,6 @@ def frozen_bn_stats(model: nn.Module):
             m.momentum = momentum
             if count is not None:
                 m.num_batches_tracked.copy_(count)
-
-
-def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -149,7 +140,7 @@ def _load_loader_state(loader, state: Optional[dict]) -> None:
 
 
 def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
-        state_path: Optional[Path] = None, extra_state: Optional[dict] = None, desc: str = "train") -> dict:
+        state_path: Optional[Path] = None, desc: str = "train") -> dict:
     """Train for ``cfg.epochs``; with ``state_path``, checkpoint every epoch and resume from it.
 
     Returns ``{"train_seconds", "epochs", "history", "resumed_from", "steps", "second_pass_fraction"}``:
@@ -196,7 +187,7 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
             atomic_save({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "loader": _loader_state(loader), "epoch": epoch + 1, "history": history,
-                "train_seconds": seconds, **(extra_state or {}),
+                "train_seconds": seconds,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             }, state_path)
     steps = sum(h.get("steps", 0) for h in history)
@@ -222,6 +213,3 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch
     model.train(was_training)
     return 100.0 * float(metric.compute())
 
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)

@@ -34,9 +34,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from craft_runner.config import OptimizerConfig, TrainConfig  # noqa: E402
 from craft_runner.data import TensorLoader  # noqa: E402
 from craft_runner.optim import build_optimizer, needs_second_pass  # noqa: E402
+from craft_runner.schema import OptimizerConfig, TrainConfig  # noqa: E402
 from craft_runner.sharpness import HessianOperator, measuring_mode  # noqa: E402
 from craft_runner.train import fit, train_step  # noqa: E402
 

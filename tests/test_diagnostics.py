@@ -128,7 +128,7 @@ def test_run_diagnostics_every_switch_json_and_plots(tmp_path):
     out = run_diagnostics(model, batches, cfg, tmp_path, tag="after")
     json.dumps(out, allow_nan=False)  # strict JSON
     assert out["lambda_max"]["method"] == "lanczos" and out["lambda_max"]["iterations"] >= 1
-    assert out["value"] == out["lambda_max"]["value"] > 0
+    assert out["lambda_max"]["value"] > 0 and "value" not in out  # no legacy top-level copy
     assert out["trace"]["probes"] == 5
     assert set(out["spectrum"]["by_kind"]) >= {"attn.qkv", "mlp.fc1"}
     assert len(out["act_ranges"]["blocks"]) == 6
@@ -145,7 +145,7 @@ def test_run_diagnostics_does_only_what_is_switched_on(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     out = run_diagnostics(model, batches, SharpnessConfig(max_iter=5), tmp_path)
-    assert set(out) == {"lambda_max", "value", "iterations", "scalars"} and out["lambda_max"]["method"] == "power"
+    assert set(out) == {"lambda_max", "scalars"} and out["lambda_max"]["method"] == "power"
     out = run_diagnostics(model, batches, SharpnessConfig(lambda_max=False, spectrum=True), None)
     assert set(out) == {"spectrum", "scalars"} and not list(tmp_path.iterdir())
 

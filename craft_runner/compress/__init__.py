@@ -1,10 +1,11 @@
 """Compression methods behind one entry point, :func:`apply_compression`.
 
-Each method takes the model (changed in place), the layers it may touch and a
-:class:`CompressContext`, and returns a dict of what it did (recorded in results.json).
+Methods are looked up by name in the compressor registry (:mod:`.registry`); each takes the model
+(changed in place), the layers it may touch and a :class:`CompressContext`, and returns a dict of what
+it did (recorded in results.json under ``compression``):
 
-- ``ptq``: BasePTQ or PTQ4ViT (:mod:`.quant`, :mod:`.ptq4vit`), optionally followed by
-  fine-tuning with the weights kept quantized;
+- ``ptq``: BasePTQ or PTQ4ViT (:mod:`.quant`, :mod:`.ptq4vit`), optionally followed by fine-tuning with
+  the weights kept quantized;
 - ``prune``: magnitude or Wanda, unstructured or N:M, one-shot or iterative (:mod:`.prune`);
 - ``qat``: PACT quantization-aware training (:mod:`.qat`).
 """
@@ -19,9 +20,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from craft_runner.compress.config import CompressConfig
+from craft_runner.compress.prune import PruneConfig
+from craft_runner.compress.qat import QATConfig
+from craft_runner.compress.quant import PTQConfig
+from craft_runner.compress.registry import CompressConfig, compressors, get_compressor, register_compressor
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CompressContext", "CompressConfig", "PTQConfig", "PruneConfig", "QATConfig", "apply_compression",
+           "check_compression", "compression_label", "compressors", "get_compressor", "register_compressor",
+           "target_layers"]
 
 
 @dataclass
@@ -41,38 +49,29 @@ def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn
     return layers
 
 
-def check_compression(model: nn.Module, cfg: CompressConfig) -> None:
-    """What can be checked against the built model before training: N:M groups must fit every layer."""
-    if cfg.name == "prune" and cfg.pattern == "nm":
-        from craft_runner.compress.prune import _nm_prunable
+def _resolve(cfg: CompressConfig):
+    info = get_compressor(cfg.name)
+    if not isinstance(cfg, info.schema):
+        raise TypeError(f"compress.name={cfg.name!r} needs a {info.schema.__name__}, got {type(cfg).__name__}")
+    return info
 
-        _nm_prunable(target_layers(model, cfg.skip_first_last), cfg)
+
+def check_compression(model: nn.Module, cfg: CompressConfig) -> None:
+    """Checks against the built model, before any training (e.g. N:M groups must fit every layer)."""
+    info = _resolve(cfg)
+    if info.check is not None:
+        info.check(model, cfg)
+
+
+def compression_label(cfg: dict) -> str:
+    """The table label of a compress config (as a dict, e.g. from results.json)."""
+    return get_compressor(cfg.get("name", "none")).label(cfg)
 
 
 def apply_compression(model: nn.Module, cfg: CompressConfig, ctx: CompressContext) -> dict:
     """Compress ``model`` in place as ``cfg`` says; returns a JSON-serialisable record."""
+    info = _resolve(cfg)
     if cfg.name == "none":
         return {}
     layers = target_layers(model, cfg.skip_first_last)
-    if cfg.name == "ptq":
-        from craft_runner.compress.quant import base_ptq, fine_tune_quantized
-
-        scales = None
-        if cfg.method == "ptq4vit":
-            from craft_runner.compress.ptq4vit import ptq4vit
-
-            info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches)
-        else:
-            info = base_ptq(model, layers, cfg.w_bits, cfg.a_bits, ctx.calib_batches, cfg.quant_attention)
-        if cfg.finetune_epochs:
-            fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs, ctx.fine_tune, scales)
-        return {**info, "name": "ptq", "finetune_epochs": cfg.finetune_epochs}
-    if cfg.name == "prune":
-        from craft_runner.compress.prune import prune_model
-
-        return {"name": "prune", **prune_model(model, layers, cfg, ctx)}
-    if cfg.name == "qat":
-        from craft_runner.compress.qat import pact_qat
-
-        return {"name": "qat", **pact_qat(model, layers, cfg, ctx)}
-    raise ValueError(f"compress.name={cfg.name!r} is not implemented")
+    return {"name": cfg.name, **info.fn(model, layers, cfg, ctx)}

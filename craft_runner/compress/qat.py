@@ -10,12 +10,16 @@ straight-through parametrization during training and left quantized afterwards.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from craft_runner.calibration import forward_with_hooks
 from craft_runner.compress.quant import FULL_PRECISION_BITS, fine_tune_quantized
+from craft_runner.compress.registry import CompressConfig, parse_bits, register_compressor
+from craft_runner.schema import _check, _check_choice
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +205,54 @@ def pact_qat(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx) ->
     return {"method": "pact", "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "epochs": cfg.epochs,
             "act_quantizers": len(init), "signed_act_quantizers": n_signed, "quantized_layers": len(layers),
             "alpha_init": init, "alpha": final}
+
+
+# --------------------------------------------------------------------------------------------- the compressor
+
+
+@dataclass
+class QATConfig(CompressConfig):
+    """Quantization-aware training with PACT (Choi et al. 2018), from the trained weights.
+
+    Every ReLU/ReLU6 becomes a PACT activation y = clip(x, 0, α), quantized unsigned on
+    2^a_bits levels, y_q = round(y·(2^k−1)/α)·α/(2^k−1), with a learnable α per activation and
+    PACT's straight-through gradients (∂y_q/∂x = 1 on [0, α), ∂y_q/∂α = 1 where x ≥ α). Activations
+    whose output can be negative (PReLU, SNT's RPReLU, LeakyReLU, GELU, SiLU, Hardswish, ELU) keep
+    their function and are followed by a signed variant with two learnable bounds α_lo ≤ 0 ≤ α_hi
+    (asymmetric uniform grid on [α_lo, α_hi] with zero exactly representable; ∂/∂α_hi = 1 where
+    x ≥ α_hi, ∂/∂α_lo = 1 where x ≤ α_lo). Weights of the target layers are quantized symmetric per
+    output channel with a straight-through estimator. Trains ``epochs`` epochs with the run's
+    optimizer and data.
+
+    ``alpha_init``: null sets each α from calibration data (max of that activation's output,
+    min for α_lo); a number sets α = alpha_init (α_lo = −alpha_init). ``alpha_weight_decay`` is
+    PACT's L2 penalty (λ/2)·α² on every clipping level, added to its gradient (the optimizer's
+    weight decay skips these 0-dim parameters).
+    """
+
+    name: str = "qat"
+    method: str = "pact"
+    bits: Optional[str] = None
+    w_bits: int = 4
+    a_bits: int = 4
+    epochs: int = 10
+    alpha_init: Optional[float] = None
+    alpha_weight_decay: float = 1e-4
+    # PACT keeps the first and last layers' weights in full precision.
+    skip_first_last: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        parse_bits(self)
+        _check_choice("compress.method", self.method, ("pact",))
+        _check(self.epochs >= 0, "compress.epochs", self.epochs, "an integer >= 0")
+        _check(self.alpha_init is None or self.alpha_init > 0, "compress.alpha_init", self.alpha_init,
+               "null (calibrated) or a positive number")
+        _check(self.alpha_weight_decay >= 0, "compress.alpha_weight_decay", self.alpha_weight_decay, "a number >= 0")
+
+
+def qat_label(c: dict) -> str:
+    return f"QAT W{c['w_bits']}A{c['a_bits']}"
+
+
+register_compressor("qat", QATConfig, label=qat_label)(pact_qat)

@@ -12,12 +12,16 @@ Quantizers compute in float32 and return the input's dtype.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_runner.calibration import forward_with_hooks
+from craft_runner.compress.registry import CompressConfig, parse_bits, register_compressor
+from craft_runner.schema import _check, _check_choice
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +240,84 @@ def fine_tune_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], w
         for _, m in layers:
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
+# --------------------------------------------------------------------------------------------- the compressor
+
+
+@dataclass
+class PTQConfig(CompressConfig):
+    """Post-training quantization: ``method`` base (BasePTQ) or ptq4vit (PTQ4ViT).
+
+    Both: symmetric uniform weights, one scale per output channel; activations (the input of
+    every quantized Conv2d/Linear and, with ``quant_attention``, both operands of the attention
+    matmuls q·kᵀ and attn·v of timm ViTs) quantized statically from calibration data.
+    BasePTQ takes each scale from max|x|; PTQ4ViT searches the scales (see
+    :mod:`craft_runner.compress.ptq4vit`). ``finetune_epochs`` > 0 then fine-tunes the quantized
+    model (SNT Table 3: W4 + one epoch) with straight-through fake quantization, so the weights
+    are still on their quantization grid afterwards.
+    """
+
+    name: str = "ptq"
+    method: str = "base"
+    # "WxAy" shorthand (e.g. W6A16) for sweeps; when set it overrides w_bits and a_bits.
+    bits: Optional[str] = None
+    w_bits: int = 8
+    a_bits: int = 8
+    calib_size: int = 32
+    # Keep the first and last layers in full precision.
+    skip_first_last: bool = False
+    # Quantize q·kᵀ and attn·v of timm ViT attention too (when a_bits < 16).
+    quant_attention: bool = True
+    finetune_epochs: int = 0
+    # PTQ4ViT only. Scale candidates: ratio × the max-based scale, ratio in
+    # linspace(scale_min, scale_max, scale_steps + 1) plus 1.0; weights and activations are searched
+    # alternately for search_rounds rounds (PTQ4ViT's defaults: 0.01, 1.2, 100, 3).
+    search_rounds: int = 3
+    scale_min: float = 0.01
+    scale_max: float = 1.2
+    scale_steps: int = 100
+    # hessian: E[(∂L/∂O)² (Ô − O)²]; mse: E[(Ô − O)²] (ablation).
+    metric: str = "hessian"
+    # Twin uniform quantization of post-softmax and post-GELU activations (False: plain uniform).
+    twin: bool = True
+    # Post-softmax twin ranges: Δ_R1 = Δ_R2 / 2^m, m searched in 0..max_softmax_shift.
+    max_softmax_shift: int = 19
+    # channel: one searched weight scale per output channel; tensor: one per layer.
+    weight_granularity: str = "channel"
+
+    def __post_init__(self):
+        super().__post_init__()
+        parse_bits(self)
+        _check_choice("compress.method", self.method, ("base", "ptq4vit"))
+        _check(self.finetune_epochs >= 0, "compress.finetune_epochs", self.finetune_epochs, "an integer >= 0")
+        _check(self.search_rounds >= 1, "compress.search_rounds", self.search_rounds, "an integer >= 1")
+        _check(self.scale_min > 0, "compress.scale_min", self.scale_min, "a positive number")
+        _check(self.scale_max > self.scale_min, "compress.scale_max", self.scale_max,
+               f"a number > compress.scale_min ({self.scale_min})")
+        _check(self.scale_steps >= 1, "compress.scale_steps", self.scale_steps, "an integer >= 1")
+        _check_choice("compress.metric", self.metric, ("hessian", "mse"))
+        _check(0 <= self.max_softmax_shift <= 30, "compress.max_softmax_shift", self.max_softmax_shift,
+               "an integer in 0..30")
+        _check_choice("compress.weight_granularity", self.weight_granularity, ("channel", "tensor"))
+
+
+def ptq_label(c: dict) -> str:
+    method = "" if c.get("method", "base") == "base" else f"{c['method']} "
+    ft = f" +ft{c['finetune_epochs']}" if c.get("finetune_epochs") else ""
+    return f"{method}W{c['w_bits']}A{c['a_bits']}{ft}"
+
+
+@register_compressor("ptq", PTQConfig, label=ptq_label)
+def ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: PTQConfig, ctx) -> dict:
+    """BasePTQ or PTQ4ViT, then (``finetune_epochs`` > 0) fine-tuning with the weights kept quantized."""
+    scales = None
+    if cfg.method == "ptq4vit":
+        from craft_runner.compress.ptq4vit import ptq4vit
+
+        info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches)
+    else:
+        info = base_ptq(model, layers, cfg.w_bits, cfg.a_bits, ctx.calib_batches, cfg.quant_attention)
+    if cfg.finetune_epochs:
+        fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs, ctx.fine_tune, scales)
+    return {**info, "finetune_epochs": cfg.finetune_epochs}

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from craft_runner.config import ConfigError, DatasetConfig
 from craft_runner.data.core import DataBundle, TensorLoader, _torch_loader, calib_indices
 from craft_runner.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from craft_runner.data.vision import SPECS, DataRootError, VisionSpec, check_root, dataset_folder
+from craft_runner.schema import ConfigError, DatasetConfig
 
 __all__ = ["DataBundle", "TensorLoader", "DataRootError", "DatasetInfo", "VisionSpec", "SPECS", "BUILDERS",
            "build_data", "build_digits", "build_synthetic", "calib_indices", "check_dataset", "dataset_names",

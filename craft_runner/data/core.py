@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from craft_runner.config import DatasetConfig
+from craft_runner.schema import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,7 @@ def _torch_loader(ds, batch_size, shuffle, seed, cfg: DatasetConfig, device):
     g = torch.Generator().manual_seed(seed)
     workers = cfg.num_workers
     device = torch.device(device)
-    kwargs = {}
-    if workers > 0 and getattr(cfg, "prefetch_factor", None):
-        kwargs["prefetch_factor"] = cfg.prefetch_factor
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
         pin_memory=cfg.pin_memory and device.type == "cuda",
-        persistent_workers=cfg.persistent_workers and workers > 0, drop_last=False, **kwargs)
+        persistent_workers=cfg.persistent_workers and workers > 0, drop_last=False)

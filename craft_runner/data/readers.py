@@ -31,7 +31,6 @@ from torchvision.datasets import (
 )
 from torchvision.datasets.folder import default_loader
 
-from craft_runner.config import DatasetConfig
 from craft_runner.data import transforms as T
 from craft_runner.data.core import DataBundle
 from craft_runner.data.vision import (
@@ -44,6 +43,7 @@ from craft_runner.data.vision import (
     present,
     read_pickle,
 )
+from craft_runner.schema import DatasetConfig
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# CIFAR-10 training-set statistics (the same as craft_runner.models.cifar's default config).
+# CIFAR-10 training-set statistics (also the default data config of craft_runner.models.cifar's models).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from craft_runner.config import ConfigError
+from craft_runner.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -159,4 +159,4 @@ def num_classes(spec: VisionSpec, folder: Path) -> int:
             return len(json.load(f))
     if name == "imagenet":
         return len(_subdirs(folder / "train"))
-    raise KeyError(name)
+    raise ValueError(f"no class count known for data set {name!r}")

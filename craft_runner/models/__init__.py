@@ -10,9 +10,10 @@ from craft_runner.models.factory import (
     check_model_name,
     create_model,
     load_checkpoint,
+    model_data_config,
     read_state_dict,
 )
 from craft_runner.models.snt import RPReLU, apply_snt
 
 __all__ = ["CIFAR_MODELS", "CheckpointError", "check_model_name", "create_model", "load_checkpoint",
-           "read_state_dict", "RPReLU", "apply_snt"]
+           "model_data_config", "read_state_dict", "RPReLU", "apply_snt"]

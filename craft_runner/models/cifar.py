@@ -18,23 +18,17 @@ Parameter counts (10 classes, 3 input channels), checked in ``tests/test_models.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from craft_runner.config import ConfigError
-
-_logger = logging.getLogger(__name__)
+from craft_runner.data.transforms import CIFAR_MEAN, CIFAR_STD
+from craft_runner.schema import ConfigError
 
 __all__ = ["BasicBlock", "ResNetCifar", "DepthwiseSeparable", "MobileNetV1Cifar", "MixerMlp", "MixerBlock",
            "MlpMixerCifar", "CIFAR_MEAN", "CIFAR_STD"]
-
-# CIFAR-10 training-set statistics.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def _cfg(**kwargs) -> dict:

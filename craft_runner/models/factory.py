@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 import socket
 from collections.abc import Iterator, Mapping
@@ -31,14 +32,14 @@ import timm
 import torch
 from torch import nn
 
-from craft_runner.config import ArchConfig, ConfigError, ModelConfig
 from craft_runner.models import cifar  # noqa: F401  (registers the CIFAR models in timm)
 from craft_runner.models.snt import apply_snt
+from craft_runner.schema import ArchConfig, ConfigError, ModelConfig
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "CIFAR_MODELS", "check_model_name", "create_model", "load_checkpoint",
-           "read_state_dict"]
+           "read_state_dict", "model_data_config"]
 
 CIFAR_MODELS = ("resnet20", "mobilenetv1_cifar", "mixer_s_cifar")
 
@@ -125,9 +126,10 @@ def read_state_dict(path: str) -> dict:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torch/safetensors/pickle error: the file is not a checkpoint
+        why = "" if isinstance(e, (KeyError, pickle.UnpicklingError, EOFError)) else f": {_one_line(e, 150)}"
         raise CheckpointError(
-            f"model.checkpoint_path={path!r} is not a readable checkpoint: {type(e).__name__}: {_one_line(e, 150)}"
-        ) from e
+            f"model.checkpoint_path={path!r} is not a readable checkpoint (expected a .safetensors file or a "
+            f"torch.save file of tensors){why}") from None
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -227,8 +229,11 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int = 3, arch: Op
     Raises :class:`ConfigError` for an unknown name and :class:`CheckpointError` (a ConfigError) for
     weights that cannot be found or do not fit; both messages are one line.
     """
-    check_model_name(cfg.name)
-    model = _build(cfg, num_classes, in_chans, full_checkpoint=arch is None)
+    try:
+        model = _build(cfg, num_classes, in_chans, full_checkpoint=arch is None)
+    except RuntimeError:
+        check_model_name(cfg.name)  # an unknown name: say so in one line (checked only when timm fails)
+        raise
     if arch is not None:
         apply_snt(model, preact=arch.preact, rprelu=arch.rprelu)
         if not cfg.pretrained and cfg.checkpoint_path:
@@ -278,3 +283,14 @@ def _build(cfg: ModelConfig, num_classes: int, in_chans: int, full_checkpoint: b
             f"model.pretrained=true: could not get pretrained weights for {cfg.name!r} "
             f"({type(e).__name__}: {_one_line(e, 120)}); on a machine without hub access set "
             f"model.checkpoint_path=/path/to/weights (a safetensors/.bin/.pth file of the timm model)") from e
+
+
+def model_data_config(name: str) -> dict:
+    """The model's own input size and normalisation (timm's data config), without building it."""
+    from timm.data import resolve_data_config
+
+    try:
+        pcfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # a name timm has no pretrained config for
+        pcfg = None
+    return resolve_data_config(pretrained_cfg=pcfg.to_dict()) if pcfg else {"input_size": (3, 224, 224)}

@@ -52,9 +52,9 @@ import logging
 import torch
 from torch import nn
 
-from craft_runner.config import ConfigError
 from craft_runner.models.cifar import BasicBlock as CifarBasicBlock
-from craft_runner.models.cifar import DepthwiseSeparable, MixerBlock, MlpMixerCifar, MobileNetV1Cifar, ResNetCifar
+from craft_runner.models.cifar import DepthwiseSeparable, MlpMixerCifar, MobileNetV1Cifar, ResNetCifar
+from craft_runner.schema import ConfigError
 
 _logger = logging.getLogger(__name__)
 
@@ -193,7 +193,6 @@ def _mobilenetv1(model: MobileNetV1Cifar, preact: bool, rprelu: bool) -> None:
 
 def _mixer(model: MlpMixerCifar, preact: bool, rprelu: bool) -> None:
     for block in model.blocks:
-        assert isinstance(block, MixerBlock)
         if rprelu:
             block.mlp_tokens.act = RPReLU(block.mlp_tokens.fc1.out_features)
             block.mlp_channels.act = RPReLU(block.mlp_channels.fc1.out_features)

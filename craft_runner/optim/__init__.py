@@ -15,13 +15,14 @@ import logging
 
 import torch
 
-from craft_runner.config import SHARPNESS_AWARE, OptimizerConfig
+from craft_runner.optim.registry import OptimInfo, get_optimizer, optimizers, register_optimizer
 from craft_runner.optim.sam import SAM, LookSAM, RandomSAM, SharpnessAware, expected_cost
+from craft_runner.schema import OptimizerConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_optimizer", "param_groups", "needs_second_pass", "is_two_pass", "SharpnessAware", "SAM",
-           "LookSAM", "RandomSAM", "expected_cost"]
+           "LookSAM", "RandomSAM", "expected_cost", "OptimInfo", "get_optimizer", "optimizers", "register_optimizer"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -34,33 +35,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _base_class_and_kwargs(name: str, cfg: OptimizerConfig):
-    if name == "adam":
-        return torch.optim.Adam, {"lr": cfg.lr, "betas": tuple(cfg.betas)}
-    if name == "adamw":
-        return torch.optim.AdamW, {"lr": cfg.lr, "betas": tuple(cfg.betas)}
-    if name == "sgd":
-        return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov}
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """adam / adamw / sgd, or sam / asam / looksam / randsam wrapping ``cfg.base``.
-
-    ``asam`` is SAM with the adaptive perturbation; ``adaptive: true`` makes any SAM variant adaptive.
-    """
+    """The registered optimizer ``cfg.name``; a sharpness-aware one wraps ``cfg.base``."""
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.name not in SHARPNESS_AWARE:
-        cls, kwargs = _base_class_and_kwargs(cfg.name, cfg)
-        return cls(groups, **kwargs)
-    base_cls, kwargs = _base_class_and_kwargs(cfg.base, cfg)
-    adaptive = cfg.adaptive or cfg.name == "asam"
-    if cfg.name == "looksam":
-        return LookSAM(groups, base_cls, rho=cfg.rho, k=cfg.k, alpha=cfg.alpha, adaptive=adaptive, **kwargs)
-    if cfg.name == "randsam":
-        return RandomSAM(groups, base_cls, rho=cfg.rho, p=cfg.sam_prob, seed=cfg.seed, adaptive=adaptive,
-                         **kwargs)
-    return SAM(groups, base_cls, rho=cfg.rho, adaptive=adaptive, **kwargs)
+    info = get_optimizer(cfg.name)
+    if not info.sharpness_aware:
+        return info.cls(groups, **info.kwargs(cfg))
+    base = get_optimizer(cfg.base)
+    return info.cls(groups, base.cls, **info.kwargs(cfg), **base.kwargs(cfg))
 
 
 def is_two_pass(opt: torch.optim.Optimizer) -> bool:

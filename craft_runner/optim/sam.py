@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from craft_runner.optim.registry import OptimInfo, register_optimizer
+
 
 def _flat_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """‖concat(tensors)‖₂ as a 0-dim tensor (no host sync)."""
@@ -291,5 +293,14 @@ def expected_cost(opt: torch.optim.Optimizer) -> float:
         return 2.0
     return 1.0
 
+
+_SAM = {"rho": "rho", "adaptive": "adaptive"}
+register_optimizer(OptimInfo("sam", SAM, _SAM, sharpness_aware=True, description="SAM (Foret et al.)"))
+register_optimizer(OptimInfo("asam", SAM, {"rho": "rho"}, {"adaptive": True}, sharpness_aware=True,
+                             description="ASAM (Kwon et al.)"))
+register_optimizer(OptimInfo("looksam", LookSAM, {**_SAM, "k": "k", "alpha": "alpha"}, sharpness_aware=True,
+                             description="LookSAM (Liu et al. 2022)"))
+register_optimizer(OptimInfo("randsam", RandomSAM, {**_SAM, "p": "sam_prob", "seed": "seed"}, sharpness_aware=True,
+                             description="randomised SAM (SS-SAM)"))
 
 __all__ = ["SharpnessAware", "SAM", "LookSAM", "RandomSAM", "expected_cost"]

@@ -18,19 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def compression_label(c: dict) -> str:
-    name = c.get("name", "none")
-    if name == "ptq":
-        method = "" if c.get("method", "base") == "base" else f"{c['method']} "
-        ft = f" +ft{c['finetune_epochs']}" if c.get("finetune_epochs") else ""
-        return f"{method}W{c['w_bits']}A{c['a_bits']}{ft}"
-    if name == "prune":
-        pattern = c.get("pattern", "unstructured")
-        shape = f"{c['n']}:{c['m']}" if pattern == "nm" else f"{100 * c['sparsity']:.0f}%"
-        kind = "iterative " if c.get("schedule") == "iterative" else ""
-        return f"{kind}{c.get('criterion', 'magnitude')} {shape}"
-    if name == "qat":
-        return f"QAT W{c['w_bits']}A{c['a_bits']}"
-    return "none"
+    """The table label of a compress config; a name no compressor is registered under is kept, with a warning."""
+    from craft_runner.compress import compression_label as label
+    from craft_runner.schema import ConfigError
+
+    try:
+        return label(c)
+    except ConfigError:
+        log.warning("results for an unknown compressor %r: labelled by its name", c.get("name"))
+        return str(c.get("name"))
 
 
 def load_results(root: Path) -> pd.DataFrame:
@@ -54,7 +50,7 @@ def load_results(root: Path) -> pd.DataFrame:
 
 def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, dataset, optimizer, arch, seed); FP32, λmax, then one column per compression."""
-    from craft_runner.config import OPTIMIZERS, SHARPNESS_AWARE
+    from craft_runner.optim.registry import optimizer_names
 
     keys = ["model", "dataset", "optimizer", "arch", "seed"]
     dup = df.duplicated(keys + ["compression"], keep=False)
@@ -77,7 +73,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     out["lambda_max"] = out["lambda_max"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3g}")
     out["train_s"] = out["train_s"].map(lambda v: f"{v:.1f}")
     # Baselines first: optimizers in the order the config lists them.
-    order = {name: i for i, name in enumerate(OPTIMIZERS + SHARPNESS_AWARE)}
+    order = {name: i for i, name in enumerate(optimizer_names())}
     out["_o"] = out["optimizer"].map(lambda o: order.get(o, len(order)))
     return out.sort_values(["model", "dataset", "seed", "arch", "_o"], kind="stable").drop(columns="_o")
 

@@ -1,0 +1,108 @@
+"""The compressor registry: name → (schema dataclass, function, table label), one entry per method.
+
+A method's module owns its schema and registers its function with :func:`register_compressor`; every
+module of this package is imported on the first lookup, so a new compressor is one module plus one
+``conf/compress/<option>.yaml`` (whose defaults list names ``<name>_schema``).
+
+A compressor is ``fn(model, layers, cfg, ctx) -> dict``: it changes ``model`` in place (``layers``: the
+Conv2d/Linear layers it may touch, see :func:`craft_runner.compress.target_layers`) and returns what it
+did, JSON-serialisable. ``label(cfg_dict) -> str`` names a configuration in tables ("W4A16", "wanda 50%").
+``check(model, cfg)``, optional, runs against the built model before any training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+from craft_runner.schema import ConfigError, _check
+
+
+@dataclass
+class CompressConfig:
+    """Fields shared by every compression method; ``name`` picks the method (``none``: no compression)."""
+
+    name: str = "none"
+    calib_size: int = 32  # training images used for calibration
+    calib_seed: int = 0
+    # Keep the stem and the classifier in full precision / dense.
+    skip_first_last: bool = False
+
+    def __post_init__(self):
+        _check(self.calib_size >= 1, "compress.calib_size", self.calib_size, "an integer >= 1")
+
+
+def check_bits(key: str, bits: int) -> None:
+    _check(2 <= bits <= 32, key, bits, "an integer in 2..32 (16 or more: not quantized)")
+
+
+def parse_bits(cfg) -> None:
+    """``bits: WxAy`` (e.g. W6A16) overrides ``w_bits`` and ``a_bits``; both are then range-checked."""
+    if cfg.bits is not None:
+        m = re.fullmatch(r"W(\d+)A(\d+)", str(cfg.bits).upper())
+        _check(m is not None, "compress.bits", cfg.bits, "the form WxAy, e.g. W8A8 or W4A16")
+        cfg.w_bits, cfg.a_bits = int(m.group(1)), int(m.group(2))
+    check_bits("compress.w_bits", cfg.w_bits)
+    check_bits("compress.a_bits", cfg.a_bits)
+
+
+@dataclass(frozen=True)
+class CompressorInfo:
+    name: str
+    schema: type
+    fn: Callable
+    label: Callable[[dict], str]
+    check: Optional[Callable] = None
+
+
+_REGISTRY: dict[str, CompressorInfo] = {}
+_discovered = False
+
+
+def register_compressor(name: str, schema: type, label: Callable[[dict], str], check: Optional[Callable] = None):
+    """Decorator: register ``fn(model, layers, cfg, ctx) -> dict`` under ``name``."""
+    if not (isinstance(schema, type) and issubclass(schema, CompressConfig)):
+        raise TypeError(f"compressor {name!r}: its schema must subclass CompressConfig, got {schema!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"compressor {name!r} is registered twice")
+        _REGISTRY[name] = CompressorInfo(name, schema, fn, label, check)
+        return fn
+
+    return deco
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    import craft_runner.compress as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def compressors() -> dict[str, CompressorInfo]:
+    _discover()
+    return dict(_REGISTRY)
+
+
+def get_compressor(name: str) -> CompressorInfo:
+    """The registered compressor, or a one-line ConfigError listing the known names."""
+    known = compressors()
+    if name not in known:
+        raise ConfigError(f"compress.name={name!r} is not allowed: expected one of {', '.join(sorted(known))}")
+    return known[name]
+
+
+def _none(model, layers, cfg, ctx) -> dict:
+    return {}
+
+
+register_compressor("none", CompressConfig, label=lambda c: "none")(_none)

@@ -1,0 +1,228 @@
+"""Typed schemas of every config group: plain dataclasses, no Hydra or OmegaConf.
+
+Range checks run in ``__post_init__``, so a bad value raises :class:`ConfigError` (one line) when the
+config is built — by :func:`craft_runner.config.to_run_config` from Hydra, or directly in library code.
+The ``compress`` schemas live beside their methods (:mod:`craft_runner.compress`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range or unknown; the message is one line."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = field(default_factory=lambda: os.environ.get("CRAFT_DATA_DIR", "data"))
+    # Trained checkpoints, keyed by a hash of what determines them; shared by every run.
+    cache_dir: str = "outputs/cache"
+    # The run's own directory; run.py fills it from Hydra, tests pass their own.
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    pretrained: bool = False
+    checkpoint_path: Optional[str] = None
+    # None: the dataset's number of classes (a new head for fine-tuning).
+    num_classes: Optional[int] = None
+    drop_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: Optional[str] = None  # None: ${paths.data_dir}/<torchvision's folder name>
+    download: bool = False
+    img_size: Optional[int] = None  # None: the model's own input size
+    # Synthetic data only: its shape and size.
+    num_classes: int = 10
+    in_chans: int = 3
+    n_train: int = 256
+    n_test: int = 128
+    test_fraction: float = 0.2  # digits: held-out share of the stratified split
+    split_seed: int = 0
+    augment: bool = False
+    # Hold a small data set as tensors on the run's device (no loader workers).
+    on_device: bool = True
+    num_workers: int = 4
+    pin_memory: bool = True
+    persistent_workers: bool = True
+
+    def __post_init__(self):
+        _check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", self.test_fraction, "a value in (0, 1)")
+        _check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
+        _check(self.n_train >= 1 and self.n_test >= 1, "dataset.n_train", self.n_train, "positive sizes")
+        _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")
+
+
+def _finite_positive(key: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, value,
+           "a finite positive number")
+
+
+@dataclass
+class OptimizerConfig:
+    """One flat block for every optimizer; the registry (craft_runner.optim.registry) says which fields apply."""
+
+    name: str = "adam"
+    # Sharpness-aware optimizers wrap this base optimizer.
+    base: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: tuple = (0.9, 0.999)
+    nesterov: bool = False
+    rho: float = 0.05
+    # ASAM's perturbation (e = rho T^2 g / ||T g||, T = |w|) for any SAM variant; asam sets it.
+    adaptive: bool = False
+    # looksam: a full SAM step every k steps; alpha weighs the reused orthogonal direction g_v.
+    k: int = 5
+    alpha: float = 0.7
+    # randsam: probability that a step is a SAM step; the draw for step t depends on (seed, t) only.
+    sam_prob: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self):
+        from craft_runner.optim.registry import base_optimizer_names, optimizer_names
+
+        _check_choice("optimizer.name", self.name, optimizer_names())
+        _check_choice("optimizer.base", self.base, base_optimizer_names())
+        _finite_positive("optimizer.lr", self.lr)
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+               self.weight_decay, "a finite number >= 0")
+        _finite_positive("optimizer.rho", self.rho)
+        _check(self.k >= 1, "optimizer.k", self.k, "an integer >= 1")
+        _check(self.alpha >= 0, "optimizer.alpha", self.alpha, "a number >= 0")
+        _check(0 <= self.sam_prob <= 1, "optimizer.sam_prob", self.sam_prob, "a value in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0
+    # Mixed precision: auto = bf16 autocast on CUDA, none on CPU; bf16 = bf16 autocast on any device.
+    amp: str = "auto"
+    # NHWC activations: faster convolutions on CPU and on tensor cores.
+    channels_last: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.epochs >= 0, "train.epochs", self.epochs, "an integer >= 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _check_choice("train.scheduler", self.scheduler, ("cosine", "none"))
+        _check_choice("train.amp", self.amp, ("auto", "bf16", "off"))
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "null or > 0")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a value in [0, 1)")
+
+
+@dataclass
+class SharpnessConfig:
+    """Diagnostics measured before and after training (craft_runner.diagnostics.run_diagnostics)."""
+
+    enabled: bool = True
+    before: bool = True
+    after: bool = True
+    # Calibration data for the Hessian and the activation ranges.
+    n_samples: int = 256
+    batch_size: int = 256
+    # lambda_max: top Hessian eigenvalue by power iteration or Lanczos (full reorthogonalisation).
+    lambda_max: bool = True
+    method: str = "power"
+    max_iter: int = 100
+    tol: float = 1e-3
+    seed: int = 0
+    # Keep each batch's gradient graph across Hessian-vector products (faster, more memory).
+    reuse_graph: bool = True
+    # Hessian trace by Hutchinson's estimator with Rademacher probes.
+    trace: bool = False
+    trace_probes: int = 100
+    # Weight spectrum (CrAFT Fig. 1): share of variance in the top-k principal components of each
+    # Linear/Conv weight; k >= 1 is a count, 0 < k < 1 a fraction of each matrix's components.
+    spectrum: bool = False
+    spectrum_k: float = 0.25
+    # Per-channel min/max of each block's input (CrAFT Fig. 2).
+    act_ranges: bool = False
+    # PNG plots of the spectrum and the ranges, when the caller gives an output folder.
+    plots: bool = True
+
+    def __post_init__(self):
+        _check(self.n_samples >= 1, "sharpness.n_samples", self.n_samples, "an integer >= 1")
+        _check(self.batch_size >= 1, "sharpness.batch_size", self.batch_size, "an integer >= 1")
+        _check_choice("sharpness.method", self.method, ("power", "lanczos"))
+        _check(self.max_iter >= 1, "sharpness.max_iter", self.max_iter, "an integer >= 1")
+        _check(self.tol > 0, "sharpness.tol", self.tol, "a positive number")
+        _check(self.trace_probes >= 1, "sharpness.trace_probes", self.trace_probes, "an integer >= 1")
+        _check(self.spectrum_k > 0, "sharpness.spectrum_k", self.spectrum_k,
+               "a count >= 1 or a fraction in (0, 1)")
+
+
+@dataclass
+class ArchConfig:
+    name: str = "base"
+    preact: bool = False
+    rprelu: bool = False
+
+    def __post_init__(self):
+        _check_choice("arch.name", self.name, ("base", "snt"))
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "craft-runner"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    # auto: online when an API key is configured, otherwise offline.
+    mode: str = "auto"
+
+    def __post_init__(self):
+        _check_choice("logger.name", self.name, ("none", "wandb"))
+        _check_choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    # The compress group's schema, chosen by its YAML (see craft_runner.compress.registry).
+    compress: Any = "???"
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    device: str = "auto"
+    name: str = "run"
+    # The metric craft-run returns to a Hydra sweeper; null: compressed_acc when compressing, else fp_acc.
+    optimized_metric: Optional[str] = None
+
+    def __post_init__(self):
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
+               "auto, cpu or cuda[:N]")
