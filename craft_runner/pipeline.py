@@ -263,6 +263,18 @@ def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
     return metrics[name]
 
 
+def record(results: dict, run_dir: Path, tracker) -> None:
+    """A finished run: results.json (atomically, whatever W&B does), then the tracker."""
+    results["status"] = "ok"
+    atomic_write_json(results, run_dir / "results.json")
+    metrics = results["metrics"]
+    tracker.log(metrics)
+    log.info("%s: fp %.2f%%%s, λmax %s", results["config"]["name"], metrics["fp_acc"],
+             f", compressed {metrics['compressed_acc']:.2f}% ({metrics['drop']:+.2f})"
+             if "compressed_acc" in metrics else "",
+             f"{metrics['lambda_max_after']:.4g}" if "lambda_max_after" in metrics else "n/a")
+
+
 def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> dict:
     """Run every stage; returns the metrics dict and writes ``results.json`` in ``paths.run_dir``.
 
@@ -296,14 +308,9 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> dict:
             metrics["compressed_acc"], results["compression"] = compress_and_evaluate(p)
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]
         metrics["eval_seconds"] = time.perf_counter() - t0
-        results.update(metrics=metrics, train=train_info, sharpness=diagnostics.record(), status="ok")
-        atomic_write_json(results, run_dir / "results.json")
-        tracker.log(metrics)
+        results.update(metrics=metrics, train=train_info, sharpness=diagnostics.record())
+        record(results, run_dir, tracker)
         status = "ok"
-        log.info("%s: fp %.2f%%%s, λmax %s", rc.name, metrics["fp_acc"],
-                 f", compressed {metrics['compressed_acc']:.2f}% ({metrics['drop']:+.2f})"
-                 if "compressed_acc" in metrics else "",
-                 f"{metrics['lambda_max_after']:.4g}" if "lambda_max_after" in metrics else "n/a")
         return metrics
     except BaseException as e:
         results.update(status="failed", error=f"{type(e).__name__}: {e}")

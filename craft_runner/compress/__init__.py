@@ -12,7 +12,6 @@ it did (recorded in results.json under ``compression``):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,8 +23,6 @@ from craft_runner.compress.prune import PruneConfig
 from craft_runner.compress.qat import QATConfig
 from craft_runner.compress.quant import PTQConfig
 from craft_runner.compress.registry import CompressConfig, compressors, get_compressor, register_compressor
-
-log = logging.getLogger(__name__)
 
 __all__ = ["CompressContext", "CompressConfig", "PTQConfig", "PruneConfig", "QATConfig", "apply_compression",
            "check_compression", "compression_label", "compressors", "get_compressor", "register_compressor",

@@ -7,7 +7,6 @@ Datasets read by a DataLoader with workers and pinned memory.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -15,8 +14,6 @@ from typing import Optional
 import torch
 
 from craft_runner.schema import DatasetConfig
-
-log = logging.getLogger(__name__)
 
 
 class TensorLoader:

@@ -15,14 +15,11 @@ Two families:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

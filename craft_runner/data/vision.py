@@ -16,7 +16,6 @@ pipeline can fail on a missing data set before it builds a model.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 from craft_runner.schema import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class DataRootError(ConfigError):

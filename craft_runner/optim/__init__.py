@@ -11,15 +11,11 @@ The training loop never branches on a name. It asks two capability questions:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from craft_runner.optim.registry import OptimInfo, get_optimizer, optimizers, register_optimizer
 from craft_runner.optim.sam import SAM, LookSAM, RandomSAM, SharpnessAware, expected_cost
 from craft_runner.schema import OptimizerConfig
-
-log = logging.getLogger(__name__)
 
 __all__ = ["build_optimizer", "param_groups", "needs_second_pass", "is_two_pass", "SharpnessAware", "SAM",
            "LookSAM", "RandomSAM", "expected_cost", "OptimInfo", "get_optimizer", "optimizers", "register_optimizer"]
