@@ -36,7 +36,7 @@ class CompressConfig:
     calib_seed: int = 0
 
     def __post_init__(self):
-        _check_choice("compress.name", self.name, ("none", "ptq", "prune", "qat"))
+        _check_choice("compress.name", self.name, ("none", "ptq", "prune", "qat", "tome", "token_prune"))
         _check(self.calib_size >= 1, "compress.calib_size", self.calib_size, "an integer >= 1")
 
 
