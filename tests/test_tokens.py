@@ -298,6 +298,7 @@ def test_speed_is_recorded():
     assert info["throughput_before"] > 0 and info["throughput_after"] > 0
     assert info["speedup"] == pytest.approx(info["throughput_after"] / info["throughput_before"])
     assert measure_throughput(model, x, warmup=0, reps=2) > 0
+    assert info["tokens_per_block"] == _mlp_tokens(model, x) == [13, 9, 5, 3, 2, 2]
     assert model._tok_state.active  # timing toggles the compression off and back on
 
 
@@ -361,3 +362,18 @@ def test_labels():
     assert tome_label({"name": "tome", "r": 8, "r_schedule": [4, 2]}) == "ToMe r=4,2"
     assert token_prune_label({"name": "token_prune", "keep_rate": 0.7}) == "token prune 0.7"
     assert token_prune_label({"name": "token_prune", "keep_rate": 0.7, "fuse": False}) == "token prune 0.7 no-fuse"
+
+
+def test_a_deep_copy_is_compressed_on_its_own():
+    import copy
+
+    model, x = _vit(), _x(2)
+    tome(model, None, _no_timing(ToMeConfig, r=3), _ctx(x))
+    with torch.no_grad():
+        ref = model(x)
+        twin = copy.deepcopy(model)
+        twin._tok_state.active = False  # the copy back to uncompressed: the original stays compressed
+        assert _mlp_tokens(twin, x)[-1] == 17
+        assert torch.equal(model(x), ref) and _mlp_tokens(model, x)[-1] == 2
+        twin._tok_state.active = True
+        assert torch.equal(twin(x), ref)

@@ -63,7 +63,6 @@ class ToMeConfig(CompressConfig):
     r: int = 8
     r_schedule: Optional[list] = None
     proportional_attn: bool = True
-    calib_size: int = 32
     speed_batch: int = 32
     speed_warmup: int = 3
     speed_reps: int = 10
@@ -91,7 +90,6 @@ class TokenPruneConfig(CompressConfig):
     keep_rate_schedule: Optional[list] = None
     fuse: bool = True
     fuse_mode: str = "sum"
-    calib_size: int = 32
     speed_batch: int = 32
     speed_warmup: int = 3
     speed_reps: int = 10
@@ -208,6 +206,7 @@ class _TokenState:
     size: Optional[torch.Tensor] = None  # (B, N, 1) token sizes, ToMe only
     qkv: Optional[torch.Tensor] = None
     capture: bool = False
+    tokens_in: int = 0  # tokens entering the first block in the last forward
     tokens: list = field(default_factory=list)  # tokens each block's MLP saw in the last forward
 
 
@@ -218,7 +217,7 @@ def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = No
     if attn_mask is not None or is_causal:
         raise ValueError(f"{st.method}: attention masks are not supported with token compression")
     if self._tok_index == 0:  # a new forward starts
-        st.size, st.tokens = None, []
+        st.size, st.tokens, st.tokens_in = None, [], x.shape[1]
     step = st.plan[self._tok_index]
     reduce = step > 0 if st.method == "tome" else step < 1.0
     bias = None
@@ -282,6 +281,12 @@ def _check_vit(model: nn.Module, method: str) -> None:
         raise ValueError(f"tome does not support attention pooling (global_pool={model.global_pool!r})")
 
 
+def _capture_qkv(mod: nn.Module, inp, out: torch.Tensor) -> None:
+    """Forward hook on qkv: hands its output (q and k) to the block that reduces tokens next."""
+    if mod._tok_state.capture:
+        mod._tok_state.qkv = out
+
+
 def _patch(model: nn.Module, st: _TokenState) -> None:
     """Rebind the forward of every block (and ToMe's pooling) of this model instance; idempotent."""
     model._tok_state = st
@@ -289,13 +294,9 @@ def _patch(model: nn.Module, st: _TokenState) -> None:
         if not hasattr(blk, "_tok_orig_forward"):
             blk._tok_orig_forward = blk.forward
             blk.forward = types.MethodType(_block_forward, blk)
-
-            def hook(mod, inp, out, blk=blk):
-                if blk._tok_state.capture:
-                    blk._tok_state.qkv = out
-
-            blk.attn.qkv.register_forward_hook(hook)
-        blk._tok_state, blk._tok_index = st, i
+            blk.attn.qkv.register_forward_hook(_capture_qkv)
+        # the state hangs on the modules (not in closures), so a deep copy of the model gets its own
+        blk._tok_state, blk._tok_index, blk.attn.qkv._tok_state = st, i, st
     if not hasattr(model, "_tok_orig_pool"):
         model._tok_orig_pool = model.pool
         model.pool = types.MethodType(_pool, model)
@@ -412,7 +413,8 @@ def _record(model: nn.Module, st: _TokenState, cfg, ctx) -> dict:
     x = _speed_batch(ctx, cfg.speed_batch) if cfg.speed_reps > 0 else None
     if x is not None:
         before, after = _paired_throughput(model, st, x, cfg.speed_warmup, cfg.speed_reps)
-        out.update(batch_size=x.shape[0], throughput_before=before, throughput_after=after, speedup=after / before)
+        out.update(batch_size=x.shape[0], throughput_before=before, throughput_after=after, speedup=after / before,
+                   tokens_in=st.tokens_in, tokens_per_block=list(st.tokens))  # as counted in the timed forwards
         log.info("%s: %.1f -> %.1f images/s (x%.2f) at batch %d on %s", st.method, before, after, after / before,
                  x.shape[0], ctx.device)
     elif cfg.speed_reps > 0:
