@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels a GPU machine without network lacks, downloaded HERE (where the package registry is reachable)
-# into .whl/ (git-ignored), plus timm's own train.py into .timm/ (git-ignored) for `gpu_measure.py timm-train`.
+# into .whl/ (git-ignored), plus timm's own train.py and benchmark.py into .timm/ (git-ignored) for
+# `gpu_measure.py timm-train`.
 #
 #   scripts/gpu_wheels.sh                 # Python 3.12, x86-64 manylinux; versions = those installed in .venv
 #   scripts/gpu_wheels.sh --no-wandb      # leave W&B out (logger=none needs none of it; saves ~25 MB)
@@ -103,9 +104,9 @@ if missing:
     sys.exit(1)
 EOF
 
-# timm's train.py is not in timm's wheel nor in its sdist: take it from the repository at the same tag.
+# timm's train.py and benchmark.py are in neither its wheel nor its sdist: take them from its repository, same tag.
 mkdir -p .timm
-if [[ ! -s .timm/train.py || $(cat .timm/VERSION 2>/dev/null) != "$TIMM" ]]; then
+if [[ ! -s .timm/train.py || ! -s .timm/benchmark.py || $(cat .timm/VERSION 2>/dev/null) != "$TIMM" ]]; then
   src=${TIMM_SRC:-}
   if [[ -z $src ]]; then
     src=$(mktemp -d)/pytorch-image-models
@@ -113,14 +114,14 @@ if [[ ! -s .timm/train.py || $(cat .timm/VERSION 2>/dev/null) != "$TIMM" ]]; the
       || { echo "gpu_wheels.sh: no train.py (clone failed); set TIMM_SRC to a local clone" >&2; exit 1; }
   fi
   if git --git-dir="$src" rev-parse -q --verify "v$TIMM^{commit}" >/dev/null 2>&1; then
-    git --git-dir="$src" show "v$TIMM:train.py" > .timm/train.py          # a bare git dir
+    for f in train.py benchmark.py; do git --git-dir="$src" show "v$TIMM:$f" > ".timm/$f"; done  # a bare git dir
   elif git -C "$src" rev-parse -q --verify "v$TIMM^{commit}" >/dev/null 2>&1; then
-    git -C "$src" show "v$TIMM:train.py" > .timm/train.py                  # a clone (any checkout)
+    for f in train.py benchmark.py; do git -C "$src" show "v$TIMM:$f" > ".timm/$f"; done        # a clone
   else
     echo "gpu_wheels.sh: $src has no tag v$TIMM; set TIMM_VERSION to a tag it has" >&2; exit 1
   fi
   echo "$TIMM" > .timm/VERSION
 fi
-echo "timm $TIMM: .timm/train.py"
+echo "timm $TIMM: .timm/train.py, .timm/benchmark.py"
 echo "on the GPU machine: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade" \
   "--target /tmp/site $DEST/*.whl && export PYTHONPATH=/tmp/site:\$PWD"
