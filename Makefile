@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_DIR ?= outputs/default
 
-.PHONY: help install run test test-full test-slow lint bench clean
+.PHONY: help install run test test-full test-slow test-cuda lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test-full: $(STAMP)  ## every test, including the slow ones
 
 test-slow: $(STAMP)  ## only the slow tests (CI runs them after make test)
 	$(BIN)/python -m pytest -q -m slow
+
+test-cuda: $(STAMP)  ## the CUDA-only tests (skipped without a GPU)
+	$(BIN)/python -m pytest -q -m cuda
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check craft_runner tests scripts
