@@ -17,7 +17,8 @@ inputs are random tensors held on the device: the figures are of speed and memor
   warm-up, gives ``images_per_s``; ``images_per_s_pipelined`` times the same number of steps back to back
   with one synchronize, and ``fit_images_per_s`` one epoch of :func:`craft_runner.train.fit` over a
   TensorLoader of the same kind of data (the scheduler, the loss accumulation and its loop included).
-  ``--timm-flags`` sets TF32 matmuls and ``cudnn.benchmark`` as timm's train.py does (the runner does not).
+  ``--timm-flags`` (every subcommand) sets TF32 matmuls and ``cudnn.benchmark`` as timm's train.py does on
+  CUDA; the runner sets neither (every JSON line records both).
 - ``timm-train``: timm's own ``train.py`` (``--script train``) on a small ImageFolder of JPEGs this script
   writes under /tmp (timm's train.py has no synthetic data set), batch 64, ``--amp --amp-dtype bfloat16``,
   Adam, ``--no-aug`` (resize + centre crop only, so that decoding stays cheap), ``--synchronize-step`` and
@@ -117,7 +118,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def emit(cmd: str, args: argparse.Namespace, device: torch.device, **fields) -> dict:
-    record = {"cmd": cmd, "tiny": bool(getattr(args, "tiny", False)), **device_info(device), **fields,
+    flags = {"allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    record = {"cmd": cmd, "tiny": bool(getattr(args, "tiny", False)), **device_info(device), **flags, **fields,
               "argv": " ".join(shlex.quote(a) for a in sys.argv)}
     print(json.dumps(record), flush=True)
     return record
@@ -150,12 +152,11 @@ def random_batches(n: int, batch: int, img: int, num_classes: int, device: torch
     return [(x[i:i + batch].to(device), y[i:i + batch].to(device)) for i in range(0, n, batch)]
 
 
-def timm_flags(on: bool) -> dict:
+def timm_flags(on: bool) -> None:
     """What timm's train.py sets on CUDA (TF32 matmuls, cuDNN autotuning); the runner leaves both off."""
     if on:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return {"allow_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 
 # ------------------------------------------------------------------------------------------ throughput
@@ -212,7 +213,6 @@ def measure_train(model_name: str, opt_name: str, batch: int, img: int, num_clas
 
 def cmd_throughput(args) -> dict:
     device = resolve_device(args.device)
-    flags = timm_flags(args.timm_flags)
     if args.tiny:
         vit, vit_img, batch, steps, warmup = TINY_VIT, TINY_IMG, 4, 3, 1
     else:
@@ -225,7 +225,7 @@ def cmd_throughput(args) -> dict:
         for opt in args.optimizers.split(","):
             results.append(measure_train(name, opt, batch, img, classes, steps, warmup, device, args.amp,
                                          not args.no_channels_last))
-    return emit("throughput", args, device, **flags, results=results)
+    return emit("throughput", args, device, results=results)
 
 
 # ------------------------------------------------------------------------------------------ timm's scripts
@@ -405,6 +405,8 @@ def parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
         sp.add_argument("--tiny", action="store_true", help="a tiny ViT, few images and steps (the CPU test)")
+        sp.add_argument("--timm-flags", action="store_true",
+                        help="TF32 matmuls and cudnn.benchmark, as timm's train.py sets them (the runner does not)")
         return sp
 
     t = common(sub.add_parser("throughput", help="images/s of craft_runner's train_step"))
@@ -415,7 +417,6 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"), help="train.amp (auto: bf16 on CUDA)")
     t.add_argument("--no-channels-last", action="store_true")
-    t.add_argument("--timm-flags", action="store_true", help="TF32 matmuls and cudnn.benchmark, as timm's train.py")
 
     tt = common(sub.add_parser("timm-train", help="timm's own train.py (or benchmark.py) at the same settings"))
     tt.add_argument("--script", default="train", choices=("train", "benchmark"))
@@ -454,6 +455,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    try:
+        timm_flags(args.timm_flags)
+        return _dispatch(args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def _dispatch(args) -> dict:
     if args.cmd == "throughput":
         return cmd_throughput(args)
     if args.cmd == "timm-train":

@@ -51,6 +51,13 @@ def test_ptq_time_and_memory(capsys, cmd, method):
     assert rec["seconds"] > 0 and rec["peak_memory_bytes"] > 0 and rec["calib_images"] == 4
 
 
+def test_timm_flags_are_recorded_and_restored(capsys):
+    before = gm.torch.backends.cuda.matmul.allow_tf32, gm.torch.backends.cudnn.benchmark
+    rec = run(capsys, "baseptq", "--device", "cpu", "--tiny", "--timm-flags")
+    assert rec["allow_tf32"] is True and rec["cudnn_benchmark"] is True
+    assert (gm.torch.backends.cuda.matmul.allow_tf32, gm.torch.backends.cudnn.benchmark) == before
+
+
 def test_timm_train_command_has_the_same_settings(capsys, tmp_path):
     rec = run(capsys, "timm-train", "--device", "cpu", "--tiny", "--data-dir", str(tmp_path / "d"))
     assert rec["ran"] is False
