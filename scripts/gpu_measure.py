@@ -341,7 +341,7 @@ def cmd_lambda_max(args) -> dict:
     img = input_size(name)
     n, batch, max_iter = (8, 4, 3) if args.tiny else (args.n_samples, args.batch, args.max_iter)
     torch.manual_seed(0)
-    model = build(name, args.num_classes, device, channels_last=False)
+    model = build(name, args.num_classes, device, channels_last=True)  # as pipeline.prepare leaves it
     batches = random_batches(n, batch, img, args.num_classes, device, seed=1)
     cfg = SharpnessConfig(n_samples=n, batch_size=batch, reuse_graph=args.reuse_graph, method=args.method,
                           max_iter=max_iter, tol=args.tol)
