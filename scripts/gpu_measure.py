@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 import craft_runner  # noqa: E402
 import craft_runner.models  # noqa: E402,F401  (registers resnet20 and the other CIFAR models in timm)
-from craft_runner.config import ModelConfig, OptimizerConfig, SharpnessConfig, TrainConfig  # noqa: E402
+from craft_runner.schema import ModelConfig, OptimizerConfig, SharpnessConfig, TrainConfig  # noqa: E402  (no Hydra)
 
 VIT = "vit_base_patch16_224"
 # --tiny: timm's test_vit cut to two blocks at 32x32 (4 patches), so that the CPU test takes seconds.
@@ -140,7 +140,7 @@ def build(name: str, num_classes: int, device: torch.device, channels_last: bool
 def input_size(name: str) -> int:
     if name == TINY_VIT:
         return TINY_IMG
-    from craft_runner.pipeline import model_data_config
+    from craft_runner.models import model_data_config
 
     return model_data_config(name)["input_size"][-1]
 
@@ -362,10 +362,8 @@ def cmd_lambda_max(args) -> dict:
 
 
 def _ptq_config(method: str, bits: str, calib: int, tiny: bool):
-    try:
-        from craft_runner.compress.config import PTQConfig
-    except ImportError:  # the schemas may move next to each method
-        from craft_runner.compress import PTQConfig
+    from craft_runner.compress import PTQConfig
+
     kw = {"scale_steps": 4, "search_rounds": 1, "max_softmax_shift": 3} if tiny and method == "ptq4vit" else {}
     return PTQConfig(method=method, bits=bits, calib_size=calib, **kw)
 

@@ -15,8 +15,8 @@ from helpers import TINY, compose_run
 from torch import nn
 
 from craft_runner import pipeline
-from craft_runner.config import OptimizerConfig, TrainConfig
 from craft_runner.optim import build_optimizer
+from craft_runner.schema import OptimizerConfig, TrainConfig
 from craft_runner.train import train_step
 
 pytestmark = [
@@ -173,8 +173,7 @@ def test_hessian_vector_products_on_cuda_equal_cpu():
 def test_ptq4vit_on_cuda_agrees_with_cpu():
     import timm
 
-    from craft_runner.compress import CompressContext, apply_compression
-    from craft_runner.compress.config import PTQConfig
+    from craft_runner.compress import CompressContext, PTQConfig, apply_compression
 
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", num_classes=5, img_size=32, patch_size=8, depth=2).eval()
