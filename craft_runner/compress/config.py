@@ -167,22 +167,33 @@ class PruneConfig(CompressConfig):
 
 @dataclass
 class QATConfig(CompressConfig):
-    """Quantization-aware training with PACT (Choi et al. 2018), from the trained weights.
+    """Quantization-aware training with PACT (Choi et al. 2018) as distiller's ``PACTQuantizer`` (which SNT
+    used), from the trained weights; trains ``epochs`` epochs with the run's optimizer and data.
 
-    Every ReLU/ReLU6 becomes a PACT activation y = clip(x, 0, α), quantized unsigned on
-    2^a_bits levels, y_q = round(y·(2^k−1)/α)·α/(2^k−1), with a learnable α per activation and
-    PACT's straight-through gradients (∂y_q/∂x = 1 on [0, α), ∂y_q/∂α = 1 where x ≥ α). Activations
-    whose output can be negative (PReLU, SNT's RPReLU, LeakyReLU, GELU, SiLU, Hardswish, ELU) keep
-    their function and are followed by a signed variant with two learnable bounds α_lo ≤ 0 ≤ α_hi
-    (asymmetric uniform grid on [α_lo, α_hi] with zero exactly representable; ∂/∂α_hi = 1 where
-    x ≥ α_hi, ∂/∂α_lo = 1 where x ≤ α_lo). Weights of the target layers are quantized symmetric per
-    output channel with a straight-through estimator. Trains ``epochs`` epochs with the run's
-    optimizer and data.
+    Activations: a ReLU/ReLU6 becomes y = clip(x, 0, α), quantized unsigned on 2^a_bits levels,
+    y_q = round(y·(2^k−1)/α)·α/(2^k−1), with a learnable α per activation and PACT's straight-through
+    gradients (∂y_q/∂x = 1 on [0, α), ∂y_q/∂α = 1 where x ≥ α) — distiller's
+    LearnedClippedLinearQuantization. Activations whose output can be negative (PReLU, SNT's RPReLU,
+    LeakyReLU, GELU, SiLU, Hardswish, ELU) keep their function and are followed by a signed variant
+    with two learnable bounds α_lo ≤ 0 ≤ α_hi (asymmetric grid with zero on it; ∂/∂α_hi = 1 where
+    x ≥ α_hi, ∂/∂α_lo = 1 where x ≤ α_lo; not in distiller, which only replaces ReLUs).
 
-    ``alpha_init``: null sets each α from calibration data (max of that activation's output,
-    min for α_lo); a number sets α = alpha_init (α_lo = −alpha_init). ``alpha_weight_decay`` is
-    PACT's L2 penalty (λ/2)·α² on every clipping level, added to its gradient (the optimizer's
-    weight decay skips these 0-dim parameters).
+    ``act_quant``: ``layer_inputs`` (default) quantizes the input of every target layer — the
+    activation that feeds it where there is one, else a quantizer on the layer itself (signed when
+    its calibration inputs go below zero: LayerNorm outputs, residual sums), so every architecture
+    gets the same coverage; ``activations`` quantizes every activation module and nothing else.
+
+    ``weight_quant``: ``dorefa`` (default, distiller's PACTQuantizer): per layer,
+    w_q = 2·Q_k(tanh(w)/(2·max|tanh(w)|) + ½) − 1 with Q_k(v) = round(v·(2^k−1))/(2^k−1), 2^k levels in
+    [−1, 1]; ``symmetric``: integers in [−2^(k−1), 2^(k−1)−1] with one scale per output channel from
+    max|w|. Both with a straight-through estimator; biases stay in float.
+
+    ``alpha_init``: every α starts at this value (α_lo at −alpha_init): distiller's
+    act_clip_init_val = 8; null sets each from calibration data (max of the quantized tensor, min for
+    α_lo). ``alpha_weight_decay`` is PACT's L2 penalty (λ/2)·α² on every clipping level, added to its
+    gradient (the optimizer's own weight decay skips these 0-dim parameters); conf/compress/qat.yaml
+    sets it to ``${optimizer.weight_decay}``, as distiller's act_clip_decay=None gives α the
+    optimizer's weight decay.
     """
 
     name: str = "qat"
@@ -191,9 +202,11 @@ class QATConfig(CompressConfig):
     w_bits: int = 4
     a_bits: int = 4
     epochs: int = 10
-    alpha_init: Optional[float] = None
-    alpha_weight_decay: float = 1e-4
-    # PACT keeps the first and last layers' weights in full precision.
+    weight_quant: str = "dorefa"
+    act_quant: str = "layer_inputs"
+    alpha_init: Optional[float] = 8.0
+    alpha_weight_decay: float = 0.0
+    # PACT keeps the first and last layers (weights and inputs) in full precision.
     skip_first_last: bool = True
 
     def __post_init__(self):
@@ -201,6 +214,8 @@ class QATConfig(CompressConfig):
         _parse_bits(self)
         _check_choice("compress.method", self.method, ("pact",))
         _check(self.epochs >= 0, "compress.epochs", self.epochs, "an integer >= 0")
+        _check_choice("compress.weight_quant", self.weight_quant, ("dorefa", "symmetric"))
+        _check_choice("compress.act_quant", self.act_quant, ("layer_inputs", "activations"))
         _check(self.alpha_init is None or self.alpha_init > 0, "compress.alpha_init", self.alpha_init,
                "null (calibrated) or a positive number")
         _check(self.alpha_weight_decay >= 0, "compress.alpha_weight_decay", self.alpha_weight_decay, "a number >= 0")
