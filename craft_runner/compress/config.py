@@ -103,7 +103,11 @@ class PruneConfig(CompressConfig):
 
     criterion: ``magnitude`` scores |W_ij|; ``wanda`` scores |W_ij| · ‖X_j‖₂, the L2 norm of input
     feature j over every calibration token (Linear) or every unfold position (Conv2d, where the
-    feature of weight column (c, kh, kw) is that element of the input patch).
+    feature of weight column (c, kh, kw) is that element of the input patch). ``wanda_inputs``
+    says on which model the norms are measured: ``block`` (default) block by block, each block's
+    inputs on the model with every earlier block pruned and the block itself dense (locuslab/wanda
+    ``prune_wanda``); ``layer`` layer by layer, every earlier layer pruned; ``dense`` all from the
+    dense model (what Wanda's own ViT/ConvNeXt code amounts to).
 
     scope (unstructured only): which weights compete. ``layer``: all weights of a layer;
     ``row``: the weights of one output row (output channel), each row pruned to ``sparsity``;
@@ -111,10 +115,12 @@ class PruneConfig(CompressConfig):
 
     pattern: ``unstructured`` prunes round(sparsity · group size) weights per group (layer or row).
     ``nm`` (N:M): in every group of M consecutive weights along the input dimension, the N with the
-    lowest scores are zeroed (N pruned of M, sparsity N/M; Wanda and NVIDIA count N kept of M
-    instead — the two agree at 50 %, which covers the papers' 2:4, 16:32 and 32:64). The input
+    lowest scores are zeroed (N pruned of M, sparsity N/M, as Wanda's code reads "2:4"; NVIDIA
+    counts N kept of M instead — the two agree at 50 %, which covers the papers' 2:4, 16:32 and
+    32:64). The input
     dimension of a Conv2d is its weight flattened over
-    (in_channels, kh, kw) in PyTorch's row-major order; ``sparsity`` is set to n/m.
+    (in_channels, kh, kw) in PyTorch's row-major order (``nm_layout=pytorch``), or its input channels
+    at each kernel position (``nm_layout=nvidia``, NVIDIA ASP's grouping); ``sparsity`` is set to n/m.
 
     schedule: ``oneshot`` prunes once; ``iterative`` (iterative magnitude pruning) prunes in
     ``steps`` steps to ``sparsity`` following ``schedule_kind`` — cubic (AGP):
@@ -132,6 +138,13 @@ class PruneConfig(CompressConfig):
     m: int = 4
     # A layer whose input size is not a multiple of m: error, or skip (left dense, listed).
     nm_indivisible: str = "error"
+    # N:M groups of a Conv2d: pytorch = along the weight flattened over (in, kh, kw); nvidia = along
+    # the input channels at each kernel position (NVIDIA ASP). The same for Linear and 1x1 convs.
+    nm_layout: str = "pytorch"
+    # Wanda: where each layer's input norms are measured. block = block by block on the model as
+    # pruned so far (locuslab/wanda prune_wanda); layer = layer by layer likewise; dense = every
+    # norm from the dense model in one pass (Wanda's image_classifiers code).
+    wanda_inputs: str = "block"
     schedule: str = "oneshot"
     schedule_kind: str = "cubic"
     steps: int = 10
@@ -146,6 +159,8 @@ class PruneConfig(CompressConfig):
         _check_choice("compress.pattern", self.pattern, ("unstructured", "nm"))
         _check(0.0 <= self.sparsity < 1.0, "compress.sparsity", self.sparsity, "a value in [0, 1)")
         _check_choice("compress.nm_indivisible", self.nm_indivisible, ("error", "skip"))
+        _check_choice("compress.nm_layout", self.nm_layout, ("pytorch", "nvidia"))
+        _check_choice("compress.wanda_inputs", self.wanda_inputs, ("block", "layer", "dense"))
         _check_choice("compress.schedule", self.schedule, ("oneshot", "iterative"))
         _check_choice("compress.schedule_kind", self.schedule_kind, ("cubic", "exponential"))
         _check(self.steps >= 1, "compress.steps", self.steps, "an integer >= 1")
