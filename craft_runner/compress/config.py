@@ -34,10 +34,14 @@ class CompressConfig:
     name: str = "none"
     calib_size: int = 32  # training images used for calibration
     calib_seed: int = 0
+    # Recompute BatchNorm running statistics on this many training batches after compression
+    # (0: off); see craft_runner.compress.bn.recalibrate_bn.
+    bn_recalib: int = 0
 
     def __post_init__(self):
         _check_choice("compress.name", self.name, ("none", "ptq", "prune", "qat"))
         _check(self.calib_size >= 1, "compress.calib_size", self.calib_size, "an integer >= 1")
+        _check(self.bn_recalib >= 0, "compress.bn_recalib", self.bn_recalib, "an integer >= 0 (0: off)")
 
 
 @dataclass
