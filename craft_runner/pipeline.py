@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -228,6 +229,11 @@ def compress_and_evaluate(p: Prepared) -> tuple[float, dict]:
                   p.device, desc="fine-tune")
 
     info = apply_compression(model, rc.compress, CompressContext(p.device, calib, fine_tune))
+    if rc.compress.bn_recalib:
+        from craft_runner.compress.bn import recalibrate_bn
+
+        loader = p.data.train_loader(rc.train.batch_size, rc.seed + 2, p.device, rc.dataset)
+        info["bn_recalib"] = recalibrate_bn(model, itertools.islice(loader, rc.compress.bn_recalib))
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return evaluate(p, model), info

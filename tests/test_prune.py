@@ -268,3 +268,135 @@ def test_wanda_on_vit_prunes_attention_and_mlp():
     assert all(v == 0.5 for v in info["layer_sparsity"].values())
     assert torch.equal(model.head.weight, ref.head.weight)
     model(x)
+
+
+# --------------------------------------------------------------------------- Wanda's input order
+
+
+class _MlpBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.ReLU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class _BlockNet(nn.Module):
+    """stem -> two residual MLP blocks (in ``blocks``, a Sequential) -> head, on (batch, tokens, d)."""
+
+    def __init__(self, d=8, h=12):
+        super().__init__()
+        self.stem = nn.Linear(6, d)
+        self.blocks = nn.Sequential(_MlpBlock(d, h), _MlpBlock(d, h))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+def _wanda_reference(model, x, sparsity, inputs):
+    """Masks of Wanda per output row, written out: ‖X_j‖ over all tokens, |W|·‖X‖, the k lowest of each row
+    zeroed; each layer's input computed on the model as locuslab/wanda would have it at that point."""
+    W = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    b = {n: m.bias.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    masks = {}
+
+    def row_mask(w, inp):
+        score = w.abs() * inp.reshape(-1, inp.shape[-1]).pow(2).sum(0).sqrt()
+        k = round(sparsity * w.shape[1])
+        mask = torch.ones_like(w)
+        mask.scatter_(1, score.argsort(dim=1)[:, :k], 0.0)
+        return mask
+
+    def lin(n, inp, pruned):
+        w = W[n] * masks[n] if pruned else W[n]
+        return inp @ w.T + b[n]
+
+    seq = inputs != "dense"
+    masks["stem"] = row_mask(W["stem"], x)
+    h = lin("stem", x, seq)
+    for i in range(2):
+        p = f"blocks.{i}"
+        masks[f"{p}.fc1"] = row_mask(W[f"{p}.fc1"], h)
+        # block: fc2 sees the dense fc1 of its own block; layer: the pruned one
+        z = torch.relu(lin(f"{p}.fc1", h, inputs == "layer"))
+        masks[f"{p}.fc2"] = row_mask(W[f"{p}.fc2"], z)
+        h = h + lin(f"{p}.fc2", torch.relu(lin(f"{p}.fc1", h, seq)), seq)
+    masks["head"] = row_mask(W["head"], h)
+    return masks
+
+
+def test_wanda_blocks_follow_the_module_tree():
+    import timm
+
+    import craft_runner.models  # noqa: F401  (registers resnet20)
+    from craft_runner.compress.prune import block_of, wanda_groups
+
+    net = _BlockNet()
+    layers = target_layers(net, False)
+    assert [block_of(net, n) for n, _ in layers] == ["stem", "blocks.0", "blocks.0", "blocks.1", "blocks.1", "head"]
+    assert [len(g) for g in wanda_groups(net, layers, "block")] == [1, 2, 2, 1]
+    assert [len(g) for g in wanda_groups(net, layers, "layer")] == [1] * 6
+    assert [len(g) for g in wanda_groups(net, layers, "dense")] == [6]
+    r20 = timm.create_model("resnet20", num_classes=10)
+    assert block_of(r20, "layer2.0.shortcut.0") == "layer2.0" and block_of(r20, "layer3.2.conv1") == "layer3.2"
+    assert block_of(r20, "conv1") == "conv1" and block_of(r20, "fc") == "fc"
+    vit = timm.create_model("test_vit", num_classes=4, img_size=32, patch_size=8)
+    assert block_of(vit, "blocks.1.attn.proj") == "blocks.1" and block_of(vit, "blocks.0.mlp.fc2") == "blocks.0"
+    assert block_of(tiny_cnn(), "4") == "4"  # a plain chain of layers: every layer is its own block
+
+
+@pytest.mark.parametrize("inputs", ["block", "layer", "dense"])
+def test_wanda_input_order_against_a_written_out_reference(inputs):
+    torch.manual_seed(0)
+    net = _BlockNet()
+    x = torch.randn(4, 5, 6)
+    refs = {o: _wanda_reference(net, x, 0.5, o) for o in ("block", "layer", "dense")}
+    # the three orders give different masks here, so the comparison below tells them apart
+    for o in refs:
+        if o != inputs:
+            assert any(not torch.equal(refs[o][n], refs[inputs][n]) for n in refs[o]), o
+    cfg = PruneConfig(criterion="wanda", sparsity=0.5, wanda_inputs=inputs, skip_first_last=False)
+    info = apply_compression(net, cfg, CompressContext(CPU, [(x[:2], None), (x[2:], None)]))
+    assert info["wanda_inputs"] == inputs
+    for n, m in target_layers(net, False):
+        assert torch.equal((m.weight != 0).float(), refs[inputs][n]), n
+
+
+# --------------------------------------------------------------------------- N:M layouts
+
+
+def test_nm_nvidia_layout_groups_input_channels_like_asp():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, 3, 3)
+    mask = nm_mask(w.abs(), 2, 4, layout="nvidia")
+    # ASP's create_mask for a 4-D weight (K, C, R, S): permute to (R, S, K, C), rows of C, keep the best 2 of
+    # every 4 consecutive entries (the 2 largest |w|), permute back
+    t = w.abs().permute(2, 3, 0, 1).reshape(-1, 16).reshape(-1, 4)
+    keep = torch.zeros_like(t).scatter_(1, t.topk(2, dim=1).indices, 1.0)
+    expected = keep.reshape(3, 3, 8, 16).permute(2, 3, 0, 1)
+    assert torch.equal(mask, expected)
+    assert not torch.equal(mask, nm_mask(w.abs(), 2, 4, layout="pytorch"))  # different groups for 3x3 kernels
+    one = torch.randn(8, 16, 1, 1)
+    assert torch.equal(nm_mask(one, 2, 4, layout="nvidia"), nm_mask(one, 2, 4))  # 1x1: the same groups
+    lin = torch.randn(8, 16)
+    assert torch.equal(nm_mask(lin, 2, 4, layout="nvidia"), nm_mask(lin, 2, 4))
+    with pytest.raises(ValueError, match="input channels 6"):
+        nm_mask(torch.randn(4, 6, 3, 3), 2, 4, layout="nvidia")  # 6·9 = 54 is no multiple of 4 either way
+
+
+def test_nm_nvidia_layout_on_a_model():
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    # the two inner convs have 8 and 16/2 = 8 input channels per group: 4 divides them
+    info = apply_compression(model, PruneConfig(pattern="nm", n=2, m=4, nm_layout="nvidia"),
+                             CompressContext(CPU, batches()))
+    assert info["nm_layout"] == "nvidia"
+    for name, mod in target_layers(model, True):
+        w = mod.weight if mod.weight.dim() == 4 else mod.weight[:, :, None, None]
+        nz = (w.permute(0, 2, 3, 1) != 0).reshape(-1, 4).sum(-1)
+        assert (nz == 2).all(), name
+    with pytest.raises(ConfigError, match=r"compress\.m=16.*input size 8.*nvidia"):
+        apply_compression(tiny_cnn(), PruneConfig(pattern="nm", n=8, m=16, nm_layout="nvidia"),
+                          CompressContext(CPU, batches()))

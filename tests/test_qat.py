@@ -104,7 +104,10 @@ def test_qat_trains_alpha_and_leaves_quantized_weights():
                 opt.zero_grad()
         layers_seen.extend(n for n, mod in m.named_modules() if parametrize.is_parametrized(mod, "weight"))
 
-    info = apply_compression(model, QATConfig(epochs=2), CompressContext(CPU, data, fine_tune))
+    # The earlier defaults, pinned: every activation quantized, symmetric weights, calibrated α.
+    cfg = QATConfig(epochs=2, act_quant="activations", weight_quant="symmetric", alpha_init=None,
+                    alpha_weight_decay=1e-4)
+    info = apply_compression(model, cfg, CompressContext(CPU, data, fine_tune))
     assert layers_seen == ["2", "4"]  # stem and classifier stay in float (skip_first_last)
     assert info["act_quantizers"] == 3 and info["signed_act_quantizers"] == 2 and info["epochs"] == 2
     assert info["alpha"]["1"]["alpha"] != info["alpha_init"]["1"]["alpha"]  # α learned
@@ -126,7 +129,8 @@ def test_qat_on_snt_resnet20_with_rprelu():
     torch.manual_seed(0)
     model = apply_snt(timm.create_model("resnet20", num_classes=3), preact=True, rprelu=True)
     x = torch.randn(4, 3, 8, 8)
-    info = apply_compression(model, QATConfig(epochs=0), CompressContext(CPU, [(x, None)]))
+    cfg = QATConfig(epochs=0, act_quant="activations", weight_quant="symmetric", alpha_init=None)
+    info = apply_compression(model, cfg, CompressContext(CPU, [(x, None)]))
     kinds = {type(m).__name__ for m in model.modules()}
     assert "RPReLU" in kinds and "SignedPACT" in kinds
     assert info["signed_act_quantizers"] >= 1 and info["act_quantizers"] >= info["signed_act_quantizers"]
@@ -144,3 +148,115 @@ def test_qat_config_errors_are_one_line():
             QATConfig(**kwargs)
         assert "\n" not in str(e.value)
     assert (QATConfig(bits="W8A4").w_bits, QATConfig(bits="W8A4").a_bits) == (8, 4)
+
+
+# --------------------------------------------------------------------------- distiller's PACTQuantizer
+
+
+def test_dorefa_weights_by_hand():
+    from craft_runner.compress.qat import dorefa_weight
+
+    torch.manual_seed(0)
+    w = (torch.randn(6, 5) * 0.7).requires_grad_(True)
+    for k in (2, 4):
+        q = dorefa_weight(w, k)
+        # distiller's dorefa_quantize_param written out: tanh, to [0, 1] by the tensor's max, k-bit grid, to [-1, 1]
+        t = torch.tanh(w.detach())
+        v = t / (2 * t.abs().max()) + 0.5
+        n = 2 ** k - 1
+        assert torch.allclose(q, 2 * torch.round(v * n) / n - 1, atol=1e-6)
+        assert q.detach().unique().numel() <= 2 ** k and q.abs().max() <= 1 + 1e-6
+    # straight-through round: the gradient is that of the unrounded map 2·(tanh(w)/(2·max|tanh w|) + ½) − 1
+    dorefa_weight(w, 4).sum().backward()
+    w2 = w.detach().clone().requires_grad_(True)
+    t2 = torch.tanh(w2)
+    (t2 / t2.abs().max()).sum().backward()
+    assert torch.allclose(w.grad, w2.grad, atol=1e-6)
+
+
+def test_qat_defaults_follow_distiller():
+    from helpers import compose_run
+
+    from craft_runner.config import to_run_config
+
+    cfg = QATConfig()
+    assert (cfg.weight_quant, cfg.act_quant, cfg.alpha_init, cfg.skip_first_last) == ("dorefa", "layer_inputs", 8.0,
+                                                                                       True)
+    # α decays like the optimizer's weights (distiller's act_clip_decay=None)
+    assert to_run_config(compose_run("compress=qat", "optimizer=sgd")).compress.alpha_weight_decay == 5e-4
+    assert to_run_config(compose_run("compress=qat", "optimizer=adam")).compress.alpha_weight_decay == 0.0
+    with pytest.raises(ConfigError, match="compress.weight_quant"):
+        QATConfig(weight_quant="lsq")
+    with pytest.raises(ConfigError, match="compress.act_quant"):
+        QATConfig(act_quant="all")
+
+
+def _layer_inputs(model, layers, x):
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].detach().clone()))
+             for n, m in layers]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv1_cifar", "mixer_s_cifar"])
+def test_every_quantized_layer_gets_a_quantized_input_on_base_and_snt(name):
+    import timm
+
+    from craft_runner.models import apply_snt
+
+    counts = {}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for arch in ("base", "snt"):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=10)
+        if arch == "snt":
+            apply_snt(model, preact=True, rprelu=True)
+        layers = target_layers(model, True)
+        info = apply_compression(model, QATConfig(epochs=0, bits="W4A4"), CompressContext(CPU, [(x, None)]))
+        counts[arch] = info["quantized_inputs"]
+        assert info["quantized_inputs"] == info["quantized_weights"] == len(layers) and not info["float_inputs"]
+        # independently: what each layer reads takes at most 2^4 values, and its weight at most 2^4 values in [-1, 1]
+        for lname, inp in _layer_inputs(model, layers, x).items():
+            assert inp.unique().numel() <= 16, (arch, lname)
+        for lname, layer in layers:
+            assert layer.weight.unique().numel() <= 16 and layer.weight.abs().max() <= 1 + 1e-6, (arch, lname)
+    assert counts["base"] == counts["snt"]
+
+
+def test_layer_input_quantizers_signed_for_layernorm_unsigned_for_pooled_relu():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.act = nn.ReLU()
+            self.norm = nn.LayerNorm(8)
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.act(self.conv(x))
+            pooled = h.mean(dim=(2, 3))  # new values: not on the ReLU's grid any more
+            return self.head(self.fc1(self.norm(pooled)) + self.fc2(pooled))
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        h = model.act(model.conv(x))
+        normed = model.norm(h.mean(dim=(2, 3)))
+        pooled = h.mean(dim=(2, 3))
+    cfg = QATConfig(epochs=0, w_bits=16, a_bits=4, alpha_init=None, skip_first_last=False)
+    info = apply_compression(model, cfg, CompressContext(CPU, [(x, None)]))
+    # conv reads the image, fc1 a LayerNorm output, fc2 and head computed values: each gets its own quantizer
+    assert info["act_quantizers"] == 0 and info["input_quantizers"] == 4 and info["quantized_inputs"] == 4
+    assert isinstance(model.act, nn.ReLU)  # feeds no layer directly: stays float
+    assert isinstance(model.fc1.input_quantizer, SignedPACT) and isinstance(model.fc2.input_quantizer, PACT)
+    assert model.fc1.input_quantizer.alpha_lo.item() == pytest.approx(normed.min().item())
+    assert model.fc1.input_quantizer.alpha_hi.item() == pytest.approx(normed.max().item())
+    assert model.fc2.input_quantizer.alpha.item() == pytest.approx(pooled.max().item())
+    assert info["quantized_weights"] == 0

@@ -98,17 +98,36 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "layer
     return mask.view_as(scores)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M keep-mask: in every group of ``m`` consecutive weights along the input dimension (the
-    weight flattened to (out, in·kh·kw)), the ``n`` with the lowest scores are zeroed — n pruned of
-    m, sparsity n/m, so every group keeps exactly m − n non-zeros (given non-zero weights).
-    The input size must be a multiple of m."""
+def nm_mask(scores: torch.Tensor, n: int, m: int, layout: str = "pytorch") -> torch.Tensor:
+    """N:M keep-mask: in every group of ``m`` consecutive weights along the input dimension, the ``n``
+    with the lowest scores are zeroed — n pruned of m, sparsity n/m, so every group keeps exactly m − n
+    non-zeros (given non-zero weights).
+
+    ``layout`` says what "consecutive along the input dimension" means for a Conv2d weight
+    (out, c, kh, kw): ``pytorch`` flattens it to (out, c·kh·kw) in PyTorch's row-major order (kw
+    fastest), so a group can mix kernel positions and channels; ``nvidia`` groups input channels
+    at a fixed output channel and kernel position, as NVIDIA's ASP (apex ``create_mask`` permutes
+    the weight to (kh, kw, out, c) and groups along c). Both are the same for Linear and 1x1 convs.
+    The size of that dimension (c·kh·kw, or c for ``nvidia``) must be a multiple of m."""
+    if layout not in ("pytorch", "nvidia"):
+        raise ValueError(f"unknown N:M layout {layout!r}: expected pytorch or nvidia")
+    if layout == "nvidia" and scores.dim() == 4:
+        if scores.shape[1] % m:
+            raise ValueError(f"input channels {scores.shape[1]} are not a multiple of m={m}")
+        # (out, c, kh, kw) -> (out, kh, kw, c): groups of m consecutive channels at one kernel position
+        return nm_mask(scores.permute(0, 2, 3, 1), n, m).permute(0, 3, 1, 2).contiguous()
     s2 = scores.flatten(1)
     if s2.shape[1] % m:
         raise ValueError(f"input size {s2.shape[1]} is not a multiple of m={m}")
     g = s2.reshape(s2.shape[0], -1, m)
     mask = torch.ones_like(g).scatter_(2, torch.topk(g, n, dim=2, largest=False).indices, 0)
-    return mask.view_as(scores)
+    return mask.reshape(scores.shape)
+
+
+def nm_group_size(module: nn.Module, layout: str = "pytorch") -> int:
+    """Length of the dimension N:M groups run along: in·kh·kw (``pytorch``) or in (``nvidia``) per group."""
+    w = module.weight
+    return w.shape[1] if layout == "nvidia" else w[0].numel()
 
 
 def schedule_sparsity(t: int, steps: int, final: float, initial: float = 0.0, kind: str = "cubic") -> float:
@@ -147,41 +166,78 @@ def _report(layers) -> dict:
 
 def _nm_prunable(layers, cfg) -> tuple[list, list]:
     keep, skipped = [], []
+    layout = getattr(cfg, "nm_layout", "pytorch")
     for name, m in layers:
-        cols = m.weight[0].numel()
+        cols = nm_group_size(m, layout)
         if cols % cfg.m == 0:
             keep.append((name, m))
         elif cfg.nm_indivisible == "skip":
             skipped.append(name)
         else:
             raise ConfigError(f"compress.m={cfg.m} is not allowed: expected a divisor of the input size {cols} of "
-                              f"layer {name} (or compress.nm_indivisible=skip)")
+                              f"layer {name} (compress.nm_layout={layout}; or compress.nm_indivisible=skip)")
     if skipped:
         log.warning("N:M leaves %d layers dense (input size not a multiple of %d): %s", len(skipped), cfg.m,
                     ", ".join(skipped))
     return keep, skipped
 
 
-def _prune_step(model, layers, cfg, sparsity: float, batches) -> None:
-    """One pruning step to ``sparsity`` on every layer, in module order; masks stay attached.
+def _repeated_child(parent: nn.Module, child: nn.Module) -> bool:
+    """``child`` is one of a run of same-class modules in a Sequential/ModuleList (blocks, stages)."""
+    if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+        return False
+    return sum(type(c) is type(child) for c in parent.children()) >= 2
 
-    Wanda measures each layer's input norms with every earlier layer already pruned (Wanda's
-    sequential order, layer by layer here instead of block by block).
-    """
-    for _, m in layers:
-        w = effective_weight(m)
-        if cfg.criterion == "wanda":
-            scores = wanda_scores(w, input_feature_norms(model, [m], batches)[m])
-        else:
-            scores = w.abs()
-        if hasattr(m, "weight_mask"):
-            # Pruned weights rank below every live one, so masks only grow and the target is exact.
-            scores = scores.masked_fill(m.weight_mask == 0, -1.0)
-        if cfg.pattern == "nm":
-            mask = nm_mask(scores, cfg.n, cfg.m)
-        else:
-            mask = unstructured_mask(scores, sparsity, cfg.resolved_scope)
-        tprune.custom_from_mask(m, "weight", mask)
+
+def block_of(model: nn.Module, name: str) -> str:
+    """The block a layer belongs to, for Wanda's block-by-block order: the child, on the layer's path,
+    of its deepest Sequential/ModuleList ancestor that holds two or more modules of that child's class
+    (timm ViT/Mixer ``blocks.i``, ResNet ``layerK.i``, EfficientNet ``blocks.i.j``); a layer with no
+    such ancestor (stem, classifier) is a block by itself."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        parent = model.get_submodule(".".join(parts[:i]))
+        child_name = ".".join(parts[:i + 1])
+        if _repeated_child(parent, model.get_submodule(child_name)):
+            return child_name
+    return name
+
+
+def wanda_groups(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: str) -> list[list]:
+    """Layers grouped in the order Wanda measures and prunes them: all of a group's input norms are
+    measured in one pass over the calibration batches, on the model as pruned so far, then the group
+    is pruned. ``block``: one group per block (:func:`block_of`), in module order — Wanda's
+    ``prune_wanda``; ``layer``: one group per layer; ``dense``: one group, every norm from the dense
+    model."""
+    if inputs == "dense":
+        return [list(layers)]
+    if inputs == "layer":
+        return [[lm] for lm in layers]
+    if inputs != "block":
+        raise ValueError(f"unknown Wanda input order {inputs!r}: expected block, layer or dense")
+    groups: dict[str, list] = {}
+    for name, m in layers:
+        groups.setdefault(block_of(model, name), []).append((name, m))
+    return list(groups.values())
+
+
+def _prune_step(model, layers, cfg, sparsity: float, batches) -> None:
+    """One pruning step to ``sparsity`` on every layer; masks stay attached (so a later group's inputs
+    are measured on the model as pruned so far)."""
+    groups = wanda_groups(model, layers, cfg.wanda_inputs) if cfg.criterion == "wanda" else [layers]
+    for group in groups:
+        norms = input_feature_norms(model, [m for _, m in group], batches) if cfg.criterion == "wanda" else {}
+        for _, m in group:
+            w = effective_weight(m)
+            scores = wanda_scores(w, norms[m]) if cfg.criterion == "wanda" else w.abs()
+            if hasattr(m, "weight_mask"):
+                # Pruned weights rank below every live one, so masks only grow and the target is exact.
+                scores = scores.masked_fill(m.weight_mask == 0, -1.0)
+            if cfg.pattern == "nm":
+                mask = nm_mask(scores, cfg.n, cfg.m, cfg.nm_layout)
+            else:
+                mask = unstructured_mask(scores, sparsity, cfg.resolved_scope)
+            tprune.custom_from_mask(m, "weight", mask)
 
 
 def prune_model(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx) -> dict:
@@ -210,10 +266,12 @@ def prune_model(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx)
             if tprune.is_pruned(m):
                 tprune.remove(m, "weight")
     info = _report(layers)
+    if cfg.criterion == "wanda":
+        info.update(wanda_inputs=cfg.wanda_inputs)
     info.update(criterion=cfg.criterion, pattern=cfg.pattern, target_sparsity=cfg.sparsity, schedule=cfg.schedule,
                 pruned_layers=len(layers), finetune_epochs=cfg.finetune_epochs)
     if cfg.pattern == "nm":
-        info.update(n=cfg.n, m=cfg.m, skipped_layers=skipped)
+        info.update(n=cfg.n, m=cfg.m, nm_layout=cfg.nm_layout, skipped_layers=skipped)
     else:
         info.update(scope=cfg.resolved_scope)
     if cfg.schedule == "iterative":
@@ -231,6 +289,7 @@ def _achieved(layers) -> float:
 
 
 __all__ = ["layer_sparsity", "effective_weight", "input_feature_norms", "wanda_scores", "unstructured_mask", "nm_mask",
+           "nm_group_size", "block_of", "wanda_groups",
            "schedule_sparsity", "magnitude_prune", "prune_model", "PruneConfig"]
 
 
@@ -243,7 +302,11 @@ class PruneConfig(CompressConfig):
 
     criterion: ``magnitude`` scores |W_ij|; ``wanda`` scores |W_ij| · ‖X_j‖₂, the L2 norm of input
     feature j over every calibration token (Linear) or every unfold position (Conv2d, where the
-    feature of weight column (c, kh, kw) is that element of the input patch).
+    feature of weight column (c, kh, kw) is that element of the input patch). ``wanda_inputs``
+    says on which model the norms are measured: ``block`` (default) block by block, each block's
+    inputs on the model with every earlier block pruned and the block itself dense (locuslab/wanda
+    ``prune_wanda``); ``layer`` layer by layer, every earlier layer pruned; ``dense`` all from the
+    dense model (what Wanda's own ViT/ConvNeXt code amounts to).
 
     scope (unstructured only): which weights compete. ``layer``: all weights of a layer;
     ``row``: the weights of one output row (output channel), each row pruned to ``sparsity``;
@@ -251,10 +314,11 @@ class PruneConfig(CompressConfig):
 
     pattern: ``unstructured`` prunes round(sparsity · group size) weights per group (layer or row).
     ``nm`` (N:M): in every group of M consecutive weights along the input dimension, the N with the
-    lowest scores are zeroed (N pruned of M, sparsity N/M; Wanda and NVIDIA count N kept of M
-    instead — the two agree at 50 %, which covers the papers' 2:4, 16:32 and 32:64). The input
-    dimension of a Conv2d is its weight flattened over
-    (in_channels, kh, kw) in PyTorch's row-major order; ``sparsity`` is set to n/m.
+    lowest scores are zeroed (N pruned of M, sparsity N/M, as Wanda's code reads "2:4"; NVIDIA
+    counts N kept of M instead — the two agree at 50 %, which covers the papers' 2:4, 16:32 and
+    32:64). The input dimension of a Conv2d is its weight flattened over
+    (in_channels, kh, kw) in PyTorch's row-major order (``nm_layout=pytorch``), or its input channels
+    at each kernel position (``nm_layout=nvidia``, NVIDIA ASP's grouping); ``sparsity`` is set to n/m.
 
     schedule: ``oneshot`` prunes once; ``iterative`` (iterative magnitude pruning) prunes in
     ``steps`` steps to ``sparsity`` following ``schedule_kind`` — cubic (AGP):
@@ -272,6 +336,13 @@ class PruneConfig(CompressConfig):
     m: int = 4
     # A layer whose input size is not a multiple of m: error, or skip (left dense, listed).
     nm_indivisible: str = "error"
+    # N:M groups of a Conv2d: pytorch = along the weight flattened over (in, kh, kw); nvidia = along
+    # the input channels at each kernel position (NVIDIA ASP). The same for Linear and 1x1 convs.
+    nm_layout: str = "pytorch"
+    # Wanda: where each layer's input norms are measured. block = block by block on the model as
+    # pruned so far (locuslab/wanda prune_wanda); layer = layer by layer likewise; dense = every
+    # norm from the dense model in one pass (Wanda's image_classifiers code).
+    wanda_inputs: str = "block"
     schedule: str = "oneshot"
     schedule_kind: str = "cubic"
     steps: int = 10
@@ -286,6 +357,8 @@ class PruneConfig(CompressConfig):
         _check_choice("compress.pattern", self.pattern, ("unstructured", "nm"))
         _check(0.0 <= self.sparsity < 1.0, "compress.sparsity", self.sparsity, "a value in [0, 1)")
         _check_choice("compress.nm_indivisible", self.nm_indivisible, ("error", "skip"))
+        _check_choice("compress.nm_layout", self.nm_layout, ("pytorch", "nvidia"))
+        _check_choice("compress.wanda_inputs", self.wanda_inputs, ("block", "layer", "dense"))
         _check_choice("compress.schedule", self.schedule, ("oneshot", "iterative"))
         _check_choice("compress.schedule_kind", self.schedule_kind, ("cubic", "exponential"))
         _check(self.steps >= 1, "compress.steps", self.steps, "an integer >= 1")

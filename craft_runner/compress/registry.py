@@ -31,9 +31,13 @@ class CompressConfig:
     calib_seed: int = 0
     # Keep the stem and the classifier in full precision / dense.
     skip_first_last: bool = False
+    # Recompute BatchNorm running statistics on this many training batches after compression (0: off,
+    # as in both papers); see craft_runner.compress.bn.recalibrate_bn.
+    bn_recalib: int = 0
 
     def __post_init__(self):
         _check(self.calib_size >= 1, "compress.calib_size", self.calib_size, "an integer >= 1")
+        _check(self.bn_recalib >= 0, "compress.bn_recalib", self.bn_recalib, "an integer >= 0 (0: off)")
 
 
 def check_bits(key: str, bits: int) -> None:
