@@ -90,8 +90,11 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.999)
     nesterov: bool = False
     rho: float = 0.05
-    # ASAM's perturbation (e = rho T^2 g / ||T g||, T = |w|) for any SAM variant; asam sets it.
+    # ASAM's perturbation (e = rho T^2 g / ||T g||) for any SAM variant; asam sets it.
     adaptive: bool = False
+    # ASAM's T: kwon = |w| + eta on weights, 1 on biases (SamsungLabs/ASAM); davda54 = |w| everywhere.
+    asam_variant: str = "kwon"
+    eta: float = 0.01
     # looksam: a full SAM step every k steps; alpha weighs the reused orthogonal direction g_v.
     k: int = 5
     alpha: float = 0.7
@@ -105,6 +108,8 @@ class OptimizerConfig:
         _check(self.lr > 0, "optimizer.lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.rho > 0, "optimizer.rho", self.rho, "a positive number")
+        _check_choice("optimizer.asam_variant", self.asam_variant, ("kwon", "davda54"))
+        _check(self.eta >= 0, "optimizer.eta", self.eta, "a number >= 0")
         _check(self.k >= 1, "optimizer.k", self.k, "an integer >= 1")
         _check(self.alpha >= 0, "optimizer.alpha", self.alpha, "a number >= 0")
         _check(0 <= self.sam_prob <= 1, "optimizer.sam_prob", self.sam_prob, "a value in [0, 1]")
