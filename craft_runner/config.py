@@ -150,9 +150,10 @@ class SharpnessConfig:
     # Calibration data for the Hessian and the activation ranges.
     n_samples: int = 256
     batch_size: int = 256
-    # lambda_max: top Hessian eigenvalue by power iteration or Lanczos (full reorthogonalisation).
+    # lambda_max: the largest Hessian eigenvalue (and lambda_min) by Lanczos (full reorthogonalisation), or by
+    # power iteration (shifted when the dominant eigenvalue is negative). Both stop on the residual bound.
     lambda_max: bool = True
-    method: str = "power"
+    method: str = "lanczos"
     max_iter: int = 100
     tol: float = 1e-3
     seed: int = 0
@@ -173,7 +174,7 @@ class SharpnessConfig:
     def __post_init__(self):
         _check(self.n_samples >= 1, "sharpness.n_samples", self.n_samples, "an integer >= 1")
         _check(self.batch_size >= 1, "sharpness.batch_size", self.batch_size, "an integer >= 1")
-        _check_choice("sharpness.method", self.method, ("power", "lanczos"))
+        _check_choice("sharpness.method", self.method, ("lanczos", "power"))
         _check(self.max_iter >= 1, "sharpness.max_iter", self.max_iter, "an integer >= 1")
         _check(self.tol > 0, "sharpness.tol", self.tol, "a positive number")
         _check(self.trace_probes >= 1, "sharpness.trace_probes", self.trace_probes, "an integer >= 1")
