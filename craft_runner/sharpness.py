@@ -232,6 +232,8 @@ class EigResult:
     rel_change: float  # |λ_k − λ_{k−1}| / |λ_k| at the last iteration
     # The tolerance was met: ‖H v − θ v‖ ≤ tol·|θ| for the reported θ and its unit vector v, so an
     # eigenvalue of H lies within tol·|θ| of θ (Weinstein's bound). Never inferred from a slow change.
+    # Which eigenvalue: for Lanczos θ ≤ λmax always (a Ritz value); power iteration stuck on a second
+    # eigenvalue a hair below λmax can also pass the test (measured on ResNet-20: 0.26 % low).
     converged: bool
     method: str = "lanczos"
     # ‖H v − θ v‖ / |θ| of the reported estimate (power: the last iterate; Lanczos: the top Ritz pair).
@@ -277,8 +279,9 @@ def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence
     λ_d < 0 it is λmin, and a second power iteration on H − λ_d·I (whose spectrum is λ_i − λ_d ≥ 0, so its
     dominant eigenvalue is λmax − λ_d) gives λmax. Each run stops once ‖H v − θ v‖ ≤ ``tol``·|θ| (an
     eigenvalue of H within tol·|θ| of θ), after at most ``max_iter`` products; ``converged`` says whether
-    that happened for λmax (and for λ_d first when it was negative). With two close top eigenvalues this
-    takes many products: Lanczos (the default method) needs far fewer.
+    that happened for λmax (and for λ_d first when it was negative). With two close top eigenvalues it
+    needs many products, and the test may pass on the lower one (an eigenvalue is within tol, not
+    necessarily the largest): Lanczos (the default method) needs far fewer products and separates them.
     """
     with measuring_mode(model):
         op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
