@@ -264,8 +264,9 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
                     out_dir: Optional[Path] = None, *, tag: str = "", loss_fn: Optional[Callable] = None) -> dict:
     """Every diagnostic switched on in ``cfg``; returns a JSON-serialisable dict.
 
-    Keys (present when switched on): ``lambda_max`` (value, iterations, rel_change, converged, method,
-    seconds; Lanczos adds lambda_min and rel_residual), ``trace`` (value, stderr, probes, seconds),
+    Keys (present when switched on): ``lambda_max`` (value = the largest eigenvalue, lambda_min, iterations,
+    converged, method, rel_residual, rel_change, seconds; see :class:`craft_runner.sharpness.EigResult`),
+    ``trace`` (value, stderr, probes, seconds),
     ``spectrum`` (see :func:`weight_spectrum`), ``act_ranges`` (see :func:`activation_ranges`), ``plots``
     (PNG paths, when ``cfg.plots`` and ``out_dir``; the file names end in ``-{tag}``), and always
     ``scalars``: a flat dict of numbers for a tracker. ``loss_fn`` defaults to mean cross-entropy.
@@ -275,16 +276,18 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
     scalars: dict[str, float] = {}
     if cfg.lambda_max:
         t0 = time.perf_counter()
-        fn = lanczos if cfg.method == "lanczos" else power_iteration
+        fn = power_iteration if cfg.method == "power" else lanczos
         res = fn(model, loss_fn, batches, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
                  reuse_graph=cfg.reuse_graph)
         d = {**res.to_dict(), "seconds": time.perf_counter() - t0}
         out["lambda_max"] = d
         scalars.update(lambda_max=d["value"], lambda_max_iterations=d["iterations"],
                        lambda_max_rel_change=d["rel_change"])
+        if d["lambda_min"] is not None:
+            scalars["lambda_min"] = d["lambda_min"]
         if not res.converged:
-            log.warning("λmax (%s) did not converge in %d iterations (rel. change %.2g)", cfg.method,
-                        res.iterations, res.rel_change)
+            log.warning("λmax (%s) did not reach tol=%g in %d Hessian-vector products (residual %.2g)",
+                        cfg.method, cfg.tol, res.iterations, res.rel_residual)
     if cfg.trace:
         t0 = time.perf_counter()
         tr = hutchinson_trace(model, loss_fn, batches, probes=cfg.trace_probes, seed=cfg.seed,

@@ -91,8 +91,11 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.999)
     nesterov: bool = False
     rho: float = 0.05
-    # ASAM's perturbation (e = rho T^2 g / ||T g||, T = |w|) for any SAM variant; asam sets it.
+    # ASAM's perturbation (e = rho T^2 g / ||T g||) for any SAM variant; asam sets it.
     adaptive: bool = False
+    # ASAM's T: kwon = |w| + eta on weights, 1 on biases (SamsungLabs/ASAM); davda54 = |w| everywhere.
+    asam_variant: str = "kwon"
+    eta: float = 0.01
     # looksam: a full SAM step every k steps; alpha weighs the reused orthogonal direction g_v.
     k: int = 5
     alpha: float = 0.7
@@ -109,6 +112,8 @@ class OptimizerConfig:
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
                self.weight_decay, "a finite number >= 0")
         _finite_positive("optimizer.rho", self.rho)
+        _check_choice("optimizer.asam_variant", self.asam_variant, ("kwon", "davda54"))
+        _check(self.eta >= 0, "optimizer.eta", self.eta, "a number >= 0")
         _check(self.k >= 1, "optimizer.k", self.k, "an integer >= 1")
         _check(self.alpha >= 0, "optimizer.alpha", self.alpha, "a number >= 0")
         _check(0 <= self.sam_prob <= 1, "optimizer.sam_prob", self.sam_prob, "a value in [0, 1]")
@@ -149,9 +154,10 @@ class SharpnessConfig:
     # Calibration data for the Hessian and the activation ranges.
     n_samples: int = 256
     batch_size: int = 256
-    # lambda_max: top Hessian eigenvalue by power iteration or Lanczos (full reorthogonalisation).
+    # lambda_max: the largest Hessian eigenvalue (and lambda_min) by Lanczos (full reorthogonalisation), or by
+    # power iteration (shifted when the dominant eigenvalue is negative). Both stop on the residual bound.
     lambda_max: bool = True
-    method: str = "power"
+    method: str = "lanczos"
     max_iter: int = 100
     tol: float = 1e-3
     seed: int = 0
@@ -172,7 +178,7 @@ class SharpnessConfig:
     def __post_init__(self):
         _check(self.n_samples >= 1, "sharpness.n_samples", self.n_samples, "an integer >= 1")
         _check(self.batch_size >= 1, "sharpness.batch_size", self.batch_size, "an integer >= 1")
-        _check_choice("sharpness.method", self.method, ("power", "lanczos"))
+        _check_choice("sharpness.method", self.method, ("lanczos", "power"))
         _check(self.max_iter >= 1, "sharpness.max_iter", self.max_iter, "an integer >= 1")
         _check(self.tol > 0, "sharpness.tol", self.tol, "a positive number")
         _check(self.trace_probes >= 1, "sharpness.trace_probes", self.trace_probes, "an integer >= 1")

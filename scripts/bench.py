@@ -9,6 +9,10 @@ craft_runner.models; a local equivalent if that import fails), 32x32 inputs, cha
 - LookSAM / Adam and randomised SAM / Adam: their steps are of two kinds (one or two forward-backward
   passes); each kind's median is weighted by its configured share (1/k, p), the expected cost per step.
   The realised mean ratio over the measured steps is shown as well.
+- SNT / base step: one train_step (Adam, channels_last) of ResNet-20 with SNT (arch=snt: pre-activation
+  reorder and RPReLU, craft_runner.models.apply_snt) against the plain ResNet-20, same initial weights.
+  RPReLU's compiled kernels are built during the warm-up (its duration is shown); the unfused formula's
+  ratio is shown as well.
 - HVP / gradient: one Hessian-vector product as λmax measurement does it (gradient graph reused,
   measuring mode) against one forward+backward of the same batch in eval mode.
 - runner epoch / bare loop: craft_runner.train.fit for one epoch on a TensorLoader against a minimal
@@ -20,6 +24,10 @@ craft_runner.models; a local equivalent if that import fails), 32x32 inputs, cha
   model (ratios below 1 were seen under load, sensible ones on one thread). Settings from the
   papers: ToMe r=16 (ToMe's ViT-B setting), EViT keep rate 0.9 in blocks 4, 7, 10 with the pruned tokens
   fused; CrAFT's Table 1 reports 1.90x and 1.18x for ViT-B on an A6000 GPU.
+- λmax default / power HVPs: Hessian-vector products that the default λmax method (sharpness.method,
+  Lanczos) spends at tol=1e-3 against the power iteration the runner used before (PyHessian's rule: stop
+  when the Rayleigh quotient changes by less than tol, relative), on the same batch, each from its seeded
+  random start. A count, not a time: both spend their time in the same products.
 
     .venv/bin/python scripts/bench.py [--rounds 30] [--strict] [--tokens-only]
 """
@@ -43,13 +51,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from craft_runner.data import TensorLoader  # noqa: E402
 from craft_runner.optim import build_optimizer, needs_second_pass  # noqa: E402
-from craft_runner.schema import OptimizerConfig, TrainConfig  # noqa: E402
-from craft_runner.sharpness import HessianOperator, measuring_mode  # noqa: E402
+from craft_runner.schema import OptimizerConfig, SharpnessConfig, TrainConfig  # noqa: E402
+from craft_runner.sharpness import HessianOperator, lanczos, measuring_mode, power_iteration  # noqa: E402
 from craft_runner.train import fit, train_step  # noqa: E402
 
 CPU = torch.device("cpu")
 CE = nn.functional.cross_entropy
-TARGETS = {"sam": 2.05, "cheap": 1.35, "hvp": 2.5, "runner": 1.10, "tome": 1.6, "token_prune": 1.05}
+TARGETS = {"sam": 2.05, "cheap": 1.35, "hvp": 2.5, "runner": 1.10, "eig": 1.0, "snt": 1.10, "tome": 1.6,
+           "token_prune": 1.05}
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -189,6 +198,46 @@ def bench_steps(model, x, y, rounds: int, warmup: int, deadline: float) -> list[
     return rows
 
 
+def bench_snt(x, y, rounds: int, warmup: int, deadline: float) -> Row | None:
+    try:
+        import timm
+
+        from craft_runner.models import RPReLU, apply_snt
+    except Exception:  # the models package is not there or broken: no SNT to measure
+        return None
+    cfg = TrainConfig(progress=False, channels_last=True)
+    models = {}
+    for name, snt, fused in (("base", False, True), ("snt", True, True), ("snt_unfused", True, False)):
+        torch.manual_seed(0)
+        m = timm.create_model("resnet20", num_classes=10)
+        if snt:
+            apply_snt(m, preact=True, rprelu=True)
+            for a in m.modules():
+                if isinstance(a, RPReLU):
+                    a.fused = fused
+        models[name] = m.to(memory_format=torch.channels_last).train()
+    opts = {n: build_optimizer(m, OptimizerConfig(name="adam")) for n, m in models.items()}
+    names = list(models)
+    t0 = _now()
+    train_step(models["snt"], x, y, CE, opts["snt"], cfg, CPU)  # compiles RPReLU's kernels
+    compile_s = _now() - t0
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = _now()
+            train_step(models[n], x, y, CE, opts[n], cfg, CPU)
+            if r >= warmup:
+                times[n].append(_now() - t0)
+        if len(times["base"]) >= 8 and _now() > deadline:
+            break
+    ratio = statistics.median(t / b for t, b in zip(times["snt"], times["base"]))
+    unfused = statistics.median(t / b for t, b in zip(times["snt_unfused"], times["base"]))
+    return Row("SNT / base step", ratio, TARGETS["snt"],
+               f"median step {statistics.median(times['snt']) * 1e3:.0f} ms vs "
+               f"{statistics.median(times['base']) * 1e3:.0f} ms, {len(times['base'])} rounds; unfused RPReLU "
+               f"x{unfused:.2f}; first step (compiling) {compile_s:.1f} s")
+
+
 def bench_hvp(model, x, y, rounds: int, deadline: float) -> Row:
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -221,6 +270,39 @@ def bench_hvp(model, x, y, rounds: int, deadline: float) -> Row:
     return Row("HVP / gradient", ratio, TARGETS["hvp"],
                f"median {statistics.median(th) * 1e3:.0f} ms vs {statistics.median(tg) * 1e3:.0f} ms "
                f"(eval mode, gradient graph reused), {len(tg)} pairs")
+
+
+def pyhessian_power(model, loss_fn, batches, max_iter: int, tol: float, seed: int = 0) -> tuple[float, int]:
+    """The power iteration the runner used before (as PyHessian's ``hessian.eigenvalues``): the eigenvalue of
+    largest magnitude, stopped when |θ_k − θ_{k−1}| < tol·|θ_k|. Returns (θ, Hessian-vector products)."""
+    with measuring_mode(model):
+        op = HessianOperator(model, loss_fn, batches)
+        g = torch.Generator().manual_seed(seed)
+        v = [torch.randn(p.shape, generator=g).to(p) for p in op.params]
+        norm = torch.sqrt(sum((t * t).sum() for t in v))
+        v = [t / norm for t in v]
+        theta, it = 0.0, 0
+        for it in range(1, max_iter + 1):
+            hv = op.matvec(v)
+            new = float(sum((a * b).sum() for a, b in zip(v, hv)))
+            norm = torch.sqrt(sum((t * t).sum() for t in hv))
+            v = [t / norm for t in hv]
+            done = it > 1 and abs(new - theta) < tol * max(abs(new), 1e-12)
+            theta = new
+            if done:
+                break
+    return theta, it
+
+
+def bench_eig(model, x, y, tol: float = 1e-3, max_iter: int = 100) -> Row:
+    method = SharpnessConfig().method
+    fn = power_iteration if method == "power" else lanczos
+    res = fn(model, CE, [(x, y)], max_iter=max_iter, tol=tol)
+    old, old_it = pyhessian_power(model, CE, [(x, y)], max_iter=max_iter, tol=tol)
+    return Row("λmax default / power HVPs", res.iterations / old_it, TARGETS["eig"],
+               f"{method}: λmax {res.value:.4g} (λmin {res.lambda_min:.3g}) in {res.iterations} products, "
+               f"residual {res.rel_residual:.1g}, converged {res.converged}; old power: {old:.4g} in {old_it} "
+               f"(tol {tol:g})")
 
 
 def bench_epoch(model, data_x, data_y, batch: int, rounds: int, deadline: float) -> Row:
@@ -308,8 +390,12 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.tokens_only:
-        rows += bench_steps(model, x, y, rounds=args.rounds, warmup=3, deadline=start + args.budget * 0.55)
+        rows += bench_steps(model, x, y, rounds=args.rounds, warmup=3, deadline=start + args.budget * 0.45)
+        snt = bench_snt(x, y, rounds=args.rounds // 2, warmup=2, deadline=start + args.budget * 0.6)
+        if snt is not None:
+            rows.append(snt)
         rows.append(bench_hvp(model, x, y, rounds=max(6, args.rounds // 3), deadline=start + args.budget * 0.7))
+        rows.append(bench_eig(model, x, y))
         ex = torch.randn(6 * batch, 3, 32, 32, generator=g)
         ey = torch.randint(0, 10, (6 * batch,), generator=g)
         rows.append(bench_epoch(model, ex, ey, batch, rounds=6, deadline=start + args.budget))

@@ -145,7 +145,16 @@ def test_run_diagnostics_does_only_what_is_switched_on(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
     out = run_diagnostics(model, batches, SharpnessConfig(max_iter=5), tmp_path)
-    assert set(out) == {"lambda_max", "scalars"} and out["lambda_max"]["method"] == "power"
+    assert set(out) == {"lambda_max", "scalars"} and out["lambda_max"]["method"] == "lanczos"
+    lam = out["lambda_max"]
+    assert {"value", "lambda_min", "iterations", "converged", "method"} <= set(lam)
+    assert lam["lambda_min"] <= lam["value"] and out["scalars"]["lambda_min"] == lam["lambda_min"]
+    assert not lam["converged"]  # 5 products are too few for tol=1e-3 here
+    full = run_diagnostics(model, batches, SharpnessConfig(max_iter=200, tol=1e-4), None)
+    power = run_diagnostics(model, batches, SharpnessConfig(max_iter=200, tol=1e-4, method="power"), None)
+    assert power["lambda_max"]["method"] == "power" and power["lambda_max"]["converged"]
+    assert full["lambda_max"]["converged"]
+    assert power["lambda_max"]["value"] == pytest.approx(full["lambda_max"]["value"], rel=1e-4)
     out = run_diagnostics(model, batches, SharpnessConfig(lambda_max=False, spectrum=True), None)
     assert set(out) == {"spectrum", "scalars"} and not list(tmp_path.iterdir())
 

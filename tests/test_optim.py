@@ -58,10 +58,19 @@ class Ref:
         loss = CE(functional_call(self.model, params, (x,)), y)
         return torch.autograd.grad(loss, w)[0]
 
-    def sam_grad(self, w, x, y, rho, adaptive=False):
+    def asam_t(self, w, variant, eta=0.01):
+        """ASAM's T: kwon = |w| + eta on tensors named *weight*, 1 elsewhere (SamsungLabs/ASAM); davda54 = |w|."""
+        if variant == "davda54":
+            return w.abs()
+        is_weight = torch.cat([torch.full((k,), "weight" in n) for n, k in zip(self.names, self.sizes)])
+        return torch.where(is_weight, w.abs() + eta, torch.ones_like(w))
+
+    def sam_grad(self, w, x, y, rho, adaptive=None):
+        """adaptive: None (SAM) or an ASAM variant, "kwon" / "davda54"."""
         g = self.grad(w, x, y)
         if adaptive:
-            e = rho * w ** 2 * g / torch.linalg.vector_norm(w.abs() * g)
+            t = self.asam_t(w, adaptive)
+            e = rho * t ** 2 * g / torch.linalg.vector_norm(t * g)
         else:
             e = rho * g / torch.linalg.vector_norm(g)
         return g, self.grad(w + e, x, y)
@@ -125,12 +134,13 @@ def test_plain_optimizer_steps_are_the_formula(name):
     assert torch.allclose(run_steps(model, opt, data), w, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("name,base,adaptive", [("sam", "adam", False), ("asam", "sgd", True),
-                                                ("sam", "sgd", True)])
+@pytest.mark.parametrize("name,base,adaptive", [("sam", "adam", None), ("asam", "sgd", "kwon"),
+                                                ("sam", "sgd", "kwon"), ("asam", "adam", "davda54")])
 def test_sam_and_asam_steps_are_the_formula(name, base, adaptive):
     model, data = mlp(), batches(4)
     rho = 0.05 if not adaptive else 0.5
-    cfg = OptimizerConfig(name=name, base=base, lr=0.01, momentum=0.9, rho=rho, adaptive=adaptive)
+    cfg = OptimizerConfig(name=name, base=base, lr=0.01, momentum=0.9, rho=rho, adaptive=adaptive is not None,
+                          asam_variant=adaptive or "kwon")
     ref = Ref(model)
     hand = HandAdam(0.01) if base == "adam" else HandSGD(0.01, 0.9)
     w = ref.w
@@ -151,7 +161,7 @@ def test_sam_equals_pytorch_optimizer_sam(adaptive):
 
     data = batches(3)
     m1, m2 = mlp(), mlp()
-    ours = SAM(m1.parameters(), torch.optim.Adam, rho=0.3, adaptive=adaptive, lr=0.01)
+    ours = SAM(m1.parameters(), torch.optim.Adam, rho=0.3, adaptive=adaptive, asam_variant="davda54", lr=0.01)
     lib = LibSAM(m2.parameters(), torch.optim.Adam, rho=0.3, adaptive=adaptive, lr=0.01)
     for x, y in data:
         for model, opt in ((m1, ours), (m2, lib)):
@@ -166,6 +176,56 @@ def test_sam_equals_pytorch_optimizer_sam(adaptive):
             opt.zero_grad()
         for p, q in zip(m1.parameters(), m2.parameters()):  # the library sums ‖g‖² in float32
             assert torch.allclose(p, q, atol=1e-8, rtol=0), (p - q).abs().max()
+
+
+@pytest.mark.parametrize("variant,eta", [("kwon", None), ("kwon", 0.2), ("davda54", None)])
+def test_asam_perturbation_is_the_hand_computed_one(variant, eta):
+    """One ASAM ascent on a net with a LayerNorm: e = rho T^2 g / ||T g|| with T from Kwon et al.'s code
+    (|w| + eta on every tensor named *weight*, 1 on biases) or davda54's (|w| everywhere)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(-2, 2)  # LayerNorm weight: 1-D, named weight, so T = |w| + eta for kwon
+        model[1].bias.uniform_(-1, 1)
+    x, y = batches(1)[0]
+    rho = 0.5
+    kw = {} if eta is None else {"eta": eta}
+    opt = build_optimizer(model, OptimizerConfig(name="asam", rho=rho, asam_variant=variant, **kw))
+    CE(model(x), y).backward()
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    eta_used = 0.01 if eta is None else eta
+    t = {}
+    for n in w:
+        if variant == "davda54":
+            t[n] = w[n].abs()
+        else:
+            t[n] = w[n].abs() + eta_used if n.endswith("weight") else torch.ones_like(w[n])
+    norm = torch.sqrt(sum(((t[n] * g[n]) ** 2).sum() for n in w))
+    opt.first_step(zero_grad=True)
+    for n, p in model.named_parameters():
+        expected = rho * t[n] ** 2 * g[n] / norm
+        assert torch.allclose(p - w[n], expected, atol=1e-14, rtol=1e-10), n
+    if variant == "kwon":  # biases moved by rho g/||T g||, not by a |b|-scaled step
+        assert torch.allclose(model[0].bias - w["0.bias"], rho * g["0.bias"] / norm)
+    CE(model(x), y).backward()
+    opt.unperturb()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, w[n])
+
+
+def test_kwon_asam_needs_parameter_names():
+    model = mlp()
+    with pytest.raises(ValueError, match="named_parameters"):
+        SAM(model.parameters(), torch.optim.SGD, adaptive=True, lr=0.1)
+    SAM(model.named_parameters(), torch.optim.SGD, adaptive=True, lr=0.1)  # torch keeps the names
+    SAM(model.parameters(), torch.optim.SGD, adaptive=True, asam_variant="davda54", lr=0.1)
+    with pytest.raises(ValueError, match="asam_variant"):
+        SAM(model.parameters(), torch.optim.SGD, adaptive=True, asam_variant="x", lr=0.1)
+    with pytest.raises(ConfigError, match="optimizer.asam_variant"):
+        OptimizerConfig(name="asam", asam_variant="kown")
+    with pytest.raises(ConfigError, match="optimizer.eta"):
+        OptimizerConfig(name="asam", eta=-1.0)
 
 
 def looksam_reference(model, data, k, alpha, rho, hand):

@@ -59,7 +59,7 @@ def snt_like_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8),
-        nn.Conv2d(8, 8, 3, padding=1), RPReLU(8),
+        nn.Conv2d(8, 8, 3, padding=1), RPReLU(8, fused=False),  # fused: compiled, tests/test_snt.py
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
@@ -124,10 +124,13 @@ def test_qat_trains_alpha_and_leaves_quantized_weights():
 def test_qat_on_snt_resnet20_with_rprelu():
     import timm
 
-    from craft_runner.models import apply_snt
+    from craft_runner.models import RPReLU, apply_snt
 
     torch.manual_seed(0)
     model = apply_snt(timm.create_model("resnet20", num_classes=3), preact=True, rprelu=True)
+    for m in model.modules():
+        if isinstance(m, RPReLU):
+            m.fused = False  # no torch.compile in a fast test (the fused kernels: tests/test_snt.py)
     x = torch.randn(4, 3, 8, 8)
     cfg = QATConfig(epochs=0, act_quant="activations", weight_quant="symmetric", alpha_init=None)
     info = apply_compression(model, cfg, CompressContext(CPU, [(x, None)]))

@@ -59,7 +59,7 @@ def rprelu_reference(x, gamma, zeta, beta):
 
 
 def test_rprelu_matches_the_formula_on_nchw():
-    act = RPReLU(2)
+    act = RPReLU(2, fused=False)
     with torch.no_grad():
         act.gamma.copy_(torch.tensor([0.5, -1.0]))
         act.zeta.copy_(torch.tensor([0.25, 2.0]))
@@ -79,7 +79,7 @@ def test_rprelu_matches_the_formula_on_nchw():
 
 
 def test_rprelu_uses_last_dim_for_tokens():
-    act = RPReLU(3)
+    act = RPReLU(3, fused=False)
     with torch.no_grad():
         act.gamma.copy_(torch.tensor([0.0, 1.0, -1.0]))
         act.zeta.copy_(torch.tensor([1.0, 0.0, -2.0]))
@@ -93,7 +93,7 @@ def test_rprelu_uses_last_dim_for_tokens():
 
 
 def test_fresh_rprelu_is_prelu_with_1d_parameters():
-    act = RPReLU(4)
+    act = RPReLU(4, fused=False)
     x = torch.randn(3, 4, 5, 5)
     assert torch.allclose(act(x), nn.PReLU(4, init=0.25)(x))
     params = dict(act.named_parameters())
@@ -108,9 +108,121 @@ def test_rprelu_rejects_wrong_channel_count():
 
 
 def test_rprelu_parameters_get_gradients():
-    act = RPReLU(3)
+    act = RPReLU(3, fused=False)
     act(torch.randn(4, 3, 2, 2)).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in act.parameters())
+
+
+def unfused(model):
+    """The plain formula in every RPReLU (no torch.compile: fast tests)."""
+    for m in model.modules():
+        if isinstance(m, RPReLU):
+            m.fused = False
+    return model
+
+
+def rprelu_tensor_reference(x, gamma, beta, zeta, dim):
+    """Eq. (1) elementwise on tensors, written from the paper: x - gamma + zeta above gamma, else
+    beta (x - gamma) + zeta; per-channel parameters broadcast along ``dim``."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    g, b, z = (t.reshape(shape) for t in (gamma, beta, zeta))
+    return torch.where(x > g, x - g + z, b * (x - g) + z)
+
+
+def away_from_kinks(shape, gamma, dim, seed):
+    """Inputs at least 0.05 from each channel's gamma (finite differences must not straddle the kink)."""
+    gen = torch.Generator().manual_seed(seed)
+    view = [1] * len(shape)
+    view[dim] = -1
+    side = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1
+    return gamma.detach().reshape(view) + side * (0.05 + torch.rand(shape, generator=gen, dtype=torch.float64))
+
+
+def fused_cases():
+    return [("nchw", (2, 3, 4, 5), 1, torch.contiguous_format), ("channels_last", (2, 3, 4, 5), 1, torch.channels_last),
+            ("tokens", (2, 6, 3), -1, torch.contiguous_format)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", fused_cases(), ids=lambda c: c[0])
+def test_fused_rprelu_equals_the_formula_with_gradients(case):
+    """The compiled kernels against eq. (1): values, gradients w.r.t. x, gamma, beta, zeta (gradcheck in
+    float64 and against autograd through the unfused reference), in both memory layouts and on tokens."""
+    from craft_runner.models.snt import _compiled, _FusedRPReLU
+
+    _, shape, dim, fmt = case
+    gen = torch.Generator().manual_seed(0)
+    c = shape[dim]
+    gamma, zeta = (torch.randn(c, generator=gen, dtype=torch.float64) for _ in range(2))
+    beta = torch.randn(c, generator=gen, dtype=torch.float64)  # slopes of either sign
+    x = away_from_kinks(shape, gamma, dim, seed=1).contiguous(memory_format=fmt)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gamma, beta, zeta)]
+    out = _FusedRPReLU.apply(*leaves)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, gamma, beta, zeta)]
+    ref = rprelu_tensor_reference(ref_leaves[0], *ref_leaves[1:], dim=dim)
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert out.is_contiguous(memory_format=fmt)  # the layout is kept (channels_last stays channels_last)
+    go = torch.randn(shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, go)
+    want = torch.autograd.grad(ref, ref_leaves, go)
+    for name, a, b in zip(("x", "gamma", "beta", "zeta"), got, want):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12), name
+    assert {"forward", "backward"} <= set(_compiled) and not _compiled.get("off"), "torch.compile is not working"
+    assert torch.autograd.gradcheck(_FusedRPReLU.apply, tuple(leaves), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_fused_snt_resnet20_trains_like_the_unfused_one():
+    """Three Adam steps of an SNT ResNet-20, channels_last: the fused kernels change nothing but speed."""
+    x, y = torch.randn(8, 3, 16, 16).to(memory_format=torch.channels_last), torch.randint(0, 10, (8,))
+    models = [apply_snt(build("resnet20"), preact=True, rprelu=True).to(memory_format=torch.channels_last)
+              for _ in range(2)]
+    unfused(models[1])
+    for m in models:
+        m.train()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    for (n, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), n
+
+
+def test_rprelu_falls_back_to_the_formula_when_compiling_fails(monkeypatch, caplog):
+    from craft_runner.models import snt
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler")
+
+    monkeypatch.setattr(snt, "_compiled", {"forward": broken, "backward": broken})
+    act = RPReLU(3)
+    with torch.no_grad():
+        act.gamma.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = torch.randn(2, 3, 4, 4)
+    out = act(x)
+    assert torch.allclose(out, rprelu_tensor_reference(x, act.gamma, act.beta, act.zeta, 1))
+    assert snt._compiled["off"] and "torch.compile failed" in caplog.text
+    xr = x.clone().requires_grad_(True)
+    act(xr).sum().backward()  # the same autograd function, its kernels run eagerly
+    slope = torch.where(x > act.gamma.view(1, -1, 1, 1), 1.0, act.beta.detach().view(1, -1, 1, 1))
+    assert torch.allclose(xr.grad, slope) and torch.allclose(act.zeta.grad, torch.full((3,), 32.0))
+
+
+def test_rprelu_state_dict_keys_and_eval_mode_double_backward():
+    """fused is not saved (checkpoints keep gamma/zeta/beta); eval mode takes the formula, which has the
+    double backward that Hessian-vector products need (no compilation here)."""
+    act = RPReLU(3)
+    assert act.fused and set(act.state_dict()) == {"gamma", "zeta", "beta"}
+    act.eval()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    act.double()
+    (g,) = torch.autograd.grad(act(x).square().sum(), [act.beta], create_graph=True)
+    (hb,) = torch.autograd.grad(g.sum(), [act.beta])
+    y = x - act.gamma.view(1, -1, 1, 1)
+    # d/dbeta of sum((beta y + zeta)^2 [y<=0]) = sum(2 y (beta y + zeta)), again: sum(2 y^2) per channel
+    assert torch.allclose(hb, (2 * y ** 2 * (y <= 0)).sum(dim=(0, 2, 3)))
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -285,7 +397,7 @@ def test_rprelu_on_resnet18_and_mobilenet():
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_transformed_model_trains(name):
-    model = apply_snt(build(name), preact=True, rprelu=True).train()
+    model = unfused(apply_snt(build(name), preact=True, rprelu=True).train())  # the fused path: slow tests below
     torch.manual_seed(0)
     size = 32 if name == "mixer_s_cifar" else 16  # the Mixer takes 32x32 only; CNNs run faster at 16
     x, y = torch.randn(8, 3, size, size), torch.randint(0, 10, (8,))

@@ -22,12 +22,18 @@ __all__ = ["build_optimizer", "param_groups", "needs_second_pass", "is_two_pass"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, normalisation and per-channel activation parameters (all ndim <= 1)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """No weight decay on biases, normalisation and per-channel activation parameters (all ndim <= 1).
+
+    Each group keeps its parameters' names (``param_names``, as torch.optim does): ASAM's T depends on them.
+    """
+    decay = {"params": [], "param_names": [], "weight_decay": weight_decay}
+    no_decay = {"params": [], "param_names": [], "weight_decay": 0.0}
+    for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            group = no_decay if p.ndim <= 1 else decay
+            group["params"].append(p)
+            group["param_names"].append(n)
+    groups = [decay, no_decay]
     return [g for g in groups if g["params"]]
 
 

@@ -1,9 +1,15 @@
 """The sharpness-aware family: SAM, ASAM, LookSAM and randomised SAM, each wrapping any base optimizer.
 
-Notation: w the weights, g = ∇L(w) the gradient at w, ρ the radius, T = |w| (elementwise).
+Notation: w the weights, g = ∇L(w) the gradient at w, ρ the radius, T an elementwise scale.
 
 - SAM (Foret et al. 2021): e = ρ·g/‖g‖₂, update the base optimizer with g_s = ∇L(w + e).
-- ASAM (Kwon et al. 2021, ``adaptive=True``): e = ρ·T²g/‖T g‖₂; the rest as SAM.
+- ASAM (Kwon et al. 2021, ``adaptive=True``): e = ρ·T²g/‖T g‖₂; the rest as SAM. T is chosen by
+  ``asam_variant``: ``"kwon"`` (default; the authors' code, SamsungLabs/ASAM ``asam.py``) T = |w| + η on
+  every parameter whose name contains ``weight`` (convolution, linear and normalisation weights) and T = 1
+  on all others (biases; also RPReLU shifts/slopes, position embeddings, class tokens), η = ``eta``
+  (0.01); ``"davda54"`` (davda54/sam, pytorch-optimizer's ``SAM(adaptive=True)``) T = |w| on every
+  parameter, no η. The names come from the param groups' ``param_names`` (what torch.optim keeps when
+  given ``model.named_parameters()``; :func:`craft_runner.optim.param_groups` sets them).
 - LookSAM (Liu et al. 2022, Algorithm 1): a full SAM step every ``k`` steps (steps 0, k, 2k, ...), storing
   g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g, the part of g_s orthogonal to g; on the other steps no perturbation and
   no second pass, the base optimizer gets g + α·(‖g‖/‖g_v‖)·g_v. Norms and inner products are global
@@ -41,6 +47,8 @@ import torch.distributed as dist
 
 from craft_runner.optim.registry import OptimInfo, register_optimizer
 
+ASAM_VARIANTS = ("kwon", "davda54")
+
 
 def _flat_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """‖concat(tensors)‖₂ as a 0-dim tensor (no host sync)."""
@@ -69,13 +77,23 @@ class SharpnessAware(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, perturb_eps: float = 1e-12, **base_kwargs):
+                 adaptive: bool = False, perturb_eps: float = 1e-12, eta: float = 0.01,
+                 asam_variant: str = "kwon", **base_kwargs):
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
+        if asam_variant not in ASAM_VARIANTS:
+            raise ValueError(f"asam_variant must be one of {', '.join(ASAM_VARIANTS)}, got {asam_variant!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
         super().__init__(params, {"rho": rho, "adaptive": adaptive, **base_kwargs})
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.perturb_eps = perturb_eps
+        # Not group keys: loading a checkpoint replaces the groups by the saved ones, which may predate them.
+        self.eta, self.asam_variant = eta, asam_variant
+        if asam_variant == "kwon" and any(g["adaptive"] and "param_names" not in g for g in self.param_groups):
+            raise ValueError("asam_variant='kwon' tells weights (T = |w| + eta) from biases (T = 1) by name: "
+                             "pass model.named_parameters() or groups with 'param_names', or use 'davda54'")
         self.steps = 0  # completed steps (base optimizer updates)
         self.second_passes = 0  # how many of them took a second forward-backward
         self._perturbed = False  # weights currently hold w + e
@@ -93,29 +111,41 @@ class SharpnessAware(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    def _scaled(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(params with T ≠ 1, their T, params with T = 1) among the group's parameters with a gradient."""
+        ps = [p for p in group["params"] if p.grad is not None]
+        if not group["adaptive"]:
+            return [], [], ps
+        if not ps:
+            return [], [], []
+        if self.asam_variant == "davda54":
+            return ps, torch._foreach_abs(ps), []
+        names = dict(zip(map(id, group["params"]), group["param_names"]))
+        weights = [p for p in ps if "weight" in names[id(p)]]
+        ts = torch._foreach_add(torch._foreach_abs(weights), self.eta) if weights else []
+        return weights, ts, [p for p in ps if "weight" not in names[id(p)]]
+
     @torch.no_grad()
     def _perturbation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(param, e) for every parameter with a gradient: ρ·g/‖g‖ or, adaptive, ρ·T²g/‖Tg‖."""
-        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        scaled = []
-        for group, ps in groups:
-            grads = [p.grad for p in ps]
-            if group["adaptive"]:
-                grads = torch._foreach_mul(grads, torch._foreach_abs(ps))
-            scaled.extend(grads)
-        norm = _flat_norm(scaled).add_(self.perturb_eps)
+        parts = []
+        for group in self.param_groups:
+            scaled, ts, plain = self._scaled(group)
+            tg = torch._foreach_mul([p.grad for p in scaled], ts) if scaled else []  # T g
+            parts.append((group, scaled, ts, tg, plain))
+        norm = _flat_norm([t for *_, tg, _ in parts for t in tg]
+                          + [p.grad for *_, plain in parts for p in plain]).add_(self.perturb_eps)
         out = []
-        for group, ps in groups:
-            if not ps:
+        for group, scaled, ts, tg, plain in parts:
+            if not scaled and not plain:
                 continue
-            grads = [p.grad for p in ps]
-            scale = (group["rho"] / norm).to(ps[0])
-            if group["adaptive"]:
-                e = torch._foreach_mul(grads, torch._foreach_mul(ps, ps))
+            scale = (group["rho"] / norm).to((scaled or plain)[0])
+            if scaled:
+                e = torch._foreach_mul(tg, ts)  # T² g
                 torch._foreach_mul_(e, scale)
-            else:
-                e = torch._foreach_mul(grads, scale)
-            out.extend(zip(ps, e))
+                out.extend(zip(scaled, e))
+            if plain:
+                out.extend(zip(plain, torch._foreach_mul([p.grad for p in plain], scale)))
         return out
 
     @torch.no_grad()
@@ -294,13 +324,14 @@ def expected_cost(opt: torch.optim.Optimizer) -> float:
     return 1.0
 
 
-_SAM = {"rho": "rho", "adaptive": "adaptive"}
+_ASAM_T = {"eta": "eta", "asam_variant": "asam_variant"}  # used only when the perturbation is adaptive
+_SAM = {"rho": "rho", "adaptive": "adaptive", **_ASAM_T}
 register_optimizer(OptimInfo("sam", SAM, _SAM, sharpness_aware=True, description="SAM (Foret et al.)"))
-register_optimizer(OptimInfo("asam", SAM, {"rho": "rho"}, {"adaptive": True}, sharpness_aware=True,
+register_optimizer(OptimInfo("asam", SAM, {"rho": "rho", **_ASAM_T}, {"adaptive": True}, sharpness_aware=True,
                              description="ASAM (Kwon et al.)"))
 register_optimizer(OptimInfo("looksam", LookSAM, {**_SAM, "k": "k", "alpha": "alpha"}, sharpness_aware=True,
                              description="LookSAM (Liu et al. 2022)"))
 register_optimizer(OptimInfo("randsam", RandomSAM, {**_SAM, "p": "sam_prob", "seed": "seed"}, sharpness_aware=True,
                              description="randomised SAM (SS-SAM)"))
 
-__all__ = ["SharpnessAware", "SAM", "LookSAM", "RandomSAM", "expected_cost"]
+__all__ = ["ASAM_VARIANTS", "SharpnessAware", "SAM", "LookSAM", "RandomSAM", "expected_cost"]
