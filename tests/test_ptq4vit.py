@@ -61,7 +61,7 @@ def test_capture_gradient_is_the_cross_entropy_gradient():
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with _frozen(model):
         data = capture(model, [(model.head, 1), (model.blocks[1].mlp.fc2, 1)], [(x[:2], y[:2]), (x[2:], y[2:])],
-                       need_grad=True)
+                       need_grad=True, loss="ce")
     (feat,), logits, grad = data[model.head]
     with torch.no_grad():
         ref = model(x)
@@ -92,12 +92,13 @@ def test_weight_search_is_the_hessian_weighted_argmin():
         out = lin(x)
     grad = torch.randn(40, 5) * torch.tensor([0.01, 1, 10, 1, 0.1])
     ratios = torch.linspace(0.3, 1.2, 19)
-    w_s, a_s = search_layer(lin, x, out, grad, 3, 16, False, ratios, rounds=1, per_channel=True)
+    w_s, a_s = search_layer(lin, x, out, grad, 3, 16, ratios, rounds=1, w_groups=5,
+                            w_s0=per_channel_scale(lin.weight, 3))
     assert a_s is None
     assert torch.allclose(w_s.flatten(), _brute_force_weight_scales(lin, x, out, grad, 3, ratios))
     assert (w_s.flatten() != per_channel_scale(lin.weight, 3).flatten()).any()  # the search did move scales
     # per tensor: one scale, the argmin of the summed error
-    w_t, _ = search_layer(lin, x, out, grad, 3, 16, False, ratios, rounds=1, per_channel=False)
+    w_t, _ = search_layer(lin, x, out, grad, 3, 16, ratios, rounds=1, w_s0=symmetric_scale(lin.weight.abs().max(), 3))
     s0 = symmetric_scale(lin.weight.abs().max(), 3)
     errs = [((grad * (F.linear(x, fake_quant(lin.weight, 3, r * s0), lin.bias) - out)) ** 2).sum() for r in ratios]
     assert torch.isclose(w_t, ratios[torch.stack(errs).argmin()] * s0)
@@ -108,7 +109,9 @@ def test_softmax_shift_search_is_the_argmin():
     a = torch.softmax(3 * torch.randn(2, 2, 6, 6), -1)
     b = torch.randn(2, 2, 6, 4)
     out, grad = a @ b, torch.randn(2, 2, 6, 4)
-    qa, qb = search_matmul(a, b, out, grad, 4, True, torch.linspace(0.5, 1.2, 8), rounds=1, max_shift=6)
+    # the paper's twin, b quantized at this initial scale during the shift search
+    qa, qb = search_matmul(a, b, out, grad, 4, torch.linspace(0.5, 1.2, 8), rounds=1, softmax="paper", max_shift=6,
+                           b_s0=symmetric_scale(b.abs().amax(dim=(0, 2, 3), keepdim=True), 4))
     assert isinstance(qa, SoftmaxTwinQuantizer) and isinstance(qb, UniformQuantizer)
     assert qb.scale.shape == (1, 2, 1, 1)  # one scale per head for v
     bq0 = fake_quant(b, 4, symmetric_scale(b.abs().amax(dim=(0, 2, 3), keepdim=True), 4))

@@ -57,13 +57,12 @@ def apply_compression(model: nn.Module, cfg: CompressConfig, ctx: CompressContex
     if cfg.name == "ptq":
         from craft_runner.compress.quant import base_ptq, fine_tune_quantized
 
-        scales = None
         if cfg.method == "ptq4vit":
             from craft_runner.compress.ptq4vit import ptq4vit
 
             info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches)
         else:
-            info = base_ptq(model, layers, cfg.w_bits, cfg.a_bits, ctx.calib_batches, cfg.quant_attention)
+            info, scales = base_ptq(model, layers, cfg, ctx.calib_batches)
         if cfg.finetune_epochs:
             fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs, ctx.fine_tune, scales)
         return {**info, "name": "ptq", "finetune_epochs": cfg.finetune_epochs}

@@ -44,13 +44,17 @@ class CompressConfig:
 class PTQConfig(CompressConfig):
     """Post-training quantization: ``method`` base (BasePTQ) or ptq4vit (PTQ4ViT).
 
-    Both: symmetric uniform weights, one scale per output channel; activations (the input of
-    every quantized Conv2d/Linear and, with ``quant_attention``, both operands of the attention
-    matmuls q·kᵀ and attn·v of timm ViTs) quantized statically from calibration data.
-    BasePTQ takes each scale from max|x|; PTQ4ViT searches the scales (see
-    :mod:`craft_runner.compress.ptq4vit`). ``finetune_epochs`` > 0 then fine-tunes the quantized
-    model (SNT Table 3: W4 + one epoch) with straight-through fake quantization, so the weights
-    are still on their quantization grid afterwards.
+    Defaults (null fields resolved here) are the PTQ4ViT code's configs/BasePTQ.py and
+    configs/PTQ4ViT.py: symmetric uniform; weights one scale per layer (q, k, v apart in a fused
+    qkv; PTQ4ViT: one per output channel for Conv2d), activations (the input of every quantized
+    Conv2d/Linear except the stem's image input and, with ``quant_attention``, both operands of
+    the attention matmuls q·kᵀ and attn·v of timm ViTs, per head) quantized statically, every
+    scale searched on full-precision calibration data — BasePTQ by cosine similarity of the op's
+    output, PTQ4ViT by the Hessian-guided metric (see :mod:`craft_runner.compress.search`,
+    :mod:`craft_runner.compress.ptq4vit`). ``search=none`` is BasePTQ with max-based scales
+    (per output channel, per-tensor inputs including the stem's: the previous BasePTQ).
+    ``finetune_epochs`` > 0 then fine-tunes the quantized model (SNT Table 3: W4 + one epoch) with
+    straight-through fake quantization, so the weights are still on their grid afterwards.
     """
 
     name: str = "ptq"
@@ -65,26 +69,54 @@ class PTQConfig(CompressConfig):
     # Quantize q·kᵀ and attn·v of timm ViT attention too (when a_bits < 16).
     quant_attention: bool = True
     finetune_epochs: int = 0
-    # PTQ4ViT only. Scale candidates: ratio × the max-based scale, ratio in
-    # linspace(scale_min, scale_max, scale_steps + 1) plus 1.0; weights and activations are searched
-    # alternately for search_rounds rounds (PTQ4ViT's defaults: 0.01, 1.2, 100, 3).
-    search_rounds: int = 3
-    scale_min: float = 0.01
+    # BasePTQ's scales: cosine (searched, the reference) or none (from max |x|, no search).
+    search: str = "cosine"
+    # Weight scales: tensor (one per layer; q, k, v apart in a fused qkv), channel (one per output
+    # channel) or mixed (channel for Conv2d, tensor for Linear). null: tensor for BasePTQ, mixed
+    # for PTQ4ViT, channel with search=none.
+    weight_granularity: Optional[str] = None
+    # Attention matmul operand scales: head (one per head) or tensor. null: head; tensor with search=none.
+    operand_granularity: Optional[str] = None
+    # Quantize the stem's image input too. null: false (the reference leaves it in float); true with search=none.
+    quant_stem_input: Optional[bool] = None
+    # Candidates r·s0 (s0 = max/(2^(b-1) - 0.5)), r = scale_min + i·(scale_max - scale_min)/scale_steps,
+    # i = 0..scale_steps-1; search_rounds rounds of weight-then-input search.
+    # null: BasePTQ 0.5 and 1 round, PTQ4ViT 0.01 and 3 rounds.
+    search_rounds: Optional[int] = None
+    scale_min: Optional[float] = None
     scale_max: float = 1.2
     scale_steps: int = 100
-    # hessian: E[(∂L/∂O)² (Ô − O)²]; mse: E[(Ô − O)²] (ablation).
+    # PTQ4ViT only. hessian: mean[(dL/dO)^2 (O^ - O)^2]; mse: mean[(O^ - O)^2] (ablation).
     metric: str = "hessian"
+    # L of the hessian metric: kl (the reference code's: KL to the full-precision prediction, taken
+    # at the full-precision model) or ce (the paper's: cross-entropy with the calibration labels).
+    hessian_loss: str = "kl"
     # Twin uniform quantization of post-softmax and post-GELU activations (False: plain uniform).
     twin: bool = True
-    # Post-softmax twin ranges: Δ_R1 = Δ_R2 / 2^m, m searched in 0..max_softmax_shift.
+    # Post-softmax twin: reference (the code's split quantizer) or paper (ranges picked per value).
+    twin_softmax: str = "reference"
+    # Post-softmax twin ranges: Δ_R1 = Δ_R2 / 2^m (split 2^-m), m searched in 0..max_softmax_shift.
     max_softmax_shift: int = 19
-    # channel: one searched weight scale per output channel; tensor: one per layer.
-    weight_granularity: str = "channel"
 
     def __post_init__(self):
         super().__post_init__()
         _parse_bits(self)
         _check_choice("compress.method", self.method, ("base", "ptq4vit"))
+        _check_choice("compress.search", self.search, ("cosine", "none"))
+        base = self.method == "base"
+        _check(base or self.search == "cosine", "compress.search", self.search,
+               "cosine with method=ptq4vit (search=none is BasePTQ's max-based variant)")
+        maxed = base and self.search == "none"
+        if self.weight_granularity is None:
+            self.weight_granularity = "channel" if maxed else "tensor" if base else "mixed"
+        if self.operand_granularity is None:
+            self.operand_granularity = "tensor" if maxed else "head"
+        if self.quant_stem_input is None:
+            self.quant_stem_input = maxed
+        if self.search_rounds is None:
+            self.search_rounds = 1 if base else 3
+        if self.scale_min is None:
+            self.scale_min = 0.5 if base else 0.01
         _check(self.finetune_epochs >= 0, "compress.finetune_epochs", self.finetune_epochs, "an integer >= 0")
         _check(self.search_rounds >= 1, "compress.search_rounds", self.search_rounds, "an integer >= 1")
         _check(self.scale_min > 0, "compress.scale_min", self.scale_min, "a positive number")
@@ -92,9 +124,15 @@ class PTQConfig(CompressConfig):
                f"a number > compress.scale_min ({self.scale_min})")
         _check(self.scale_steps >= 1, "compress.scale_steps", self.scale_steps, "an integer >= 1")
         _check_choice("compress.metric", self.metric, ("hessian", "mse"))
+        _check_choice("compress.hessian_loss", self.hessian_loss, ("kl", "ce"))
+        _check_choice("compress.twin_softmax", self.twin_softmax, ("reference", "paper"))
         _check(0 <= self.max_softmax_shift <= 30, "compress.max_softmax_shift", self.max_softmax_shift,
                "an integer in 0..30")
-        _check_choice("compress.weight_granularity", self.weight_granularity, ("channel", "tensor"))
+        _check_choice("compress.weight_granularity", self.weight_granularity, ("tensor", "channel", "mixed"))
+        # A cosine over one output channel is its sign: BasePTQ's search scores whole output vectors.
+        _check(not (base and self.search == "cosine") or self.weight_granularity == "tensor",
+               "compress.weight_granularity", self.weight_granularity, "tensor with method=base search=cosine")
+        _check_choice("compress.operand_granularity", self.operand_granularity, ("head", "tensor"))
 
 
 @dataclass

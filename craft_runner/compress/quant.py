@@ -1,8 +1,14 @@
 """Uniform fake quantization, twin uniform quantization (PTQ4ViT) and BasePTQ.
 
-Integer range for b bits: [−2^(b−1), 2^(b−1)−1]. BasePTQ gives weights one scale per output
-channel from max |w|, and the input activation of each Conv2d/Linear one scale per tensor, from
-the largest |x| seen on calibration data. 16 or more bits means "not quantized".
+Integer range for b bits: [−2^(b−1), 2^(b−1)−1]; 16 or more bits means "not quantized".
+
+BasePTQ (``search=cosine``, the default) is PTQ4ViT's ``configs/BasePTQ.py``: symmetric uniform,
+one weight scale per layer (q, k and v apart in a fused qkv Linear), one scale per input tensor
+and per head of each attention matmul operand, each searched for the highest cosine similarity of
+the op's output to the full-precision output (:mod:`craft_runner.compress.search`); the image
+input of the stem stays in float. ``search=none`` is the max-based variant: weight scales from
+max |w| (per output channel with ``weight_granularity=channel``), input scales from the largest |x|
+seen on calibration data by the model with quantized weights.
 
 Rounding passes gradients straight through (STE) and values clipped by the integer range get zero
 gradient, as with ``torch.fake_quantize_per_channel_affine``; scales get no gradient.
@@ -73,6 +79,11 @@ def symmetric_scale(max_abs: torch.Tensor, n_bits: int) -> torch.Tensor:
     return (max_abs / qrange(n_bits)[1]).clamp_min(1e-12)
 
 
+def init_scale(max_abs: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """The PTQ4ViT code's initial scale max/(2^(b−1) − ½): the max lands half a step past the top level."""
+    return (max_abs / (2 ** (n_bits - 1) - 0.5)).clamp_min(1e-12)
+
+
 def per_channel_scale(w: torch.Tensor, n_bits: int) -> torch.Tensor:
     """One scale per output channel (dim 0), shaped to broadcast against w."""
     max_abs = w.detach().abs().flatten(1).amax(dim=1)
@@ -106,6 +117,32 @@ def twin_uniform_softmax(x: torch.Tensor, n_bits: int, shift: int) -> torch.Tens
     return torch.where(q1 <= levels - 1, fine, coarse).to(x.dtype)
 
 
+def twin_softmax_reference(x: torch.Tensor, n_bits: int, shift: int) -> torch.Tensor:
+    """The PTQ4ViT code's post-softmax twin uniform quantizer (``SoSPTQSLBatchingQuantMatMul``).
+
+    Split s = 2^−shift, t = 2^(k−1) − 1 levels above zero per range:
+    q(x) = round(clip(x, s, 1)·t)/t + round(clip(x, 0, s)/Δ_R1)·Δ_R1 with Δ_R1 = s/t, both
+    rounded values clipped to [0, t]. Below s only the fine range R1 moves; above s the coarse one
+    (Δ_R2 = 1/t) does, on top of R1's full value s — the sum as the code writes it.
+    """
+    top = 2 ** (n_bits - 1) - 1
+    split = 2.0 ** -shift
+    d1 = split / top
+    xf = x.float()
+    high = torch.clamp(round_ste(xf.clamp(split, 1.0) * top), 0, top) / top
+    low = torch.clamp(round_ste(xf.clamp(0.0, split) / d1), 0, top) * d1
+    return (high + low).to(x.dtype)
+
+
+def twin_softmax(x: torch.Tensor, n_bits: int, shift: int, kind: str = "reference") -> torch.Tensor:
+    """Twin uniform post-softmax quantization: ``reference`` (the PTQ4ViT code's) or ``paper``."""
+    if kind == "reference":
+        return twin_softmax_reference(x, n_bits, shift)
+    if kind == "paper":
+        return twin_uniform_softmax(x, n_bits, shift)
+    raise ValueError(f"twin softmax kind must be 'reference' or 'paper', got {kind!r}")
+
+
 def twin_uniform_gelu(x: torch.Tensor, n_bits: int, delta_pos: torch.Tensor | float,
                       delta_neg: float | None = None) -> torch.Tensor:
     """PTQ4ViT's twin uniform quantization of post-GELU values with k = n_bits.
@@ -126,19 +163,68 @@ def twin_uniform_gelu(x: torch.Tensor, n_bits: int, delta_pos: torch.Tensor | fl
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor symmetric quantizer of a layer's input; records max |x| while calibrating."""
+    """Symmetric quantizer of a layer's input; records max |x| while calibrating — over the whole
+    tensor, or per index of dim ``keep_dim`` (1: per head of a (batch, heads, ·, ·) operand)."""
 
-    def __init__(self, n_bits: int):
+    def __init__(self, n_bits: int, keep_dim: int | None = None):
         super().__init__()
         self.n_bits = n_bits
+        self.keep_dim = keep_dim
         self.calibrating = True
         self.register_buffer("max_abs", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            self.max_abs = torch.maximum(self.max_abs, x.detach().abs().max().to(self.max_abs))
+            a = x.detach().abs()
+            m = a.max() if self.keep_dim is None else a.amax([d for d in range(a.dim()) if d != self.keep_dim],
+                                                             keepdim=True)
+            self.max_abs = torch.maximum(self.max_abs, m.to(self.max_abs))
             return x
         return fake_quant(x.float(), self.n_bits, symmetric_scale(self.max_abs, self.n_bits)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}"
+
+
+class UniformQuantizer(nn.Module):
+    """Symmetric uniform fake quantizer with a fixed scale (broadcast against the input)."""
+
+    def __init__(self, n_bits: int, scale: torch.Tensor):
+        super().__init__()
+        self.n_bits = n_bits
+        self.register_buffer("scale", torch.as_tensor(scale).detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x.float(), self.n_bits, self.scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}, scale_shape={tuple(self.scale.shape)}"
+
+
+class SoftmaxTwinQuantizer(nn.Module):
+    """Post-softmax twin uniform quantizer (:func:`twin_softmax`) with a fixed shift."""
+
+    def __init__(self, n_bits: int, shift: int, kind: str = "reference"):
+        super().__init__()
+        self.n_bits, self.shift, self.kind = n_bits, int(shift), kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return twin_softmax(x, self.n_bits, self.shift, self.kind)
+
+    def extra_repr(self) -> str:
+        return f"n_bits={self.n_bits}, shift={self.shift}, kind={self.kind}"
+
+
+class GeluTwinQuantizer(nn.Module):
+    """Post-GELU twin uniform quantizer (:func:`twin_uniform_gelu`) with a fixed Δ_R2."""
+
+    def __init__(self, n_bits: int, delta_pos: torch.Tensor):
+        super().__init__()
+        self.n_bits = n_bits
+        self.register_buffer("delta_pos", torch.as_tensor(delta_pos).detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return twin_uniform_gelu(x, self.n_bits, self.delta_pos)
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}"
@@ -188,33 +274,58 @@ def calibrate(model: nn.Module, quantizers: list[ActQuantizer], batches) -> None
         q.calibrating = False
 
 
-def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], w_bits: int, a_bits: int,
-             calib_batches, quant_attention: bool = False) -> dict:
-    """BasePTQ in place on ``layers``; returns what was quantized.
+def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches) -> tuple[dict, dict]:
+    """BasePTQ in place on ``layers`` (and, with ``cfg.quant_attention``, the operands of timm ViT
+    attention's q·kᵀ and attn·v, run as explicit matmuls). ``cfg``: a ``PTQConfig``.
 
-    With ``quant_attention``, timm ViT attention runs as explicit matmuls whose two operands get a
-    per-tensor max-calibrated quantizer each (as the PTQ4ViT code's BasePTQ quantizes them).
+    Returns (record, {layer: fixed weight scale}); layers with per-output-channel max-based scales
+    are left out, so fine-tuning recomputes their scales from the current weight.
     """
-    quantizers = []
+    if cfg.search != "none":
+        from craft_runner.compress.search import run_ptq
+
+        return run_ptq(model, layers, cfg, calib_batches, "base")
+    from craft_runner.compress.search import stem_layers, weight_groups
+
+    w_bits, a_bits = cfg.w_bits, cfg.a_bits
+    groups = weight_groups(model, layers, cfg.weight_granularity)
+    float_in = set() if cfg.quant_stem_input else stem_layers(model, layers)
+    quantizers, scales, n_in = [], {}, 0
     for _, m in layers:
         if w_bits < FULL_PRECISION_BITS:
-            quantize_weight_(m, w_bits)
-        if a_bits < FULL_PRECISION_BITS:
+            g = groups.get(m, 1)
+            if g == m.weight.shape[0]:
+                quantize_weight_(m, w_bits)
+            else:
+                with torch.no_grad():
+                    rows = symmetric_scale(m.weight.detach().abs().reshape(g, -1).amax(1), w_bits)
+                    s = rows.repeat_interleave(m.weight.shape[0] // g).reshape(-1, *([1] * (m.weight.dim() - 1)))
+                    s = s.reshape(()) if g == 1 else s
+                    m.weight.copy_(fake_quant(m.weight, w_bits, s))
+                scales[m] = s
+        if a_bits < FULL_PRECISION_BITS and m not in float_in:
             quantizers.append(attach_act_quantizer(m, a_bits))
+            n_in += 1
     matmuls = []
-    if quant_attention and a_bits < FULL_PRECISION_BITS:
+    if cfg.quant_attention and a_bits < FULL_PRECISION_BITS:
         from craft_runner.compress.attention import make_attention_explicit
 
+        keep = 1 if cfg.operand_granularity == "head" else None
         for _, mm in make_attention_explicit(model):
             dev = next(model.parameters()).device
-            mm.quant_a, mm.quant_b = ActQuantizer(a_bits).to(dev), ActQuantizer(a_bits).to(dev)
+            mm.quant_a, mm.quant_b = ActQuantizer(a_bits, keep).to(dev), ActQuantizer(a_bits, keep).to(dev)
             quantizers += [mm.quant_a, mm.quant_b]
             matmuls.append(mm)
     if quantizers:
         calibrate(model, quantizers, calib_batches)
-    log.info("BasePTQ W%dA%d on %d layers, %d attention matmuls", w_bits, a_bits, len(layers), len(matmuls))
-    return {"method": "base", "quantized_layers": len(layers), "quantized_matmuls": len(matmuls),
-            "w_bits": w_bits, "a_bits": a_bits}
+    n_w = len(layers) if w_bits < FULL_PRECISION_BITS else 0
+    log.info("BasePTQ (max) W%dA%d: %d weights, %d inputs, %d attention matmuls", w_bits, a_bits, n_w, n_in,
+             len(matmuls))
+    info = {"method": "base", "search": "none", "w_bits": w_bits, "a_bits": a_bits, "quantized_layers": len(layers),
+            "quantized_weights": n_w, "quantized_inputs": n_in, "quantized_matmuls": len(matmuls),
+            "weight_granularity": cfg.weight_granularity, "operand_granularity": cfg.operand_granularity,
+            "calib_images": sum(len(x) for x, _ in calib_batches)}
+    return info, scales
 
 
 def fine_tune_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], w_bits: int, epochs: int,
