@@ -138,15 +138,43 @@ def capture(model: nn.Module, specs: list[tuple[nn.Module, int]], batches, need_
 # --------------------------------------------------------------------------- scoring
 
 
-def _score(out: torch.Tensor, ref: torch.Tensor, grad, metric: str) -> torch.Tensor:
-    """Error to minimise, (k, G), of k candidate outputs in canonical form (k, P, G, F) against the
-    reference (P, G, F): F features, G independent groups, P positions averaged over."""
-    if metric == "cosine":
-        return -F.cosine_similarity(ref.unsqueeze(0), out, dim=-1).mean(1)
-    d = out - ref
-    if grad is not None:
-        d = d * grad
-    return d.pow(2).mean(-1).mean(1)
+def _fq(x: torch.Tensor, n_bits: int, scale: torch.Tensor) -> torch.Tensor:
+    """fake_quant's values without its autograd bookkeeping (the search needs no gradient)."""
+    lo, hi = -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+    return torch.div(x, scale).round_().clamp_(lo, hi).mul_(scale)
+
+
+class _Scorer:
+    """Error to minimise, (k, G), of k candidate outputs against the reference output.
+
+    Outputs come as (k, *positions, G, F) — G groups scored apart, F the features over which the
+    cosine is taken or the squared error averaged — the reference as (*positions, G, F); the
+    scores are averaged over the positions.
+    """
+
+    def __init__(self, ref: torch.Tensor, grad, metric: str):
+        self.metric, self.ref, self.grad = metric, ref, grad
+        self.groups, self.feats = ref.shape[-2], ref.shape[-1]
+        if metric == "cosine":
+            self.ref_norm = torch.linalg.vector_norm(ref, dim=-1)
+            self.ref_col = ref.reshape(-1, self.feats, 1) if self.groups == 1 else None
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        k = out.shape[0]
+        if self.metric == "cosine":
+            if self.ref_col is not None:  # one batched matmul: per position, the k candidates' dot products
+                dot = torch.bmm(out.reshape(k, -1, self.feats).transpose(0, 1), self.ref_col)
+                dot = dot.reshape(-1, k).t().reshape(out.shape[:-1])
+            else:
+                dot = (out * self.ref).sum(-1)
+            # x·y / max(|x||y|, 1e-8): torch.cosine_similarity as the reference code used it
+            e = -dot / (torch.linalg.vector_norm(out, dim=-1) * self.ref_norm).clamp_min_(1e-8)
+        else:
+            d = out - self.ref
+            if self.grad is not None:
+                d.mul_(self.grad)
+            e = d.pow_(2).mean(-1)
+        return e.reshape(k, -1, self.groups).mean(1)
 
 
 def _chunks(n: int, per_candidate: int, device: torch.device) -> list[slice]:
@@ -154,18 +182,19 @@ def _chunks(n: int, per_candidate: int, device: torch.device) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _argmin_scale(run, canon, ref, grad, metric, ratios, s0, per_candidate):
-    """Per group g, the r_k·s₀[g] whose output scores best. ``run(s)`` maps candidate scales
-    (k, G) to the op's outputs; ``canon`` puts them in (k, P, G, F) form."""
-    ref_c = canon(ref.unsqueeze(0))[0]
-    grad_c = None if grad is None else canon(grad.unsqueeze(0))[0]
+def _argmin_scale(run, scorer: _Scorer, ratios, s0, per_candidate):
+    """Per group g, the r_k·s₀[g] whose output scores best; ``run(s)`` maps candidate scales (k, G)
+    to the op's outputs, (k, *positions, G, F)."""
     ratios = ratios.to(s0)
-    errs = [_score(canon(run(ratios[c, None] * s0[None])), ref_c, grad_c, metric)
-            for c in _chunks(len(ratios), per_candidate, s0.device)]
+    errs = [scorer(run(ratios[c, None] * s0[None])) for c in _chunks(len(ratios), per_candidate, s0.device)]
     return ratios[torch.cat(errs).argmin(0)] * s0
 
 
 # --------------------------------------------------------------------------- Conv2d / Linear
+
+
+def _maybe(t, shape):
+    return None if t is None else t.reshape(shape)
 
 
 def _group_max(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -216,58 +245,54 @@ def search_layer(module: nn.Module, x: torch.Tensor, out: torch.Tensor, grad, w_
         a_s0 = init_scale(x.abs().max(), a_bits) if a_s0 is None else a_s0
 
         def act(t, s):
-            return fake_quant(t, a_bits, s)
+            return _fq(t, a_bits, s)
     a_s0 = torch.as_tensor(a_s0, dtype=torch.float32, device=x.device).reshape(1)
 
+    g_rows = n_out // w_groups
     if is_conv:
-        x_flat, ref = x, out
+        cl = torch.channels_last
+        x_flat = x.contiguous(memory_format=cl)
+        # channels-last outputs: (B, H, W, channels) is a free view, channels innermost for the scoring
+        ref = out.permute(0, 2, 3, 1).reshape(-1, n_out)
 
-        def canon(o):  # (k, B, O, H, W) → (k, B·H·W, G, O/G)
-            return o.permute(0, 1, 3, 4, 2).reshape(o.shape[0], -1, w_groups, n_out // w_groups)
-
-        def canon_a(o):
-            return o.permute(0, 1, 3, 4, 2).reshape(o.shape[0], -1, 1, n_out)
-
-        def out_w(xq, s):  # the k candidate weights as one grouped convolution
+        def out_w(xq, s):  # the k candidate weights as one grouped convolution → (k, B·H·W, G, O/G)
             k, g = s.shape[0], module.groups
-            wq = fake_quant(w.unsqueeze(0), w_bits, _rows(s, n_out, w.dim()))  # (k, O, C/g, kh, kw)
+            wq = _fq(w.unsqueeze(0), w_bits, _rows(s, n_out, w.dim()))  # (k, O, C/g, kh, kw)
             wq = wq.reshape(k, g, n_out // g, *w.shape[1:]).transpose(0, 1).reshape(k * n_out, *w.shape[1:])
-            o = _conv(module, xq, wq, None if bias is None else bias.reshape(g, 1, -1).expand(g, k, -1).reshape(-1), g)
-            o = o.reshape(o.shape[0], g, k, n_out // g, *o.shape[2:]).transpose(1, 2)
-            return o.reshape(o.shape[0], k, n_out, *o.shape[-2:]).transpose(0, 1)
+            b = None if bias is None else bias.reshape(g, 1, -1).expand(g, k, -1).reshape(-1)
+            o = _conv(module, xq, wq.contiguous(memory_format=cl), b, g).permute(0, 2, 3, 1)
+            o = o.reshape(-1, g, k, n_out // g).transpose(1, 2) if g > 1 else o.reshape(-1, k, n_out)
+            return o.reshape(-1, k, w_groups, g_rows).transpose(0, 1)
 
-        def out_a(s, wq):
+        def out_a(s, wq):  # the k candidate inputs as one batch → (k, B·H·W, 1, O)
             k = s.shape[0]
-            xq = act(x.unsqueeze(0), s.reshape(k, 1, 1, 1, 1)).reshape(-1, *x.shape[1:])
-            o = _conv(module, xq, wq, bias, module.groups)
-            return o.reshape(k, -1, *o.shape[1:])
+            xq = act(x_flat.unsqueeze(0), s.reshape(k, 1, 1, 1, 1)).reshape(-1, *x.shape[1:])
+            o = _conv(module, xq.contiguous(memory_format=cl), wq.contiguous(memory_format=cl), bias, module.groups)
+            return o.permute(0, 2, 3, 1).reshape(k, -1, 1, n_out)
     else:
         x_flat, ref = x.reshape(-1, x.shape[-1]), out.reshape(-1, n_out)
 
-        def canon(o):  # (k, N, O) → (k, N, G, O/G)
-            return o.reshape(o.shape[0], o.shape[1], w_groups, n_out // w_groups)
-
-        def canon_a(o):
-            return o.unsqueeze(2)
-
-        def out_w(xq, s):
-            o = xq @ fake_quant(w.unsqueeze(0), w_bits, _rows(s, n_out, 2)).transpose(1, 2)
-            return o if bias is None else o + bias
+        def out_w(xq, s):  # (N, I) @ (I, k·O) → (k, N, G, O/G)
+            wq = _fq(w.unsqueeze(0), w_bits, _rows(s, n_out, 2)).reshape(-1, w.shape[1])
+            o = xq @ wq.t() if bias is None else torch.addmm(bias.repeat(s.shape[0]), xq, wq.t())
+            return o.reshape(o.shape[0], -1, w_groups, g_rows).transpose(0, 1)
 
         def out_a(s, wq):
-            return F.linear(act(x_flat.unsqueeze(0), s.reshape(-1, 1, 1)), wq, bias)
+            return F.linear(act(x_flat.unsqueeze(0), s.reshape(-1, 1, 1)), wq, bias).unsqueeze(2)
 
-    grad_ref = None if grad is None else grad.reshape(ref.shape)
+    grad_ref = None if grad is None else (grad.permute(0, 2, 3, 1) if is_conv else grad).reshape(ref.shape)
+    score_w = _Scorer(ref.reshape(-1, w_groups, g_rows), _maybe(grad_ref, (-1, w_groups, g_rows)), metric)
+    score_a = _Scorer(ref.reshape(-1, 1, n_out), _maybe(grad_ref, (-1, 1, n_out)), metric)
     per_w = max(ref.numel(), w.numel())
     per_a = ref.numel() + x.numel()
     w_s, a_s = w_s0, (a_s0 if qa else None)
     xq = act(x_flat, a_s0) if qa else x_flat
     for _ in range(rounds if qa else 1):
         if qw:
-            w_s = _argmin_scale(lambda s, xq=xq: out_w(xq, s), canon, ref, grad_ref, metric, ratios, w_s0, per_w)
-        wq = fake_quant(w, w_bits, _rows(w_s, n_out, w.dim())) if qw else w
+            w_s = _argmin_scale(lambda s, xq=xq: out_w(xq, s), score_w, ratios, w_s0, per_w)
+        wq = _fq(w, w_bits, _rows(w_s, n_out, w.dim())) if qw else w
         if qa:
-            a_s = _argmin_scale(lambda s, wq=wq: out_a(s, wq), canon_a, ref, grad_ref, metric, ratios, a_s0, per_a)
+            a_s = _argmin_scale(lambda s, wq=wq: out_a(s, wq), score_a, ratios, a_s0, per_a)
             xq = act(x_flat, a_s)
     w_scale = None
     if qw:
@@ -302,39 +327,37 @@ def search_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, grad, n_b
     def shaped(s):  # (k, G) → broadcast against (k, B, H, ·, ·)
         return s.reshape(s.shape[0], 1, g, 1, 1)
 
-    def canon(o):  # (k, B, H, M, N) → (k, B·M, H, N) or (k, B·H·M, 1, N)
-        if per_head:
-            return o.transpose(2, 3).reshape(o.shape[0], -1, heads, o.shape[-1])
-        return o.reshape(o.shape[0], -1, 1, o.shape[-1])
+    def view(o):  # (k, B, H, M, N) → (k, B, M, H, N) per head, (k, B·H·M, 1, N) per tensor
+        return o.transpose(2, 3) if per_head else view_all(o)
 
-    def canon_all(o):
+    def view_all(o):
         return o.reshape(o.shape[0], -1, 1, o.shape[-1])
 
     a_s0, b_s0 = s0_of(a, a_s0), s0_of(b, b_s0)
     a_s, b_s, shift = a_s0, b_s0, 0
     per = out.numel() + max(a.numel(), b.numel())
+    score = _Scorer(view(out.unsqueeze(0))[0], None if grad is None else view(grad.unsqueeze(0))[0], metric)
 
     def quant_a(s=None, m=None):
-        return twin_softmax(a, n_bits, m, softmax) if softmax else fake_quant(a, n_bits, shaped(s[None])[0])
+        return twin_softmax(a, n_bits, m, softmax) if softmax else _fq(a, n_bits, shaped(s[None])[0])
 
-    bq = fake_quant(b, n_bits, shaped(b_s[None])[0])
+    bq = _fq(b, n_bits, shaped(b_s[None])[0])
     aq = None
     for _ in range(rounds):
         if softmax:
             b_used = b if softmax == "reference" else bq
-            ref_c = canon_all(out.unsqueeze(0))[0]
-            grad_c = None if grad is None else canon_all(grad.unsqueeze(0))[0]
-            errs = torch.cat([_score(canon_all((quant_a(m=m) @ b_used).unsqueeze(0)), ref_c, grad_c, metric)
-                              for m in range(max_shift + 1)])
+            score_all = _Scorer(view_all(out.unsqueeze(0))[0], None if grad is None else view_all(grad.unsqueeze(0))[0],
+                                metric)
+            errs = torch.cat([score_all(view_all((quant_a(m=m) @ b_used).unsqueeze(0))) for m in range(max_shift + 1)])
             shift = int(errs.reshape(-1).argmin())
             aq = quant_a(m=shift)
         else:
-            a_s = _argmin_scale(lambda s, bq=bq: fake_quant(a.unsqueeze(0), n_bits, shaped(s)) @ bq, canon, out, grad,
-                                metric, ratios, a_s0, per)
+            a_s = _argmin_scale(lambda s, bq=bq: view(_fq(a.unsqueeze(0), n_bits, shaped(s)) @ bq), score, ratios, a_s0,
+                                per)
             aq = quant_a(a_s)
-        b_s = _argmin_scale(lambda s, aq=aq: aq @ fake_quant(b.unsqueeze(0), n_bits, shaped(s)), canon, out, grad,
-                            metric, ratios, b_s0, per)
-        bq = fake_quant(b, n_bits, shaped(b_s[None])[0])
+        b_s = _argmin_scale(lambda s, aq=aq: view(aq @ _fq(b.unsqueeze(0), n_bits, shaped(s))), score, ratios, b_s0,
+                            per)
+        bq = _fq(b, n_bits, shaped(b_s[None])[0])
 
     def head_scale(s):
         return s.reshape(1, heads, 1, 1) if per_head else s.reshape(())
