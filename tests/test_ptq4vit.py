@@ -61,7 +61,7 @@ def test_capture_gradient_is_the_cross_entropy_gradient():
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with _frozen(model):
         data = capture(model, [(model.head, 1), (model.blocks[1].mlp.fc2, 1)], [(x[:2], y[:2]), (x[2:], y[2:])],
-                       need_grad=True)
+                       need_grad=True, loss="ce")
     (feat,), logits, grad = data[model.head]
     with torch.no_grad():
         ref = model(x)
@@ -92,12 +92,13 @@ def test_weight_search_is_the_hessian_weighted_argmin():
         out = lin(x)
     grad = torch.randn(40, 5) * torch.tensor([0.01, 1, 10, 1, 0.1])
     ratios = torch.linspace(0.3, 1.2, 19)
-    w_s, a_s = search_layer(lin, x, out, grad, 3, 16, False, ratios, rounds=1, per_channel=True)
+    w_s, a_s = search_layer(lin, x, out, grad, 3, 16, ratios, rounds=1, w_groups=5,
+                            w_s0=per_channel_scale(lin.weight, 3))
     assert a_s is None
     assert torch.allclose(w_s.flatten(), _brute_force_weight_scales(lin, x, out, grad, 3, ratios))
     assert (w_s.flatten() != per_channel_scale(lin.weight, 3).flatten()).any()  # the search did move scales
     # per tensor: one scale, the argmin of the summed error
-    w_t, _ = search_layer(lin, x, out, grad, 3, 16, False, ratios, rounds=1, per_channel=False)
+    w_t, _ = search_layer(lin, x, out, grad, 3, 16, ratios, rounds=1, w_s0=symmetric_scale(lin.weight.abs().max(), 3))
     s0 = symmetric_scale(lin.weight.abs().max(), 3)
     errs = [((grad * (F.linear(x, fake_quant(lin.weight, 3, r * s0), lin.bias) - out)) ** 2).sum() for r in ratios]
     assert torch.isclose(w_t, ratios[torch.stack(errs).argmin()] * s0)
@@ -108,7 +109,9 @@ def test_softmax_shift_search_is_the_argmin():
     a = torch.softmax(3 * torch.randn(2, 2, 6, 6), -1)
     b = torch.randn(2, 2, 6, 4)
     out, grad = a @ b, torch.randn(2, 2, 6, 4)
-    qa, qb = search_matmul(a, b, out, grad, 4, True, torch.linspace(0.5, 1.2, 8), rounds=1, max_shift=6)
+    # the paper's twin, b quantized at this initial scale during the shift search
+    qa, qb = search_matmul(a, b, out, grad, 4, torch.linspace(0.5, 1.2, 8), rounds=1, softmax="paper", max_shift=6,
+                           b_s0=symmetric_scale(b.abs().amax(dim=(0, 2, 3), keepdim=True), 4))
     assert isinstance(qa, SoftmaxTwinQuantizer) and isinstance(qb, UniformQuantizer)
     assert qb.scale.shape == (1, 2, 1, 1)  # one scale per head for v
     bq0 = fake_quant(b, 4, symmetric_scale(b.abs().amax(dim=(0, 2, 3), keepdim=True), 4))
@@ -178,3 +181,95 @@ def test_ptq4vit_runs_on_a_cnn():
     with torch.no_grad():
         out = model(x)
     assert F.mse_loss(out, ref) < 0.05 * ref.var()
+
+
+# --------------------------------------------------------------------------- the reference code's PTQ4ViT
+
+
+def test_twin_softmax_reference_by_hand():
+    from craft_runner.compress.quant import twin_softmax_reference
+
+    # k = 4: t = 7 levels above zero per range. Split s = 2^-4 = 1/16, Δ_R1 = 1/112:
+    # below s only R1 moves; above s, round(x·7)/7 on top of R1's full value s.
+    x = torch.tensor([0.0, 0.004, 0.03, 0.0625, 0.2, 0.5, 1.0])
+    expected = torch.tensor([0.0, 0.0, 3 / 112, 7 / 112, 1 / 7 + 1 / 16, 4 / 7 + 1 / 16, 1 + 1 / 16])
+    assert torch.allclose(twin_softmax_reference(x, 4, 4), expected, atol=1e-7)
+    # s = 1/4 (m = 2): round(s·7) = 2 ≠ 0, so even values below s carry the coarse range's 2/7
+    assert torch.allclose(twin_softmax_reference(torch.tensor([0.1]), 4, 2), torch.tensor([2 / 7 + 3 / 28]))
+
+
+def test_ptq4vit_layer_searches_are_the_reference():
+    """Three rounds of Hessian-guided search on a fused qkv Linear (q, k, v scales apart), a
+    post-GELU fc2 and the two attention matmuls, against the reference algorithm (tests/ptq_reference.py)."""
+    from ptq_reference import linear_search, matmul_search
+
+    from craft_runner.compress.search import candidate_ratios
+
+    torch.manual_seed(0)
+    ratios = candidate_ratios(0.01, 1.2, 100)
+    kw = dict(metric="hessian", lo=0.01, hi=1.2, n=100, rounds=3)
+    qkv = nn.Linear(16, 48)
+    x = torch.randn(4, 10, 16)
+    with torch.no_grad():
+        out = qkv(x)
+    grad = torch.randn(4, 10, 48)
+    w_s, a_s = search_layer(qkv, x, out, grad, 4, 8, ratios, 3, "hessian", w_groups=3)
+    w_ref, a_ref = linear_search(x, qkv.weight.detach(), qkv.bias.detach(), out, 4, 8, n_v=3, grad=grad, **kw)
+    assert torch.equal(w_s.flatten()[::16], w_ref) and torch.equal(a_s, a_ref)
+    assert len(w_s.unique()) == 3
+
+    fc2 = nn.Linear(24, 8)
+    h = F.gelu(3 * torch.randn(4, 10, 24))
+    with torch.no_grad():
+        out = fc2(h)
+    grad = torch.randn(4, 10, 8)
+    w_s, a_s = search_layer(fc2, h, out, grad, 6, 6, ratios, 3, "hessian", post_gelu=True)
+    w_ref, a_ref = linear_search(h, fc2.weight.detach(), fc2.bias.detach(), out, 6, 6, gelu=True, grad=grad, **kw)
+    assert torch.equal(w_s.reshape(1), w_ref) and torch.equal(a_s, a_ref)
+
+    q, k = torch.randn(2, 2, 6, 4), torch.randn(2, 2, 4, 6)
+    out, grad = q @ k, torch.randn(2, 2, 6, 6)
+    qa, qb = search_matmul(q, k, out, grad, 6, ratios, 3, "hessian")
+    a_ref, b_ref = matmul_search(q, k, out, 6, grad=grad, **kw)
+    assert torch.equal(qa.scale.flatten(), a_ref) and torch.equal(qb.scale.flatten(), b_ref)
+
+    attn, v = torch.softmax(4 * torch.randn(2, 2, 6, 6), -1), torch.randn(2, 2, 6, 4)
+    out, grad = attn @ v, torch.randn(2, 2, 6, 4)
+    qa, qb = search_matmul(attn, v, out, grad, 4, ratios, 3, "hessian", softmax="reference")
+    split, b_ref = matmul_search(attn, v, out, 4, grad=grad, softmax=True, **kw)
+    assert isinstance(qa, SoftmaxTwinQuantizer) and 2.0 ** -qa.shift == split
+    assert torch.equal(qb.scale.flatten(), b_ref)
+
+
+def test_kl_gradient_is_the_reference_codes_and_vanishes():
+    """hessian_loss=kl: ∂KL(p ‖ softmax(z))/∂O on mini-batches of 4, p the full-batch prediction of the
+    same float model — zero but for rounding, while the paper's cross-entropy gradient is not."""
+    model = small_vit()
+    x = torch.randn(8, 3, 32, 32)
+    with _frozen(model):
+        (_,), _, g_kl = capture(model, [(model.head, 1)], [(x, None)], need_grad=True, loss="kl")[model.head]
+        (_,), _, g_ce = capture(model, [(model.head, 1)], [(x, None)], need_grad=True, loss="ce")[model.head]
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    expected = []
+    for s in range(0, 8, 4):
+        z = model(x[s:s + 4]).detach().requires_grad_(True)
+        F.kl_div(F.log_softmax(z, -1), p[s:s + 4], reduction="batchmean").backward()
+        expected.append(z.grad)
+    assert torch.allclose(g_kl, torch.cat(expected), atol=1e-12)
+    assert g_kl.abs().max() < 1e-6 * g_ce.abs().max()
+
+
+def test_ptq4vit_reference_defaults_on_a_vit():
+    model = small_vit()
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)))]
+    layers = target_layers(model, False)
+    info, scales = ptq4vit(model, layers, PTQConfig(method="ptq4vit", bits="W4A8", scale_steps=10, search_rounds=1),
+                           data)
+    assert (info["quantized_weights"], info["quantized_inputs"], info["quantized_matmuls"]) == (26, 25, 12)
+    assert (info["twin_softmax_matmuls"], info["twin_gelu_layers"], info["hessian_loss"]) == (6, 6, "kl")
+    assert not hasattr(model.patch_embed.proj, "input_quantizer")  # the image stays in float
+    assert scales[model.patch_embed.proj].shape == (model.patch_embed.proj.out_channels, 1, 1, 1)  # per channel
+    assert scales[model.blocks[0].attn.qkv].flatten().unique().numel() == 3  # q, k, v
+    assert scales[model.blocks[0].mlp.fc1].dim() == 0  # one per layer
+    assert model.blocks[0].attn.matmul_av.quant_a.kind == "reference"

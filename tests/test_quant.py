@@ -47,7 +47,8 @@ def test_base_ptq_weights_and_calibrated_activation_scale():
     w0 = [m.weight.detach().clone() for m in (model[0], model[2])]
     batches = [(torch.randn(16, 4), None), (3 * torch.randn(16, 4), None)]
     layers = target_layers(model, skip_first_last=False)
-    base_ptq(model, layers, w_bits=4, a_bits=8, calib_batches=batches)
+    # search=none: the max-based variant (per-channel weights, stem input quantized) this test pins
+    base_ptq(model, layers, PTQConfig(w_bits=4, a_bits=8, search="none"), batches)
     for m, w in zip((model[0], model[2]), w0):
         assert torch.allclose(m.weight, fake_quant(w, 4, per_channel_scale(w, 4)))
         assert m.weight.unique().numel() <= 16 * m.weight.shape[0]
@@ -63,7 +64,7 @@ def test_sixteen_bits_means_not_quantized():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4))
     w0 = model[0].weight.detach().clone()
-    base_ptq(model, target_layers(model, False), w_bits=16, a_bits=32, calib_batches=[(torch.randn(2, 4), None)])
+    base_ptq(model, target_layers(model, False), PTQConfig(w_bits=16, a_bits=32), [(torch.randn(2, 4), None)])
     assert torch.equal(model[0].weight, w0) and not hasattr(model[0], "input_quantizer")
 
 
@@ -119,8 +120,9 @@ def test_ptq_fine_tuning_keeps_weights_quantized(bits):
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     data = [(torch.randn(32, 6), torch.randint(0, 3, (32,))) for _ in range(2)]
     probe = copy.deepcopy(model)
-    apply_compression(probe, PTQConfig(bits=bits), CompressContext(torch.device("cpu"), data))
-    info = apply_compression(model, PTQConfig(bits=bits, finetune_epochs=1),
+    # search=none: the per-channel max grid and quantized stem input this test pins
+    apply_compression(probe, PTQConfig(bits=bits, search="none"), CompressContext(torch.device("cpu"), data))
+    info = apply_compression(model, PTQConfig(bits=bits, finetune_epochs=1, search="none"),
                              CompressContext(torch.device("cpu"), data, sgd_fine_tune(data)))
     assert info["finetune_epochs"] == 1 and info["w_bits"] == 4
     for m, p in ((model[0], probe[0]), (model[2], probe[2])):
@@ -140,7 +142,9 @@ def test_base_ptq_quantizes_vit_attention_matmuls():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    info = apply_compression(model, PTQConfig(bits="W8A8"), CompressContext(torch.device("cpu"), [(x, None)]))
+    # search=none: max-calibrated per-tensor operands (ActQuantizer.max_abs), which this test reads
+    info = apply_compression(model, PTQConfig(bits="W8A8", search="none"),
+                             CompressContext(torch.device("cpu"), [(x, None)]))
     assert info["quantized_matmuls"] == 2 * len(model.blocks)
     mm = model.blocks[0].attn.matmul_av
     assert mm.quant_a.max_abs <= 1.0 and mm.quant_a.max_abs > 0  # attention probabilities
@@ -226,3 +230,202 @@ def test_every_compress_option_end_to_end(option):
         assert tuned == ([cfg.finetune_epochs] if cfg.finetune_epochs else [])
     elif cfg.name == "qat":
         assert info["act_quantizers"] > 0 and tuned == [cfg.epochs]
+
+
+# --------------------------------------------------------------------------- BasePTQ = the reference code's
+
+
+def _fp_io(model, x):
+    """Input and output of every Conv2d/Linear of the full-precision model on x."""
+    rec = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: rec.__setitem__(m, (a[0].detach(), o.detach())))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return rec
+
+
+def _quantized_copy(model, w_scales, a_scales, bits):
+    """The model with each layer's weight quantized per block (w_scales[name]: one scale per block)
+    and its input quantized (a_scales[name]; None: float)."""
+    from ptq_reference import quant
+
+    q = copy.deepcopy(model)
+    for name, m in q.named_modules():
+        if name in w_scales:
+            s = w_scales[name]
+            rows = m.weight.shape[0] // len(s)
+            with torch.no_grad():
+                m.weight.copy_(torch.cat([quant(m.weight[j * rows:(j + 1) * rows], s[j], bits[0])
+                                          for j in range(len(s))]))
+        if a_scales.get(name) is not None:
+            m.register_forward_pre_hook(lambda mod, a, s=a_scales[name]: (quant(a[0], s, bits[1]),))
+    return q
+
+
+def _block_scales(s, n_blocks):
+    """A layer's weight scale as base_ptq returns it (scalar, or one per row) → one per block."""
+    s = s.reshape(-1)
+    return s[::len(s) // n_blocks] if len(s) > 1 else s.expand(n_blocks)
+
+
+def test_base_ptq_is_the_reference_search_on_a_tiny_vit():
+    """W4A6 BasePTQ on timm's test_vit (2 blocks) against an independent run of the reference
+    algorithm: every scale is the reference's choice (or ties with it), the weights are quantized
+    with those scales per block, and the quantized model computes what the reference's would."""
+    import ptq_reference as ref
+    import timm
+    from ptq_reference import conv_search, linear_search, matmul_search, quant
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=5, img_size=32, patch_size=8, depth=2).eval()
+    calib, test = torch.randn(8, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    q = copy.deepcopy(model)
+    info, scales = base_ptq(q, target_layers(q, False), PTQConfig(bits="W4A6"), [(calib, None)])
+    assert (info["quantized_weights"], info["quantized_inputs"], info["quantized_matmuls"]) == (10, 9, 4)
+
+    import types
+
+    def attention(self, x, **_):  # the reference code's attention_forward, operands quantized per head if given
+        B, N, C = x.shape
+        qq, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        (sa, sb), (sc, sd) = getattr(self, "ref_scales", ((None, None), (None, None)))
+        h = (1, self.num_heads, 1, 1)
+
+        def qh(t, s):
+            return t if s is None else quant(t, s.reshape(h), 6)
+        attn = (qh(qq, sa) @ qh(k.transpose(-2, -1), sb) * self.scale).softmax(-1)
+        return self.proj((qh(attn, sc) @ qh(v, sd)).transpose(1, 2).reshape(B, N, C))
+
+    for m in model.modules():
+        if hasattr(m, "qkv"):
+            m.forward = types.MethodType(attention, m)
+    rec, qm = _fp_io(model, calib), dict(q.named_modules())
+    w_ref, a_ref = {}, {}
+    ref.STATS.update(exact=0, tie=0)
+    for name, m in model.named_modules():
+        got = qm[name]
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            n_v = 3 if name.endswith("qkv") else 1
+            follow = (_block_scales(scales[got], n_v), getattr(got, "input_quantizer", None))
+            follow = (follow[0], None if follow[1] is None else follow[1].scale)
+        if isinstance(m, nn.Conv2d):  # the patch embedding: image input in float
+            assert follow[1] is None
+            w_ref[name], a_ref[name] = conv_search(m, *rec[m], 4, 6, quant_input=False, follow=(follow[0][0], None))
+            w_ref[name] = w_ref[name].reshape(1)
+        elif isinstance(m, nn.Linear):
+            x, out = rec[m]
+            x, out = (x, out) if x.dim() == 3 else (x[:, None], out[:, None])
+            w_ref[name], a_ref[name] = linear_search(x, m.weight.detach(), m.bias.detach(), out, 4, 6, n_v=n_v,
+                                                     follow=follow)
+        elif hasattr(m, "qkv"):
+            heads = m.num_heads
+            qkv = rec[m.qkv][1]
+            qq, k, v = qkv.reshape(*qkv.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)
+            mq, mv = got.matmul_qk, got.matmul_av
+            s_qk = matmul_search(qq, k.transpose(-2, -1), qq @ k.transpose(-2, -1), 6,
+                                 follow=(mq.quant_a.scale.flatten(), mq.quant_b.scale.flatten()))
+            attn = (qq @ k.transpose(-2, -1) * m.scale).softmax(-1)
+            s_av = matmul_search(attn, v, attn @ v, 6, follow=(mv.quant_a.scale.flatten(), mv.quant_b.scale.flatten()))
+            m.ref_scales = (s_qk, s_av)  # read by attention(); copied with the model
+    # most choices are the reference's argmax itself; the rest tie with it to float rounding
+    assert ref.STATS["exact"] >= 3 * ref.STATS["tie"], ref.STATS
+
+    for name, s in w_ref.items():
+        rows = qm[name].weight.shape[0] // len(s)
+        w0 = dict(model.named_modules())[name].weight.detach()
+        expected = torch.cat([quant(w0[j * rows:(j + 1) * rows], s[j], 4) for j in range(len(s))])
+        assert torch.equal(qm[name].weight, expected), name
+
+    with torch.no_grad():
+        fp = model(test)
+    ref_q = _quantized_copy(model, w_ref, a_ref, (4, 6))  # its attention modules keep the quantizing forward
+    with torch.no_grad():
+        got, want = q(test), ref_q(test)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, fp, atol=1e-3)  # it did quantize
+
+
+def test_base_ptq_is_the_reference_search_on_a_tiny_cnn():
+    """The same on ResNet-20 at 16x16: one scale per conv weight, cosine over output channels,
+    stem input in float, classifier quantized."""
+    import ptq_reference as ref
+    import timm
+    from ptq_reference import conv_search, linear_search
+
+    import craft_runner.models.cifar  # noqa: F401  (registers resnet20)
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=4).eval()
+    calib, test = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    q = copy.deepcopy(model)
+    info, scales = base_ptq(q, target_layers(q, False), PTQConfig(bits="W4A8"), [(calib, None)])
+    assert (info["quantized_weights"], info["quantized_inputs"], info["quantized_matmuls"]) == (22, 21, 0)
+    rec, qm = _fp_io(model, calib), dict(q.named_modules())
+    w_ref, a_ref = {}, {}
+    ref.STATS.update(exact=0, tie=0)
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        got = qm[name]
+        follow = (scales[got], got.input_quantizer.scale if hasattr(got, "input_quantizer") else None)
+        if isinstance(m, nn.Conv2d):
+            assert (follow[1] is None) == (name == "conv1")
+            w_ref[name], a_ref[name] = conv_search(m, *rec[m], 4, 8, quant_input=name != "conv1", follow=follow)
+        else:
+            x, out = rec[m]
+            w_ref[name], a_ref[name] = linear_search(x[:, None], m.weight.detach(), m.bias.detach(), out[:, None], 4,
+                                                     8, follow=(follow[0].reshape(1), follow[1]))
+        w_ref[name] = w_ref[name].reshape(1)
+    assert ref.STATS["exact"] >= 3 * ref.STATS["tie"], ref.STATS
+    ref_q = _quantized_copy(model, w_ref, a_ref, (4, 8))
+    for name in w_ref:
+        assert torch.equal(qm[name].weight, dict(ref_q.named_modules())[name].weight), name
+    with torch.no_grad():
+        got, want, fp = q(test), ref_q(test), model(test)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, fp, atol=1e-3)
+
+
+def test_ptq_records_quantized_counts_and_reference_defaults():
+    import timm
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32), None)]
+    cases = [(dict(bits="W4A16"), 16, 0), (dict(bits="W8A8"), 16, 15), (dict(bits="W8A8", search="none"), 16, 16),
+             (dict(bits="W16A8"), 0, 15), (dict(bits="W8A8", quant_stem_input=True), 16, 16)]
+    for kw, n_w, n_in in cases:
+        model = timm.create_model("test_resnet", num_classes=4).eval()
+        info = apply_compression(model, PTQConfig(**kw), CompressContext(torch.device("cpu"), data))
+        assert (info["quantized_weights"], info["quantized_inputs"]) == (n_w, n_in), kw
+        assert not hasattr(model.conv1[0], "input_quantizer") or n_in == 16  # conv1.0 takes the image
+    base, p4, old = PTQConfig(), PTQConfig(method="ptq4vit"), PTQConfig(search="none")
+    assert (base.weight_granularity, base.operand_granularity, base.quant_stem_input, base.search_rounds,
+            base.scale_min, base.scale_max, base.scale_steps) == ("tensor", "head", False, 1, 0.5, 1.2, 100)
+    assert (p4.weight_granularity, p4.operand_granularity, p4.quant_stem_input, p4.search_rounds, p4.scale_min,
+            p4.metric, p4.hessian_loss, p4.twin_softmax) == ("mixed", "head", False, 3, 0.01, "hessian", "kl",
+                                                             "reference")
+    assert (old.weight_granularity, old.operand_granularity, old.quant_stem_input) == ("channel", "tensor", True)
+    for kwargs, key in [(dict(weight_granularity="channel"), "weight_granularity"),
+                        (dict(method="ptq4vit", search="none"), "compress.search"),
+                        (dict(hessian_loss="mse"), "hessian_loss"), (dict(twin_softmax="x"), "twin_softmax"),
+                        (dict(operand_granularity="row"), "operand_granularity")]:
+        with pytest.raises(ConfigError, match=key):
+            PTQConfig(**kwargs)
+
+
+def test_experiment_configs_use_the_reference_definitions():
+    from helpers import compose_run
+
+    from craft_runner.config import to_run_config
+
+    for overrides, method, lo, rounds in [(["experiment=craft_table2", "compress.method=ptq4vit"], "ptq4vit", 0.01, 3),
+                                          (["experiment=craft_table2", "compress.method=base"], "base", 0.5, 1),
+                                          (["experiment=craft_table3"], "base", 0.5, 1),
+                                          (["compress=ptq4vit"], "ptq4vit", 0.01, 3)]:
+        c = to_run_config(compose_run(*overrides)).compress
+        assert (c.method, c.scale_min, c.search_rounds, c.scale_steps, c.quant_stem_input) == (
+            method, lo, rounds, 100, False), overrides
+        assert c.weight_granularity == ("mixed" if method == "ptq4vit" else "tensor")

@@ -37,7 +37,8 @@ def _explicit_forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = F
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+    # The scale multiplies q·kᵀ after the matmul, as in the PTQ4ViT code: its operand is q itself.
+    attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
     if attn_mask is not None or is_causal:
         from timm.layers import maybe_add_mask, resolve_self_attn_mask
 
