@@ -182,3 +182,10 @@ def test_a_text_file_as_checkpoint_gives_one_clear_line(tmp_path):
     msg = str(e.value)
     assert "model.checkpoint_path" in msg and "not a readable checkpoint" in msg
     assert "KeyError" not in msg and "\n" not in msg
+
+
+def test_a_compressor_that_does_not_fit_the_model_fails_before_training(tmp_path):
+    cfg = compose_run(*TINY, "compress=tome", tmp_path=tmp_path)  # ToMe on ResNet-20
+    with pytest.raises(ValueError, match="tome needs a timm VisionTransformer"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

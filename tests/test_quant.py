@@ -196,7 +196,7 @@ def test_every_compress_option_end_to_end(option):
 
     cfg = to_run_config(compose_run(f"compress={option}", *OPTION_OVERRIDES.get(option, []))).compress
     torch.manual_seed(0)
-    if option == "ptq4vit":
+    if option in ("ptq4vit", "tome", "token_prune"):  # methods for ViTs only
         model = timm.create_model("test_vit", num_classes=4, img_size=32, patch_size=8)
     else:
         model = timm.create_model("test_resnet", num_classes=4)

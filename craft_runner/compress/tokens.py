@@ -425,7 +425,7 @@ def _record(model: nn.Module, st: _TokenState, cfg, ctx) -> dict:
 # ------------------------------------------------------------------------------------------- compressors
 
 
-@register_compressor("tome", ToMeConfig, label=tome_label)
+@register_compressor("tome", ToMeConfig, label=tome_label, check=lambda model, cfg: _check_vit(model, "tome"))
 def tome(model: nn.Module, layers, cfg: ToMeConfig, ctx) -> dict:
     """Token merging in every block of a timm ViT (in place); returns tokens per block and the speed-up.
     ``layers`` is unused (the method acts on tokens, not on weights)."""
@@ -437,7 +437,8 @@ def tome(model: nn.Module, layers, cfg: ToMeConfig, ctx) -> dict:
             **_record(model, st, cfg, ctx)}
 
 
-@register_compressor("token_prune", TokenPruneConfig, label=token_prune_label)
+@register_compressor("token_prune", TokenPruneConfig, label=token_prune_label,
+                     check=lambda model, cfg: _check_vit(model, "token_prune"))
 def token_prune(model: nn.Module, layers, cfg: TokenPruneConfig, ctx) -> dict:
     """EViT token pruning in the configured blocks of a timm ViT (in place); returns tokens per block
     and the speed-up. ``layers`` is unused."""
