@@ -401,6 +401,11 @@ def test_ptq_records_quantized_counts_and_reference_defaults():
         info = apply_compression(model, PTQConfig(**kw), CompressContext(torch.device("cpu"), data))
         assert (info["quantized_weights"], info["quantized_inputs"]) == (n_w, n_in), kw
         assert not hasattr(model.conv1[0], "input_quantizer") or n_in == 16  # conv1.0 takes the image
+    vit = timm.create_model("test_vit", num_classes=5, img_size=32, patch_size=8, depth=1).eval()
+    info = apply_compression(vit, PTQConfig(search="none", operand_granularity="head"),
+                             CompressContext(torch.device("cpu"), data))
+    mm = vit.blocks[0].attn.matmul_qk
+    assert mm.quant_a.max_abs.shape == (1, vit.blocks[0].attn.num_heads, 1, 1) and info["quantized_matmuls"] == 2
     base, p4, old = PTQConfig(), PTQConfig(method="ptq4vit"), PTQConfig(search="none")
     assert (base.weight_granularity, base.operand_granularity, base.quant_stem_input, base.search_rounds,
             base.scale_min, base.scale_max, base.scale_steps) == ("tensor", "head", False, 1, 0.5, 1.2, 100)
