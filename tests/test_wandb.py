@@ -189,3 +189,26 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     assert [r["id"] for r in runs] == [run_id] * 3
     epochs = [[row["epoch"] for row in r["history"] if "train/loss" in row] for r in runs]
     assert epochs == [[1], [2], [3]]
+
+
+def test_log_report_writes_a_report_run_with_tables_and_images(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from craft_runner.tracking import log_report
+
+    png = tmp_path / "fig.png"
+    plt.plot([0, 1], [1, 0])
+    plt.savefig(png)
+    plt.close()
+    table = pd.DataFrame({"optimizer": ["adam", "sam"], "W4A16": [90.0, 95.0]})
+    run_id = log_report("craft_table2", {"table": table}, [png], LoggerConfig(name="wandb", mode="offline"),
+                        directory=tmp_path)
+    (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    run = run_summary(run_dir)
+    assert run["group"] == "craft_table2" and run["job_type"] == "report" and run["name"] == "report-craft_table2"
+    (row,) = run["history"]
+    assert row["table/_type"] == "table-file" and row["table/nrows"] == 2 and row["fig/_type"] == "image-file"
