@@ -315,9 +315,12 @@ def train_or_load(p: Prepared, tracker=None) -> dict:
     cell = cell_digest(dataclasses.asdict(rc))
     previous = (state or {}).get("wandb") or {}
     tracker.start(previous.get("id") if previous.get("cell") == cell else None)
-    if state is not None and not tracker.resumed:  # epochs trained by another cell's job, or without W&B
+    if state is not None:
+        # The epochs trained before: a new W&B run has none of them; a continued one may lack some (SIGTERM of a
+        # requeue ends the W&B service of the job before the job itself) and drops the steps it already has.
         for record in state["history"]:
-            tracker.log_epoch(record)
+            if record["epoch"] >= tracker.next_step:
+                tracker.log_epoch(record)
     model, world = p.model, distributed.world_size()
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

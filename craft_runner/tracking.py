@@ -37,6 +37,7 @@ ID_FILE = "wandb_id"
 class Tracker(Protocol):
     run_id: Optional[str]
     resumed: bool
+    next_step: int  # the first step (epoch) the W&B run still takes: 0, or a resumed online run's next step
 
     def start(self, state_id: Optional[str] = None) -> None: ...
 
@@ -54,6 +55,7 @@ class Tracker(Protocol):
 class NullTracker:
     run_id: Optional[str] = None
     resumed = False
+    next_step = 0
 
     def start(self, state_id: Optional[str] = None) -> None:
         pass
@@ -272,6 +274,14 @@ class WandbTracker:
                "train/second_pass_share": (record.get("second_passes", 0) / steps) if steps else None}
         row = {k: v for k, v in row.items() if v is not None}
         self._guard("log", lambda: self.run.log(row, step=int(record["epoch"])))
+
+    @property
+    def next_step(self) -> int:
+        """A resumed online run knows the steps it has (it would drop lower ones); an offline run does not."""
+        try:
+            return int(getattr(self.run, "step", 0) or 0) if self.mode == "online" else 0
+        except Exception:
+            return 0
 
     def log(self, metrics: dict) -> None:
         """The run's results, in the summary (no history step)."""

@@ -84,29 +84,43 @@ def test_a_credential_for_a_host_that_answers_goes_online(clean_env, monkeypatch
         server.shutdown()
 
 
-def _config(*overrides):
-    import dataclasses
+def _variant(base: dict, **changes) -> dict:
+    """``base`` with ``group__field=value`` changes (a config dict as results.json holds it)."""
+    import copy
 
-    return dataclasses.asdict(pipeline.to_run_config(compose_run(*TINY, *overrides)))
+    c = copy.deepcopy(base)
+    for key, value in changes.items():
+        group, _, name = key.partition("__")
+        if name:
+            c[group][name] = value
+        else:
+            c[group] = value
+    return c
 
 
 def test_names_are_readable_and_unique_per_cell_and_tags_name_every_choice():
-    names = {o: run_name(_config(*o)) for o in [
-        ("compress=ptq", "compress.bits=W8A8"), ("compress=ptq", "compress.bits=W4A16"),
-        ("compress=ptq", "compress.bits=W4A16", "optimizer.lr=0.01"), ("compress=ptq", "compress.bits=W4A16", "seed=1"),
-        ("compress=ptq", "compress.bits=W4A16", "optimizer=sam"), ("compress=ptq", "compress.bits=W4A16", "arch=snt"),
-        ("compress=ptq", "compress.bits=W4A16", "logger=wandb")]}
-    assert names[("compress=ptq", "compress.bits=W8A8")].startswith("adam-base-W8A8-s0-")
-    assert names[("compress=ptq", "compress.bits=W4A16", "seed=1")].startswith("adam-base-W4A16-s1-")
-    assert names[("compress=ptq", "compress.bits=W4A16", "optimizer=sam")].startswith("sam-base-W4A16-s0-")
-    assert names[("compress=ptq", "compress.bits=W4A16", "arch=snt")].startswith("adam-snt-W4A16-s0-")
-    # where to log is no part of a cell; everything else is
-    w4 = ("compress=ptq", "compress.bits=W4A16")
-    assert names[(*w4, "logger=wandb")] == names[w4]
-    assert len(set(names.values())) == len(names) - 1
-    tags = run_tags(_config("compress=prune", "compress.sparsity=0.5", "optimizer=sam", "seed=3"))
-    assert tags == ["model:resnet20", "dataset:synthetic", "optimizer:sam", "arch:base", "compress:magnitude 50%",
-                    "seed:3"]
+    import dataclasses
+
+    base = dataclasses.asdict(pipeline.to_run_config(compose_run(*TINY, "compress=ptq", "compress.bits=W4A16")))
+    cells = {
+        "w4": base, "w8": _variant(base, compress__w_bits=8, compress__a_bits=8, compress__bits="W8A8"),
+        "lr": _variant(base, optimizer__lr=0.01), "seed": _variant(base, seed=1),
+        "sam": _variant(base, optimizer__name="sam"), "snt": _variant(base, arch__name="snt", arch__preact=True,
+                                                                       arch__rprelu=True),
+        "preact": _variant(base, arch__name="snt", arch__preact=True), "model": _variant(base, model__name="test_vit"),
+    }
+    names = {k: run_name(c) for k, c in cells.items()}
+    assert names["w4"].startswith("adam-base-W4A16-s0-") and names["w8"].startswith("adam-base-W8A8-s0-")
+    assert names["seed"].startswith("adam-base-W4A16-s1-") and names["sam"].startswith("sam-base-W4A16-s0-")
+    assert names["snt"].startswith("adam-snt-W4A16-s0-") and names["preact"].startswith("adam-snt_preact-W4A16-")
+    assert names["lr"].startswith("adam-base-W4A16-s0-") and names["model"].startswith("adam-base-W4A16-s0-")
+    assert len(set(names.values())) == len(names)  # what the readable part omits is in the digest
+    # where results go is no part of a cell
+    assert run_name(_variant(base, logger__name="wandb", logger__group="g", paths__run_dir="x")) == names["w4"]
+    tags = run_tags(_variant(base, optimizer__name="sam", seed=3))
+    assert tags == ["model:resnet20", "dataset:synthetic", "optimizer:sam", "arch:base", "compress:W4A16", "seed:3"]
+    prune = dataclasses.asdict(pipeline.to_run_config(compose_run(*TINY, "compress=prune", "compress.sparsity=0.5")))
+    assert "compress:magnitude 50%" in run_tags(prune) and "-magnitude50%-" in run_name(prune)
 
 
 def _offline_runs(run_dir: Path) -> list[dict]:
@@ -188,7 +202,7 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     runs = _offline_runs(tmp_path / "run") + _offline_runs(tmp_path / "elsewhere")
     assert [r["id"] for r in runs] == [run_id] * 3
     epochs = [[row["epoch"] for row in r["history"] if "train/loss" in row] for r in runs]
-    assert epochs == [[1], [2], [3]]
+    assert epochs == [[1], [1, 2], [1, 2, 3]]  # a continued run logs the state's epochs again (W&B keeps one)
 
 
 def test_log_report_writes_a_report_run_with_tables_and_images(tmp_path):
