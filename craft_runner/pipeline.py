@@ -57,12 +57,11 @@ def _digest(inputs: dict) -> str:
 
 def weights_key(rc: RunConfig) -> dict:
     """Everything that determines the trained weights (not the compression): the inputs of the cache key."""
+    from craft_runner import distributed
     from craft_runner.optim.registry import optimizer_key
 
     parts = {name: {k: v for k, v in dataclasses.asdict(getattr(rc, name)).items() if k not in _NOT_IN_KEY}
              for name in ("model", "dataset", "arch", "train")}
-    from craft_runner import distributed
-
     # Several processes train differently (per-process BatchNorm statistics, SAM's per-process perturbation).
     world = {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
     return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION, **world}

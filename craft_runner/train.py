@@ -247,6 +247,16 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _sum_over_ranks(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """An epoch's loss sum and sample count over every rank (the epoch's loss is the global mean)."""
+    if not _distributed():
+        return total, count
+    dev = total.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.stack([total.detach().double().to(dev), torch.tensor(float(count), dtype=torch.float64, device=dev)])
+    torch.distributed.all_reduce(t)
+    return t[0], int(t[1].item())
+
+
 class _FiniteCheck:
     """Stops training at the first non-finite loss or update gradient.
 
@@ -346,6 +356,7 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
         elapsed = time.perf_counter() - t0
         check.end_of_epoch(model)
         seconds += elapsed
+        total, count = _sum_over_ranks(total, count)
         history.append({"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": sched.get_last_lr()[0],
                         "steps": steps, "second_passes": second_passes, "seconds": elapsed})
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, cfg.epochs, history[-1]["loss"])
@@ -373,7 +384,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch
     """Top-1 accuracy in percent."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    # One process's own test set: no all-gather, even inside a process group (rank 0 evaluates alone).
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False).to(device)
     was_training = model.training
     model.eval()
     for x, y in loader:

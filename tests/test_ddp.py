@@ -177,8 +177,12 @@ def test_torchrun_two_cpu_processes_write_one_run_and_match_one_process(tmp_path
     w1 = load_checkpoint(cache / r1["cache_key"] / "model.pt", "cpu", ("model",))["model"]
     w2 = load_checkpoint(cache / r2["cache_key"] / "model.pt", "cpu", ("model",))["model"]
     assert w1.keys() == w2.keys()
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
+    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1 if w1[k].is_floating_point()])
+    # Equal up to float summation order: Adam turns the rounding noise of gradients that are zero in exact
+    # arithmetic (the attention's key bias) into steps of up to lr; 99.9 % of the weights agree to 1e-6 (a wrong
+    # share of the batch on a process moves most weights by about lr).
+    assert diff.max() < 1e-4 and diff.kthvalue(int(0.999 * len(diff))).values < 1e-6, diff.max()
+    # the epoch loss is the mean over both processes' shares
     assert [h["loss"] for h in r2["train"]["history"]] == pytest.approx([h["loss"] for h in r1["train"]["history"]],
                                                                         rel=1e-5)
 

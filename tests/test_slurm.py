@@ -155,3 +155,28 @@ def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_
     # the requeued attempt logs the epochs of the training state (the first attempt's W&B service may have
     # died before writing them), then the ones it trains
     assert epochs[1] == list(range(1, EPOCHS + 1)), epochs
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_train_one_run_with_ddp(tmp_path):
+    """hydra.launcher.tasks_per_node=2 on the one-node cluster (CPU, gloo): the SLURM tasks join one process group
+    (craft_runner.distributed reads SLURM_PROCID/SLURM_NTASKS) and write one results.json with world_size 2."""
+    _slurm_or_skip()
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "craft_runner.run", "-m", "hydra/launcher=local_slurm",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4", *TINY,
+           "device=cpu", "optimizer=adam,sam",
+           f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    p = None
+    try:
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        if p is None or p.returncode != 0:
+            ids = {d.name.split("_")[0] for d in (sweep / ".submitit").glob("*") if d.is_dir()}
+            if ids and shutil.which("scancel"):
+                subprocess.run(["scancel", *sorted(ids)], capture_output=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    results = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
+    assert sorted(r["config"]["optimizer"]["name"] for r in results) == ["adam", "sam"]
+    assert all(r["status"] == "ok" and r["world_size"] == 2 for r in results), results
