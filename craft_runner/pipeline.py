@@ -58,11 +58,14 @@ def _digest(inputs: dict) -> str:
 
 def weights_key(rc: RunConfig) -> dict:
     """Everything that determines the trained weights (not the compression): the inputs of the cache key."""
+    from craft_runner import distributed
     from craft_runner.optim.registry import optimizer_key
 
     parts = {name: {k: v for k, v in dataclasses.asdict(getattr(rc, name)).items() if k not in _NOT_IN_KEY}
              for name in ("model", "dataset", "arch", "train")}
-    return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION}
+    # Several processes train differently (per-process BatchNorm statistics, SAM's per-process perturbation).
+    world = {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
+    return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION, **world}
 
 
 def cache_key(rc: RunConfig) -> str:
@@ -83,16 +86,100 @@ def cache_entry(directory: Path, inputs: dict) -> Path:
     return directory
 
 
+def _read_json(path: Path) -> dict:
+    from craft_runner.train import CheckpointError
+
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read: it is truncated or not JSON ({e}); delete it to measure "
+                              f"again") from None
+
+
 @contextlib.contextmanager
 def locked(directory: Path):
-    """One process at a time trains a given cache key (jobs of a sweep share keys)."""
+    """One process at a time trains a given cache key (jobs of a sweep share keys); a job that has to wait
+    says so, naming the holder."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = directory / ".lock"
+    with open(path, "a+") as f:  # "a+": never truncates what the holder wrote
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another job"
+            log.info("waiting for the training lock %s, held by %s: it trains or measures this cache key, which "
+                     "this job then loads", path, holder)
+            t0 = time.perf_counter()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log.info("got the lock %s after %.0f s", path, time.perf_counter() - t0)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+        f.flush()
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------- skip and plan
+
+# Fields that say how to run a cell, not what it computes: a rerun with another value still skips.
+_NOT_COMPARED = ("rerun", "dry_run")
+
+
+def _comparable(config: dict) -> dict:
+    c = json.loads(json.dumps(config, sort_keys=True, default=str))
+    return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
+
+
+def previous_result(rc: RunConfig) -> Optional[dict]:
+    """The run directory's results.json when it is ok and was made by the same config, else None."""
+    if not rc.paths.run_dir:
+        return None
+    try:
+        r = json.loads((Path(rc.paths.run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if r.get("status") == "ok" and isinstance(r.get("config"), dict) and \
+            _comparable(r["config"]) == _comparable(dataclasses.asdict(rc)):
+        return r
+    return None
+
+
+def plan_cell(cfg) -> dict:
+    """What running ``cfg`` would do, without doing it: its training's cache key, whether the weights are
+    cached, whether the run is done already (skipped), or why its config is refused."""
+    paths = cfg.get("paths") if hasattr(cfg, "get") else getattr(cfg, "paths", None)
+    run_dir = paths.get("run_dir") if hasattr(paths, "get") else getattr(paths, "run_dir", None)
+    try:
+        rc = to_run_config(cfg)
+    except (ConfigError, TypeError) as e:
+        return {"run_dir": run_dir, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+    key = cache_key(rc)
+    return {"run_dir": rc.paths.run_dir, "cache_key": key,
+            "cached": (Path(rc.paths.cache_dir) / key / "model.pt").exists(),
+            "done": previous_result(rc) is not None and not rc.rerun}
+
+
+def describe_plan(cells: list[dict]) -> str:
+    """A listing of :func:`plan_cell` results: one line per cell, then the unique trainings among them."""
+    lines = []
+    for c in cells:
+        name = c.get("label") or (Path(c["run_dir"]).name if c.get("run_dir") else "(run)")
+        if "error" in c:
+            lines.append(f"  {name}: invalid: {c['error']}")
+            continue
+        state = "done (results.json ok): skipped" if c["done"] else "runs"
+        lines.append(f"  {name}: training {c['cache_key']} ({'cached' if c['cached'] else 'to train'}), {state}")
+    valid = [c for c in cells if "error" not in c]
+    cached = {c["cache_key"]: c["cached"] for c in valid}
+    to_train = {c["cache_key"] for c in valid if not c["done"] and not c["cached"]}
+    summary = (f"{len(cells)} cells, {len(cached)} unique trainings ({sum(cached.values())} cached, "
+               f"{len(to_train)} to train), {sum(c['done'] for c in valid)} cells done already, "
+               f"{len(cells) - len(valid)} invalid")
+    return "\n".join(["craft-run plan:", *lines, summary])
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -114,6 +201,7 @@ class Prepared:
 
 def prepare(cfg) -> Prepared:
     """Everything that can fail on bad input, before anything is trained or written."""
+    from craft_runner import distributed
     from craft_runner.compress import check_compression
     from craft_runner.data import build_data
     from craft_runner.models import check_model_name, create_model, model_data_config
@@ -121,7 +209,11 @@ def prepare(cfg) -> Prepared:
 
     rc = to_run_config(cfg)
     check_model_name(rc.model.name)
-    device = resolve_device(rc.device)
+    world = distributed.world_size()
+    if rc.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={rc.train.batch_size} is not allowed: expected a multiple of the "
+                          f"{world} processes (it is the global batch; each process takes an equal share)")
+    device = distributed.local_device(resolve_device(rc.device))
     seed_everything(rc.seed)
     data_config = model_data_config(rc.model.name)
     data = build_data(rc.dataset, img_size=data_config["input_size"][-1], data_dir=rc.paths.data_dir,
@@ -145,7 +237,7 @@ class Diagnostics:
         self.dir = p.cache_dir / "diagnostics" / _digest(inputs)
         self._inputs = inputs
         self.path = self.dir / "diagnostics.json"
-        self.results: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.results: dict = _read_json(self.path) if self.path.exists() else {}
         self._batches = None
         self.enabled = s.enabled
 
@@ -180,25 +272,73 @@ class Diagnostics:
         return {when: d for when, d in self.results.items() if getattr(s, when)}
 
 
-def train_or_load(p: Prepared) -> dict:
-    """Load the cached weights for this key, or train (resuming from the last epoch) and cache them."""
-    from craft_runner import train
-    from craft_runner.optim import build_optimizer
+def load_cached_weights(path: Path, device: torch.device) -> dict:
+    """The cache entry ``model.pt``, read with weights_only=True; a damaged, foreign or non-finite one raises
+    a one-line CheckpointError naming it (delete it to train again)."""
+    from craft_runner.train import CheckpointError, load_checkpoint, nonfinite_weights
 
+    fix = f"delete it (rm {path}) to train again"
+    st = load_checkpoint(path, device, ("model", "meta"), fix=fix)
+    if not isinstance(st["model"], dict) or nonfinite_weights(st["model"]):
+        raise CheckpointError(f"{path} cannot be used: its weights are not all finite; {fix}")
+    return st
+
+
+def train_or_load(p: Prepared, tracker=None) -> dict:
+    """Load the cached weights for this key, or train (resuming from the last epoch) and cache them.
+
+    Weights are cached only when every loss, gradient and weight of the training was finite
+    (:class:`craft_runner.train.NonFiniteError` otherwise, the last good epoch's state kept). ``tracker`` gets
+    the per-epoch records as training goes (those of cached weights at once) and the W&B id is kept in the
+    training state. In a distributed run every rank trains its share under DistributedDataParallel; rank 0
+    alone reads or writes the cache entry (the other ranks return ``{"trained": None}`` when it is cached).
+    """
+    from craft_runner import distributed, train
+    from craft_runner.optim import build_optimizer
+    from craft_runner.tracking import NullTracker, cell_digest
+
+    tracker = tracker or NullTracker()
     rc, cache_dir = p.rc, p.cache_dir
-    final = cache_dir / "model.pt"
-    if final.exists():
-        st = torch.load(final, map_location=p.device, weights_only=False)
+    final, state_path = cache_dir / "model.pt", cache_dir / "state.pt"
+    if distributed.broadcast(final.exists() if distributed.is_main() else None):
+        if not distributed.is_main():
+            return {"trained": None}
+        st = load_cached_weights(final, p.device)
         p.model.load_state_dict(st["model"])
         log.info("loaded cached weights %s (no training)", final)
+        tracker.start()
+        if not tracker.resumed:  # the curves of the training that made these weights
+            for record in st["meta"].get("history", []):
+                tracker.log_epoch(record)
         return {**st["meta"], "trained": False}
-    opt = build_optimizer(p.model, rc.optimizer)
-    loader = p.data.train_loader(rc.train.batch_size, rc.seed, p.device, rc.dataset)
-    info = train.fit(p.model, loader, opt, rc.train, p.device, state_path=cache_dir / "state.pt",
-                     desc=rc.optimizer.name)
+    state = train.load_state(state_path)
+    cell = cell_digest(dataclasses.asdict(rc))
+    previous = (state or {}).get("wandb") or {}
+    tracker.start(previous.get("id") if previous.get("cell") == cell else None)
+    if state is not None:
+        # The epochs trained before: a new W&B run has none of them; a continued one may lack some (SIGTERM of a
+        # requeue ends the W&B service of the job before the job itself) and drops the steps it already has.
+        for record in state["history"]:
+            if record["epoch"] >= tracker.next_step:
+                tracker.log_epoch(record)
+    model, world = p.model, distributed.world_size()
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(p.model, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+    opt = build_optimizer(model, rc.optimizer)
+    loader = p.data.train_loader(rc.train.batch_size, rc.seed, p.device, rc.dataset, distributed.rank(), world)
+    extra = {"wandb": {"id": tracker.run_id, "cell": cell}} if tracker.run_id else {}
+    info = train.fit(model, loader, opt, rc.train, p.device, state_path=state_path, desc=rc.optimizer.name,
+                     on_epoch=tracker.log_epoch, state=state, extra_state=extra, save_state=distributed.is_main())
     meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction")}
-    atomic_save({"model": p.model.state_dict(), "meta": meta}, final)
-    (cache_dir / "state.pt").unlink(missing_ok=True)
+    meta["world_size"] = world
+    if distributed.is_main():
+        if train.nonfinite_weights(p.model):  # fit checks every epoch; never cache what it would have refused
+            raise train.NonFiniteError(f"non-finite weights after training {rc.optimizer.name}: nothing cached")
+        atomic_save({"model": p.model.state_dict(), "meta": meta}, final)
+        state_path.unlink(missing_ok=True)
+    distributed.barrier()  # the other ranks leave once the weights are cached
     return {**meta, "trained": True, "resumed_from": info["resumed_from"]}
 
 
@@ -270,42 +410,76 @@ def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
 
 
 def record(results: dict, run_dir: Path, tracker) -> None:
-    """A finished run: results.json (atomically, whatever W&B does), then the tracker."""
+    """A finished run: results.json (atomically, whatever W&B does), then the tracker's summary."""
     results["status"] = "ok"
     atomic_write_json(results, run_dir / "results.json")
     metrics = results["metrics"]
-    tracker.log(metrics)
+    tracker.log({**metrics, "world_size": results.get("world_size", 1)})
     log.info("%s: fp %.2f%%%s, λmax %s", results["config"]["name"], metrics["fp_acc"],
              f", compressed {metrics['compressed_acc']:.2f}% ({metrics['drop']:+.2f})"
              if "compressed_acc" in metrics else "",
              f"{metrics['lambda_max_after']:.4g}" if "lambda_max_after" in metrics else "n/a")
 
 
-def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> dict:
+def _previous_status(run_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _figures(sharpness: dict) -> dict:
+    """The diagnostics' PNG plots as ``{"diagnostics/<when>/<name>": path}``."""
+    out = {}
+    for when, d in sharpness.items():
+        plots = d.get("plots") or {}
+        items = plots.items() if isinstance(plots, dict) else ((Path(p).stem, p) for p in plots)
+        out.update({f"diagnostics/{when}/{name}": path for name, path in items if Path(path).exists()})
+    return out
+
+
+def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional[dict]:
     """Run every stage; returns the metrics dict and writes ``results.json`` in ``paths.run_dir``.
 
+    A run whose ``results.json`` is already ok for the same config is skipped (its metrics returned) unless
+    ``rerun``; the file says ``running`` while the run works, then ``ok`` or ``failed`` with the reason.
+
     ``on_start(rc)`` runs once the input is known to be good (config, data root, model, compression),
-    before anything is trained or written.
+    before anything is trained or written. In a distributed run (craft_runner.distributed) rank 0 writes
+    everything and returns the metrics; the other ranks help train and return None.
     """
-    p = prepare(cfg)
-    rc = p.rc
+    from craft_runner import distributed
+
+    rc = to_run_config(cfg)
+    done = previous_result(rc)
+    if done is not None and not rc.rerun:
+        log.info("%s: already done (results.json ok, same config): skipped; rerun=true runs it again",
+                 rc.paths.run_dir)
+        return done["metrics"]
+    p = prepare(rc)
     run_dir = Path(rc.paths.run_dir or "outputs/last")
     if on_start is not None:
         on_start(rc)
+    if not distributed.is_main():
+        train_or_load(p)
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = dataclasses.asdict(rc)
     cache_dir = cache_entry(p.cache_dir, weights_key(rc))
-    tracker = make_tracker(rc.logger, config_dict, run_dir, rc.name)
+    # Continue the W&B run of this directory unless its last attempt finished ok (then this is a new run).
+    tracker = make_tracker(rc.logger, config_dict, run_dir, reuse_run_dir_id=_previous_status(run_dir) != "ok")
     results = {"config": config_dict, "cache_key": cache_dir.name, "versions": _versions(),
-               "device": _device_name(p.device), "status": "running",
+               "device": _device_name(p.device), "world_size": distributed.world_size(), "status": "running",
                **({"slurm": job} if (job := _scheduler_job()) else {})}
     status = "failed"
+    atomic_write_json(results, run_dir / "results.json")  # a run that dies hard stays "running", never "ok"
     try:
         diagnostics = Diagnostics(p)
         with locked(cache_dir):
             diagnostics.measure("before")
-            train_info = train_or_load(p)
+            train_info = train_or_load(p, tracker)
             diagnostics.measure("after")
+        tracker.start()
         metrics = {**diagnostics.metrics(), "train_seconds": train_info["train_seconds"],
                    "trained": train_info["trained"], "second_pass_fraction": train_info.get("second_pass_fraction")}
         t0 = time.perf_counter()
@@ -315,11 +489,13 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> dict:
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]
         metrics["eval_seconds"] = time.perf_counter() - t0
         results.update(metrics=metrics, train=train_info, sharpness=diagnostics.record())
+        results["wandb"] = tracker.info() or None
         record(results, run_dir, tracker)
+        tracker.log_images(_figures(results["sharpness"]))
         status = "ok"
         return metrics
     except BaseException as e:
-        results.update(status="failed", error=f"{type(e).__name__}: {e}")
+        results.update(status="failed", error=f"{type(e).__name__}: {e}", wandb=tracker.info() or None)
         atomic_write_json(results, run_dir / "results.json")
         raise
     finally:

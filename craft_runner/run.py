@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from craft_runner.config import register_configs
@@ -32,37 +34,96 @@ def job_dirname(overrides: str, limit: int = 120) -> str:
 OmegaConf.register_new_resolver("craft.dirname", job_dirname, replace=True)
 
 
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def record_failure(run_dir: Path, error: str, overrides: list[str]) -> None:
+    """A cell that failed before the pipeline could write its results.json (e.g. a bad value): a results.json
+    with status failed and the reason, so the sweep's summary and a rerun see it."""
+    from craft_runner.atomic import atomic_write_json
+
+    path = run_dir / "results.json"
+    try:
+        if json.loads(path.read_text()).get("status") == "failed":
+            return  # the pipeline recorded it, with its config
+    except (OSError, ValueError):
+        pass
+    atomic_write_json({"status": "failed", "error": error, "overrides": overrides}, path)
+
+
+def fill_from_hydra(cfg: DictConfig, hc: DictConfig, run_dir: Path) -> None:
+    """What only Hydra knows (``hc``: the job's hydra node): the run directory, and the W&B group (the
+    experiment, else the sweep directory of a multirun)."""
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        if cfg.get("logger") is not None and cfg.logger.get("group") is None:
+            experiment = hc.runtime.choices.get("experiment")
+            if experiment:
+                cfg.logger.group = str(experiment)
+            elif hc.mode == RunMode.MULTIRUN:
+                cfg.logger.group = str(hc.sweep.dir)
+
+
 def task_wrapper(task):
     """What every job needs around the pipeline: its Hydra config and log saved in the run directory once
-    the input is known to be good, bad input reported in one line (exit 2) with no run directory left."""
+    the input is known to be good; errors reported in one line.
+
+    A single run exits with 2 on bad input (no run directory left) and 1 on a failed run (results.json says why).
+    A job of a multirun never ends the sweep: its failure is recorded in its results.json (status failed, the
+    reason) and the job returns, so the other cells run; the sweep's callback
+    (:class:`craft_runner.callbacks.SweepCallback`) lists the failed cells at the end and exits non-zero.
+    """
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        with open_dict(cfg):
-            cfg.paths.run_dir = str(run_dir)
+        from craft_runner import distributed
+        from craft_runner.train import RunError
+
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        distributed.setup(str(cfg.get("device", "auto")))
+        run_dir = distributed.agree_on_run_dir(Path(hc.runtime.output_dir))
+        main = distributed.is_main()  # rank 0 of a distributed run writes and reports
+        fill_from_hydra(cfg, hc, run_dir)
         handler = None
 
         def on_start(rc) -> None:
             nonlocal handler
+            if not main:
+                return
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml")
-            OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), run_dir / "overrides.yaml")
+            OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), run_dir / "overrides.yaml")
             handler = logging.FileHandler(run_dir / "run.log")
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             logging.getLogger().addHandler(handler)
 
         try:
             return task(cfg, on_start)
-        except (ValueError, TypeError) as e:  # ConfigError and the library's input errors: one line
+        except (ValueError, TypeError, RunError) as e:  # bad input, a non-finite or unreadable run: one line
             log.debug("error", exc_info=True)
-            _remove_if_empty(run_dir)
-            print(f"craft-run: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            failure, code = _one_line(e), (1 if isinstance(e, RunError) else 2)
+        except Exception as e:
+            if not multirun:
+                raise
+            log.exception("%s failed", run_dir)
+            failure, code = f"{type(e).__name__}: {_one_line(e)}", 1
         finally:
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
                 handler.close()
+            distributed.shutdown()
+        prefix = f"craft-run: error: {run_dir.name}: " if multirun else "craft-run: error: "
+        if main:
+            print(prefix + failure, file=sys.stderr)
+        if not multirun:
+            _remove_if_empty(run_dir)
+            sys.exit(code)
+        if main:
+            record_failure(run_dir, failure, list(hc.overrides.task))
+        return None
 
     return wrapped
 
@@ -78,7 +139,13 @@ def _remove_if_empty(path: Path) -> None:
 def _task(cfg: DictConfig, on_start) -> float | None:
     from craft_runner import pipeline
 
+    if cfg.get("dry_run"):
+        _remove_if_empty(Path(cfg.paths.run_dir))
+        print(pipeline.describe_plan([pipeline.plan_cell(cfg)]))
+        return None
     metrics = pipeline.run(cfg, on_start=on_start)
+    if metrics is None:  # a rank other than 0 of a distributed run: rank 0 records
+        return None
     return pipeline.optimized_value(cfg.get("optimized_metric"), metrics)
 
 

@@ -228,6 +228,10 @@ class RunConfig:
     name: str = "run"
     # The metric craft-run returns to a Hydra sweeper; null: compressed_acc when compressing, else fp_acc.
     optimized_metric: Optional[str] = None
+    # A run whose results.json is already ok for the same config is skipped unless rerun=true.
+    rerun: bool = False
+    # List the cells, the trainings they need (cache keys) and what is cached or done, then stop.
+    dry_run: bool = False
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,

@@ -23,6 +23,60 @@ from craft_runner.schema import TrainConfig
 log = logging.getLogger(__name__)
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (non-finite training, an unreadable cache file); the message is one line."""
+
+
+class NonFiniteError(RunError):
+    """Training produced a non-finite loss, gradient or weight; nothing of it is cached."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint or cache file that is truncated, foreign, or holds more than tensors and plain containers."""
+
+
+def _first_line(e: BaseException, limit: int = 120) -> str:
+    """An exception's type and the first sentence of its message."""
+    text = str(e).strip().splitlines()
+    first = text[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(e).__name__}: {first}"[:limit] if first else type(e).__name__
+
+
+def load_checkpoint(path: Path, map_location=None, required: tuple = (), fix: str = "delete it") -> dict:
+    """``torch.load(weights_only=True)`` of a dict holding ``required``; anything else raises a one-line
+    :class:`CheckpointError` naming the file and ``fix``. A pickle that needs code to load is refused unread."""
+    import pickle
+
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            reason = ("it holds Python objects other than tensors and plain containers "
+                      "(refused: loading it could run code)")
+        else:
+            reason = f"it is not a torch checkpoint ({_first_line(e)})"
+    except Exception as e:  # weights_only runs no code: anything else is a damaged file (KeyError, EOFError, ...)
+        reason = f"it is truncated or not a torch checkpoint ({_first_line(e)})"
+    else:
+        missing = [k for k in required if not isinstance(st, dict) or k not in st]
+        if not missing:
+            return st
+        reason = f"it is not a craft-runner checkpoint (no {', '.join(map(repr, missing))})"
+    raise CheckpointError(f"{path} cannot be loaded: {reason}; {fix}")
+
+
+def nonfinite_tensors(tensors) -> bool:
+    """True if any floating-point tensor holds an inf or a NaN (one fused norm, one sync)."""
+    floats = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
+    return bool(floats) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(floats)))
+
+
+def nonfinite_weights(state_or_model) -> bool:
+    """Any non-finite parameter or buffer in a model or a state dict."""
+    tensors = state_or_model.values() if isinstance(state_or_model, dict) else state_or_model.state_dict().values()
+    return nonfinite_tensors(tensors)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -87,7 +141,8 @@ def _local_grads(model: nn.Module, local: bool):
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, opt: torch.optim.Optimizer,
-               cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+               cfg: TrainConfig, device: torch.device,
+               check: Optional[Callable[[torch.Tensor, nn.Module], None]] = None) -> torch.Tensor:
     """One optimizer step; returns the loss at the unperturbed weights (detached).
 
     A two-pass (sharpness-aware) optimizer is asked whether *this* step needs the gradient at perturbed
@@ -97,6 +152,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Call
     the reference implementations, m-sharpness with m = the per-rank batch), and the second backward is
     all-reduced, so every rank applies the same mean of the perturbed gradients. Clipping acts on the
     gradient the base optimizer gets. The second pass never updates BatchNorm running statistics.
+    ``check(loss, model)`` sees the loss and the update gradient just before the optimizer step (it may raise,
+    leaving the weights as they were).
     """
     two_pass = is_two_pass(opt)
     second = two_pass and needs_second_pass(opt)
@@ -114,9 +171,13 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Call
         unperturb = getattr(opt, "unperturb", None)
         if unperturb is not None:
             unperturb()  # weights back at w, .grad = the update gradient (LookSAM composes it here)
+        if check is not None:
+            check(loss, model)
         _clip(model, cfg.grad_clip)
         opt.second_step(zero_grad=True)
     else:
+        if check is not None:
+            check(loss, model)
         _clip(model, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,9 +200,119 @@ def _load_loader_state(loader, state: Optional[dict]) -> None:
         loader.generator.set_state(state["generator"])
 
 
+def _rng_state() -> dict:
+    """Every RNG a training step may draw from, as tensors and plain numbers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss": gauss_next}}
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"].cpu())
+    if st.get("cuda") and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+STATE_KEYS = ("model", "optimizer", "scheduler", "loader", "epoch", "history", "train_seconds", "rng")
+
+
+def load_state(state_path: Path) -> Optional[dict]:
+    """The training state at ``state_path`` (None when there is none); a damaged one raises CheckpointError."""
+    if not Path(state_path).exists():
+        return None
+    return load_checkpoint(state_path, "cpu", STATE_KEYS,
+                           fix=f"delete it (rm {state_path}) to train from the start")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or'ed over the ranks of a process group (so that every rank stops together)."""
+    if not _distributed():
+        return flag
+    dev = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(float(flag), device=dev)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _sum_over_ranks(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """An epoch's loss sum and sample count over every rank (the epoch's loss is the global mean)."""
+    if not _distributed():
+        return total, count
+    dev = total.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.stack([total.detach().double().to(dev), torch.tensor(float(count), dtype=torch.float64, device=dev)])
+    torch.distributed.all_reduce(t)
+    return t[0], int(t[1].item())
+
+
+class _FiniteCheck:
+    """Stops training at the first non-finite loss or update gradient.
+
+    On the CPU the check runs every step, before the optimizer step (a host sync costs nothing there), so the
+    weights stay as they were. On CUDA the step index of the first non-finite value is kept on the device and
+    read once at the end of the epoch (no sync per step); the epoch's weights are then discarded, never saved.
+    """
+
+    def __init__(self, device: torch.device, epoch: int, epochs: int, steps: int, lazy: Optional[bool] = None):
+        self.device, self.epoch, self.epochs, self.steps = device, epoch, epochs, steps
+        self.step = 0
+        self.lazy = device.type == "cuda" if lazy is None else lazy
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device) if self.lazy else None
+
+    def error(self, what: str, step: int) -> NonFiniteError:
+        last = f"epoch {self.epoch}" if self.epoch > 0 else "none: the initial weights"
+        return NonFiniteError(
+            f"non-finite {what} at epoch {self.epoch + 1}/{self.epochs}, step {step}/{self.steps}: training stopped "
+            f"and nothing cached (last good checkpoint: {last}); lower optimizer.lr or set train.grad_clip")
+
+    def __call__(self, loss: torch.Tensor, model: nn.Module) -> None:
+        self.step += 1
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        if not self.lazy:
+            if not bool(torch.isfinite(loss)):
+                raise self.error("loss", self.step)
+            if not bool(torch.isfinite(norm)):
+                raise self.error("gradient", self.step)
+            return
+        loss_ok, grad_ok = torch.isfinite(loss.detach().float()), torch.isfinite(norm)
+        code = torch.where(loss_ok, 1, 0) + 2 * self.step  # odd: the gradient, even: the loss
+        self.first_bad = torch.where((self.first_bad < 0) & ~(loss_ok & grad_ok), code, self.first_bad)
+
+    def end_of_epoch(self, model: nn.Module) -> None:
+        """The deferred CUDA check and the weights (an update can overflow with finite gradients)."""
+        bad = None
+        if self.lazy and (code := int(self.first_bad)) >= 0:
+            bad = self.error("gradient" if code % 2 else "loss", code // 2)
+        elif nonfinite_weights(model):
+            bad = self.error("weights", self.step)
+        if _any_rank(bad is not None, self.device):
+            raise bad or self.error("loss or gradient on another rank", self.step)
+
+
 def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device,
-        state_path: Optional[Path] = None, desc: str = "train") -> dict:
+        state_path: Optional[Path] = None, desc: str = "train", on_epoch: Optional[Callable[[dict], None]] = None,
+        state: Optional[dict] = None, extra_state: Optional[dict] = None, save_state: bool = True) -> dict:
     """Train for ``cfg.epochs``; with ``state_path``, checkpoint every epoch and resume from it.
+
+    ``state``: the checkpoint already read from ``state_path`` (:func:`load_state`), else it is read here.
+    ``on_epoch(record)`` runs after each epoch, before its checkpoint, with ``{"epoch", "loss", "lr", "steps",
+    "second_passes", "seconds"}``. ``extra_state`` is stored in every checkpoint (e.g. the W&B run id);
+    ``save_state=False`` reads but never writes it (the ranks other than 0 of a distributed run).
+    A non-finite loss, gradient or weight raises :class:`NonFiniteError` (one line naming the epoch and step)
+    and leaves the last good checkpoint as it was.
 
     Returns ``{"train_seconds", "epochs", "history", "resumed_from", "steps", "second_pass_fraction"}``:
     ``train_seconds`` is the wall time of the training epochs (end to end, no checkpoint writing), summed over
@@ -151,49 +322,60 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
     # The schedule drives the base optimizer of a sharpness-aware wrapper (they share param_groups).
     sched = build_scheduler(getattr(opt, "base_optimizer", opt), cfg, len(loader))
     start, history, seconds = 0, [], 0.0
-    if state_path is not None and Path(state_path).exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        _load_loader_state(loader, st["loader"])
-        torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
-        start, history, seconds = st["epoch"], st["history"], st["train_seconds"]
+    if state is None and state_path is not None:
+        state = load_state(state_path)
+    if state is not None:
+        _unwrapped(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _load_loader_state(loader, state["loader"])
+        _set_rng_state(state["rng"])
+        start, history, seconds = state["epoch"], list(state["history"]), state["train_seconds"]
         log.info("resuming %s from epoch %d of %d (%s)", desc, start, cfg.epochs, state_path)
     resumed_from = start
+    sampler = getattr(loader, "sampler", None)
     for epoch in range(start, cfg.epochs):
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new order every epoch
+            sampler.set_epoch(epoch)
         model.train()
         t0 = time.perf_counter()
         total, count, steps, second_passes = torch.zeros((), device=device), 0, 0, 0
+        check = _FiniteCheck(device, epoch, cfg.epochs, len(loader))
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if cfg.progress else True)
         for x, y in bar:
             x, y = to_device(x, y, device, cfg.channels_last)
             second_passes += needs_second_pass(opt)
-            loss = train_step(model, x, y, loss_fn, opt, cfg, device)
+            loss = train_step(model, x, y, loss_fn, opt, cfg, device, check=check)
             sched.step()
             total += loss * len(y)
             count += len(y)
             steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        check.end_of_epoch(model)
+        seconds += elapsed
+        total, count = _sum_over_ranks(total, count)
         history.append({"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": sched.get_last_lr()[0],
-                        "steps": steps, "second_passes": second_passes})
+                        "steps": steps, "second_passes": second_passes, "seconds": elapsed})
         log.info("%s epoch %d/%d: loss %.4f", desc, epoch + 1, cfg.epochs, history[-1]["loss"])
-        if state_path is not None:
+        if on_epoch is not None:  # before the checkpoint: a record is never lost (a resumed epoch repeats it)
+            on_epoch(dict(history[-1]))
+        if state_path is not None and save_state:
             atomic_save({
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "loader": _loader_state(loader), "epoch": epoch + 1, "history": history,
-                "train_seconds": seconds,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "model": _unwrapped(model).state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "loader": _loader_state(loader), "epoch": epoch + 1,
+                "history": history, "train_seconds": seconds, "rng": _rng_state(), **(extra_state or {}),
             }, state_path)
     steps = sum(h.get("steps", 0) for h in history)
     passes = sum(h.get("second_passes", 0) for h in history)
     return {"train_seconds": seconds, "epochs": cfg.epochs, "history": history, "resumed_from": resumed_from,
             "steps": steps, "second_pass_fraction": passes / steps if steps else 0.0}
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -202,7 +384,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch
     """Top-1 accuracy in percent."""
     from torchmetrics.classification import MulticlassAccuracy
 
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    # One process's own test set: no all-gather, even inside a process group (rank 0 evaluates alone).
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False).to(device)
     was_training = model.training
     model.eval()
     for x, y in loader:

@@ -5,12 +5,17 @@ installed). Skipped otherwise.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = [
     "dataset=synthetic", "dataset.img_size=16", "dataset.n_train=96", "dataset.n_test=48", "dataset.num_classes=4",
@@ -80,3 +85,98 @@ def test_multirun_as_a_real_slurm_job_array(tmp_path):
         assert len(records) == 2, records
         for ln in records:
             assert " JobState=COMPLETED " in ln and f" WorkDir={tmp_path} " in ln, ln
+
+
+EPOCHS = 16  # about 4 s each on one CPU: more than KillWait is left after the requeue
+
+
+def _jobs(sweep):
+    """The SLURM ids of a sweep's jobs: submitit's folder per job (<array job>_<index> for an array)."""
+    return sorted(d.name for d in (sweep / ".submitit").glob("*") if d.is_dir())
+
+
+@pytest.mark.slow
+def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_run(tmp_path):
+    """`scontrol requeue` of a running job: SLURM signals it (submitit lets it run on through SIGTERM), kills it
+    after KillWait (30 s) and starts it again; the job resumes at the epoch after its last checkpoint, ends ok,
+    and its W&B run continues under the same id (offline files). SIGTERM also ends the first attempt's W&B
+    service: the requeued attempt logs the epochs W&B missed, from the training state."""
+    _slurm_or_skip()
+    from wandb_records import read_records
+
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_BASE_URL")}
+    env.update(WANDB_MODE="offline", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "craft_runner.run", "-m", "hydra/launcher=local_slurm",
+           "hydra.launcher.timeout_min=15", *TINY, "dataset.n_train=512", f"train.epochs={EPOCHS}", "optimizer=sam",
+           "logger=wandb", "sharpness.enabled=false",
+           f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = None
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and launcher.poll() is None:
+            states = list(cache.glob("*/state.pt"))
+            if states and _jobs(sweep):
+                break
+            time.sleep(0.2)
+        if launcher.poll() is not None:
+            pytest.fail("the job ended before it could be requeued: " + launcher.communicate()[1][-2000:])
+        (task,) = _jobs(sweep)
+        job = task
+        epoch_at_requeue = torch.load(states[0], weights_only=True)["epoch"]  # a completed epoch's checkpoint
+        rq = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=30)
+        assert rq.returncode == 0, rq.stderr
+        out, err = launcher.communicate(timeout=900)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            if job and shutil.which("scancel"):
+                subprocess.run(["scancel", job.split("_")[0]], capture_output=True)
+    assert launcher.returncode == 0, out[-2000:] + err[-3000:]
+
+    (results,) = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
+    run_dir = next(sweep.rglob("results.json")).parent
+    assert results["status"] == "ok", results.get("error")
+    assert results["train"]["resumed_from"] >= epoch_at_requeue >= 1
+    assert [h["epoch"] for h in results["train"]["history"]] == list(range(1, EPOCHS + 1))
+    log = (run_dir / "run.log").read_text()
+    assert f"resuming sam from epoch {results['train']['resumed_from']} of {EPOCHS}" in log
+    # The same W&B run, twice: the first attempt and the requeued one (offline run directories, one id).
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    ids = {d.name.rsplit("-", 1)[1] for d in runs}
+    assert ids == {results["wandb"]["id"]} and results["wandb"]["resumed"] is True
+    epochs = []
+    for d in runs:
+        history = [r for r in read_records(next(d.glob("*.wandb"))) if r.WhichOneof("record_type") == "history"]
+        epochs.append([json.loads(i.value_json) for r in history for i in r.history.item
+                       if (i.key or i.nested_key[0]) == "epoch"])
+    # the requeued attempt logs the epochs of the training state (the first attempt's W&B service may have
+    # died before writing them), then the ones it trains
+    assert epochs[1] == list(range(1, EPOCHS + 1)), epochs
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_train_one_run_with_ddp(tmp_path):
+    """hydra.launcher.tasks_per_node=2 on the one-node cluster (CPU, gloo): the SLURM tasks join one process group
+    (craft_runner.distributed reads SLURM_PROCID/SLURM_NTASKS) and write one results.json with world_size 2."""
+    _slurm_or_skip()
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "craft_runner.run", "-m", "hydra/launcher=local_slurm",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4", *TINY,
+           "device=cpu", "optimizer=adam,sam",
+           f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    p = None
+    try:
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        if p is None or p.returncode != 0:
+            ids = {d.name.split("_")[0] for d in (sweep / ".submitit").glob("*") if d.is_dir()}
+            if ids and shutil.which("scancel"):
+                subprocess.run(["scancel", *sorted(ids)], capture_output=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    results = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
+    assert sorted(r["config"]["optimizer"]["name"] for r in results) == ["adam", "sam"]
+    assert all(r["status"] == "ok" and r["world_size"] == 2 for r in results), results

@@ -21,12 +21,20 @@ class TensorLoader:
 
     ``augment(x, generator)`` runs on each batch (training only), then ``transform(x)`` (e.g. uint8 to
     normalised float); both see the batch on its device.
+
+    Sharded (``world > 1``, a distributed run): every rank draws the same order and takes rows ``rank::world``
+    of each global batch of ``batch_size``, so the ranks' batches together are the one-process batch (what
+    DistributedSampler does for a Dataset). A last batch is cut to a multiple of ``world`` so that every rank's
+    share has the same size (the mean of the ranks' mean losses is then the global mean).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
                  seed: int = 0, drop_last: bool = False,
                  augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
-                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"TensorLoader: rank {rank} is not in 0..{world - 1}")
+        self.rank, self.world = rank, world
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -37,6 +45,8 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.y)
+        if self.world > 1 and n % self.batch_size < self.world:
+            n -= n % self.batch_size  # a last batch too small to give every rank a row
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,6 +55,8 @@ class TensorLoader:
         order = order.to(self.x.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.world > 1:
+                idx = idx[:len(idx) - len(idx) % self.world][self.rank::self.world]
             x = self.x[idx]
             if self.augment is not None:
                 x = self.augment(x, self.generator)
@@ -96,12 +108,14 @@ class DataBundle:
             if t is not None and t.device != torch.device(device):
                 setattr(self, k, t.to(device))
 
-    def train_loader(self, batch_size: int, seed: int, device: torch.device, cfg: DatasetConfig):
+    def train_loader(self, batch_size: int, seed: int, device: torch.device, cfg: DatasetConfig, rank: int = 0,
+                     world: int = 1):
+        """Batches of ``batch_size`` (the global batch); with ``world > 1`` this rank's share of each."""
         if self.train_x is not None:
             self._on(device)
             return TensorLoader(self.train_x, self.train_y, batch_size, shuffle=True, seed=seed,
-                                augment=self.augment, transform=self.transform)
-        return _torch_loader(self.train_dataset, batch_size, True, seed, cfg, device)
+                                augment=self.augment, transform=self.transform, rank=rank, world=world)
+        return _torch_loader(self.train_dataset, batch_size, True, seed, cfg, device, rank, world)
 
     def eval_loader(self, batch_size: int, device: torch.device, cfg: DatasetConfig):
         if self.test_x is not None:
@@ -130,12 +144,17 @@ def calib_indices(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[:min(n, n_total)]
 
 
-def _torch_loader(ds, batch_size, shuffle, seed, cfg: DatasetConfig, device):
+def _torch_loader(ds, batch_size, shuffle, seed, cfg: DatasetConfig, device, rank: int = 0, world: int = 1):
     # The generator fixes the order and, through each worker's base seed, the augmentation in workers.
     g = torch.Generator().manual_seed(seed)
     workers = cfg.num_workers
     device = torch.device(device)
+    sampler = None
+    if world > 1:  # fit() calls sampler.set_epoch every epoch
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                                      drop_last=True)
+        batch_size, shuffle = batch_size // world, False
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+        ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=g, num_workers=workers,
         pin_memory=cfg.pin_memory and device.type == "cuda",
         persistent_workers=cfg.persistent_workers and workers > 0, drop_last=False)

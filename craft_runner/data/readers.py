@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -214,12 +215,57 @@ class Transformed(Dataset):
         return self.transform(img), y
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _open_downloading(spec: VisionSpec, folder: Path):
+    """The opener with download=True; when it fails (no network, a bad archive) everything it created is
+    removed — archives, the set's folder, parent folders it made — and one line says what happened."""
+    missing_parents = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing_parents.append(p)
+        p = p.parent
+    parent = folder.parent
+    in_parent = set(os.listdir(parent)) if parent.is_dir() else set()
+    in_folder = set(os.listdir(folder)) if folder.is_dir() else None
+    try:
+        return OPENERS[spec.name](spec, folder, True)
+    except Exception as e:
+        if folder.is_dir():
+            if in_folder is None:
+                _remove(folder)
+            else:
+                for name in set(os.listdir(folder)) - in_folder:
+                    _remove(folder / name)
+        if parent.is_dir():
+            for name in set(os.listdir(parent)) - in_parent - {folder.name}:
+                _remove(parent / name)  # torchvision's archive, beside the folder
+        for d in missing_parents:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataRootError(
+            f"{spec.title} ({spec.name}): dataset.download=true could not download it into {folder} "
+            f"({type(e).__name__}: {reason}); nothing was left behind. Without network, copy it there by hand "
+            f"(expected: {', '.join(spec.files)})") from None
+
+
 def build_vision(cfg: DatasetConfig, folder: Path, data_config: Optional[dict], fallback_size: int,
                  device: Optional[torch.device] = None) -> DataBundle:
     """The DataBundle of the on-disk set ``cfg.name`` read from ``folder``."""
     spec = SPECS[cfg.name]
     n_classes = check_root(spec, folder, cfg.download)
-    train, test, ytr, yte, classes = OPENERS[spec.name](spec, folder, cfg.download)
+    if cfg.download:
+        train, test, ytr, yte, classes = _open_downloading(spec, folder)
+    else:
+        train, test, ytr, yte, classes = OPENERS[spec.name](spec, folder, False)
     if cfg.download:  # check_root could only give the nominal count before the download
         n_classes = num_classes(spec, folder)
     bad = [y for y in ytr + yte if not 0 <= y < n_classes]
