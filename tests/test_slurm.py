@@ -102,7 +102,7 @@ def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_
     and its W&B run continues under the same id (offline files). SIGTERM also ends the first attempt's W&B
     service: the requeued attempt logs the epochs W&B missed, from the training state."""
     _slurm_or_skip()
-    from wandb_records import read_records
+    from wandb_records import finished_records
 
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_BASE_URL")}
@@ -148,8 +148,8 @@ def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_
     ids = {d.name.rsplit("-", 1)[1] for d in runs}
     assert ids == {results["wandb"]["id"]} and results["wandb"]["resumed"] is True
     epochs = []
-    for d in runs:
-        history = [r for r in read_records(next(d.glob("*.wandb"))) if r.WhichOneof("record_type") == "history"]
+    for d, wait_s in zip(runs, (0, 60)):  # the first attempt was killed: it never gets an exit record
+        history = [r for r in finished_records(d, wait_s) if r.WhichOneof("record_type") == "history"]
         epochs.append([json.loads(i.value_json) for r in history for i in r.history.item
                        if (i.key or i.nested_key[0]) == "epoch"])
     # the requeued attempt logs the epochs of the training state (the first attempt's W&B service may have

@@ -5,6 +5,7 @@ framing (the writer is wandb-core), so the framing is read here and every record
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -42,11 +43,23 @@ def read_records(path: Path) -> list:
     return [pb.Record.FromString(c) for c in chunks]
 
 
-def run_summary(run_dir: Path) -> dict:
+def finished_records(run_dir: Path, wait_s: float = 60.0) -> list:
+    """The records of a run directory once its ``exit`` record is there: W&B's service (wandb-core, its own
+    process) may still be writing after ``run.finish()`` returned or the run's process ended. After ``wait_s``
+    (a run that was killed never gets one) the records as they are."""
+    deadline = time.time() + wait_s
+    while True:
+        files = list(Path(run_dir).glob("*.wandb"))
+        records = read_records(files[0]) if len(files) == 1 else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def run_summary(run_dir: Path, wait_s: float = 60.0) -> dict:
     """What a W&B offline run directory recorded: run id, name, group, tags, config, history rows, summary."""
-    (log_file,) = Path(run_dir).glob("*.wandb")
     out = {"history": [], "summary": {}, "config": {}, "files": []}
-    for r in read_records(log_file):
+    for r in finished_records(run_dir, wait_s):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out.update(id=r.run.run_id, name=r.run.display_name, group=r.run.run_group, tags=list(r.run.tags),
