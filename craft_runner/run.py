@@ -41,6 +41,8 @@ def task_wrapper(task):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         with open_dict(cfg):
             cfg.paths.run_dir = str(run_dir)
+            # Recorded in results.json: the report lays the run out as its experiment's table.
+            cfg.experiment = HydraConfig.get().runtime.choices.get("experiment")
         handler = None
 
         def on_start(rc) -> None:
