@@ -37,13 +37,14 @@ $(PRETRAINED)/%.pt: | $(STAMP)
 pretrained: $(TINY:%=$(PRETRAINED)/%.pt)  ## pretrain the tiny backbones of the _small CrAFT experiments
 
 tables: $(STAMP) pretrained  ## every _small table and figure (3 seeds each) into outputs/tables/
-	@mkdir -p $(TABLES); status=0; \
+	@mkdir -p $(TABLES); status=0; start=$$(date +%s); \
 	for e in $(SMALL); do \
-		rm -rf outputs/sweeps/$${e}_small; \
+		t0=$$(date +%s); rm -rf outputs/sweeps/$${e}_small; \
 		CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/craft-run -m experiment=$${e}_small train.progress=false \
 			> $(TABLES)/$${e}_small.log 2>&1 || { status=1; echo "$${e}_small: craft-run failed, see $(TABLES)/$${e}_small.log"; }; \
 		$(BIN)/craft-report outputs/sweeps/$${e}_small --out $(TABLES) --paper || status=1; \
-	done; exit $$status
+		echo "$${e}_small: $$(( $$(date +%s) - t0 )) s (load $$(cut -d' ' -f1-3 /proc/loadavg))"; \
+	done; echo "make tables: $$(( $$(date +%s) - start )) s"; exit $$status
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -79,7 +79,7 @@ def test_experiment_composes_and_expands_to_its_cells(hydra_conf, name):
     if name.endswith("_small") and name != "craft_pretrain_small":
         seeds = sorted({j.split("=")[1] for job in jobs for j in job if j.startswith("seed=")})
         assert seeds == ["0", "1", "2"]
-    if name not in ("digits_default", "craft_pretrain_small"):
+    if name != "craft_pretrain_small":
         assert layout_for(name) is not GENERIC
 
 
@@ -125,3 +125,49 @@ def test_small_craft_is_a_transfer(hydra_conf, monkeypatch):
 def test_every_job_composes(hydra_conf, name):
     for job in _jobs(_compose(name)):
         to_run_config(_compose(name, job))
+
+
+# --------------------------------------------------------------------------------------------- the small variants' data
+
+
+def test_digits_class_subset_is_relabelled_in_the_order_given():
+    from sklearn.datasets import load_digits
+
+    from craft_runner.data import build_digits, check_dataset
+    from craft_runner.schema import ConfigError, DatasetConfig
+
+    target = load_digits().target
+    b = build_digits(DatasetConfig(classes=[7, 5, 9]), 16)
+    labels = b.train_y.tolist() + b.test_y.tolist()
+    assert b.num_classes == 3 and sorted(set(labels)) == [0, 1, 2]
+    assert [labels.count(i) for i in range(3)] == [int((target == c).sum()) for c in (7, 5, 9)]
+    assert check_dataset(DatasetConfig(classes=[0, 1, 2, 3, 4])).num_classes == 5
+    with pytest.raises(ConfigError, match="dataset.classes"):
+        check_dataset(DatasetConfig(classes=[3, 12]))
+    with pytest.raises(ConfigError, match="digits only"):
+        check_dataset(DatasetConfig(name="synthetic", classes=[0, 1]))
+    with pytest.raises(ConfigError, match="dataset.classes"):
+        DatasetConfig(classes=[4, 4])
+
+
+def test_digits_augmentation_shifts_without_flipping():
+    import numpy as np
+    import torch
+
+    from craft_runner.data import build_digits
+    from craft_runner.schema import DatasetConfig
+
+    assert build_digits(DatasetConfig(), 16).augment is None
+    b = build_digits(DatasetConfig(augment=True), 16)
+    x = b.train_x[:8]
+    out = b.augment(x, torch.Generator().manual_seed(3)).numpy()
+    p = 2  # CIFAR's 4 pixels at 32x32, scaled to 16x16
+    assert float(x.min()) == -1.0  # the background: what the shifts pad with
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-1.0)
+    moved = 0
+    for i in range(len(x)):
+        shifts = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                  if np.array_equal(padded[i, :, dy:dy + 16, dx:dx + 16], out[i])]
+        assert shifts, f"image {i} is not a shifted copy of its input (a flip?)"
+        moved += (p, p) not in shifts
+    assert moved > 0

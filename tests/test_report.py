@@ -142,15 +142,17 @@ def test_two_trainings_differing_in_epochs_or_lr_get_two_rows(tmp_path, capsys):
     assert "optimizer.lr" in h and "train.epochs" in h
     got = {(r[h.index("optimizer.lr")], r[h.index("train.epochs")]): r for r in rows[1:]}
     assert set(got) == {("0.001", "8"), ("0.001", "10"), ("0.01", "4")}
-    assert got[("0.001", "8")][h.index("FP32")] == "90.00" and got[("0.001", "8")][h.index("W8A8")] == "89.00 (-1.00)"
-    assert got[("0.001", "10")][h.index("FP32")] == "95.00" and got[("0.001", "10")][h.index("W4A16")] == "80.00 (-15.00)"
+    e8, e10 = got[("0.001", "8")], got[("0.001", "10")]
+    assert e8[h.index("FP32")] == "90.00" and e8[h.index("W8A8")] == "89.00 (-1.00)"
+    assert e10[h.index("FP32")] == "95.00" and e10[h.index("W4A16")] == "80.00 (-15.00)"
     assert got[("0.001", "10")][h.index("W8A8")].startswith("— [")
     assert got[("0.01", "4")][h.index("W8A8")] == "60.00 (-10.00)"
 
 
 def test_a_compression_field_outside_the_label_splits_the_column(tmp_path, capsys):
     for calib in (32, 128):
-        write(tmp_path / f"c{calib}", config(compress=PTQConfig(bits="W6A6", calib_size=calib)), 90.0, 80.0 + calib / 32)
+        cfg = config(compress=PTQConfig(bits="W6A6", calib_size=calib))
+        write(tmp_path / f"c{calib}", cfg, 90.0, 80.0 + calib / 32)
     assert main([str(tmp_path), "--no-figures"]) == 0
     h = table(capsys.readouterr().out)[0]
     assert "W6A6 [calib_size=32]" in h and "W6A6 [calib_size=128]" in h
@@ -232,7 +234,8 @@ def test_snt_ablation_boost_and_paper_columns(tmp_path, capsys):
     assert list(body) == ["Baseline", "+Preact", "+PReLU/LBias"]
     h = rows[0]
     boost = [b - a for a, b in zip(acc["Baseline"], acc["+PReLU/LBias"])]
-    assert body["+PReLU/LBias"][h.index("Acc. Boost (%)")] == f"{statistics.mean(boost):+.2f} ± {statistics.stdev(boost):.2f}"
+    expected = f"{statistics.mean(boost):+.2f} ± {statistics.stdev(boost):.2f}"
+    assert body["+PReLU/LBias"][h.index("Acc. Boost (%)")] == expected
     assert body["+PReLU/LBias"][h.index("Acc. Boost (%) (paper)")] == "1.02"
     assert body["Baseline"][h.index("λmax (↓) (paper)")] == "105.62"
 
@@ -270,3 +273,63 @@ def test_labels():
     assert compression_label({"name": "prune", "criterion": "wanda", "pattern": "nm", "n": 2, "m": 4,
                               "sparsity": 0.5}) == "wanda 2:4"
     assert compression_label({"name": "token_prune"}) == "token_prune"  # a compressor this install lacks
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(*args, cwd, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+FAST = ["train.epochs=1", "train.progress=false", "sharpness.max_iter=5"]
+
+
+@pytest.mark.slow
+def test_snt_small_end_to_end(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    p = _python("-m", "craft_runner.run", "-m", "experiment=snt_table4_small", *FAST, f"hydra.sweep.dir={sweep}",
+                f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert main([str(sweep), "--paper"]) == 0
+    rows = table(capsys.readouterr().out)
+    h = rows[0]
+    assert h[:2] == ["", "n"] and {"λmax (↓)", "Top-1 (%)", "Acc. Boost (%)"} <= set(h)
+    assert [r[0] for r in rows[1:]] == ["Baseline", "+Preact", "+PReLU/LBias"] and all(r[1] == "3" for r in rows[1:])
+    assert rows[1][h.index("Acc. Boost (%)")] == "+0.00 ± 0.00"
+    for r in rows[1:]:
+        top1 = r[h.index("Top-1 (%)")]
+        assert " ± " in top1 and "(" in top1 and float(r[h.index("λmax (↓)")].split(" ± ")[0]) > 0
+    png = sweep / "snt_table4_small-lambda.png"
+    assert png.exists() and png.stat().st_size > 1000
+    res = json.loads(next(sweep.rglob("results.json")).read_text())
+    assert res["config"]["experiment"] == "snt_table4_small"
+    assert [h["epoch"] for h in res["compression"]["finetune_history"]] == [1]
+
+
+@pytest.mark.slow
+def test_craft_small_end_to_end_as_a_transfer(tmp_path, capsys):
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    p = _python("-m", "craft_runner.run", "experiment=craft_pretrain_small", "+shared/tiny=test_vit", "train.epochs=2",
+                "train.progress=false", f"hydra.run.dir={tmp_path / 'pre'}", cache, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = _python(str(ROOT / "scripts" / "export_checkpoint.py"), str(tmp_path / "pre"),
+                str(tmp_path / "pretrained" / "test_vit.pt"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    sweep = tmp_path / "sweep"
+    p = _python("-m", "craft_runner.run", "-m", "experiment=craft_table5_small", *FAST, f"hydra.sweep.dir={sweep}",
+                cache, cwd=tmp_path, env={"CRAFT_PRETRAINED_DIR": str(tmp_path / "pretrained")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Loaded pretrained test_vit" in p.stdout + p.stderr
+    assert main([str(sweep)]) == 0
+    rows = table(capsys.readouterr().out)
+    assert rows[0] == ["Downstream Task", "n", "Before FT", "ADAM", "CrAFT"]
+    assert rows[1][:2] == ["Digits 5-9", "3"] and all(" ± " in c for c in rows[1][2:])
+    assert (sweep / "craft_table5_small-lambda.png").stat().st_size > 1000

@@ -53,8 +53,8 @@ def build_digits(cfg: DatasetConfig, img_size: int) -> DataBundle:
     x = x.expand(-1, 3, -1, -1)
     x = _resize_normalize(x, img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     tr, te = torch.tensor(tr), torch.tensor(te)
-    # Digits are not mirror-symmetric: shifts only (CIFAR's padding, scaled), no flips.
-    augment = BatchPadCropFlip(pad_for((img_size, img_size)), flip=False) if cfg.augment else None
+    # Digits are not mirror-symmetric: shifts only (CIFAR's padding, scaled), padded with the background (-1).
+    augment = BatchPadCropFlip(pad_for((img_size, img_size)), flip=False, fill=-1.0) if cfg.augment else None
     return DataBundle("digits", len(cfg.classes or range(10)), 3, img_size, x[tr].contiguous(), y[tr],
                       x[te].contiguous(), y[te], augment=augment)
 

@@ -300,6 +300,15 @@ register(Layout(
           Col(None, acc, drop, pivot=compression, order=["W4A16", "W6A6", "magnitude 30%", "magnitude 50%"])],
     figures=[figures.lambda_bars]))
 
+register(Layout(
+    "digits_default", "The default job: ResNet-20 trained on digits, BasePTQ and one-shot pruning",
+    rows=[Row("Optimizer", ("optimizer.name",), lambda o: str(o).upper(), order=["ADAM", "SAM"])],
+    cols=[FP32, LAMBDA, Col("train (s)", m("train_seconds"), per="training", kind="time"),
+          Col("overhead", m("train_seconds"), per="training", kind="ratio",
+              relative=("ratio", is_adam, OVERHEAD_CONTEXT)),
+          Col(None, acc, drop, pivot=compression, order=["W8A8", "W6A6", "W4A16", "magnitude 50%"])],
+    figures=[figures.lambda_bars]))
+
 GENERIC = Layout(
     "generic", "Results",
     rows=[Row("model", ("model.name",)), Row("dataset", ("dataset.name", "dataset.classes"), task),
