@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_DIR ?= outputs/default
 
-.PHONY: help install run test test-full test-slow test-cuda lint bench clean
+.PHONY: help install run tables pretrained test test-full test-slow test-cuda lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,10 +18,33 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the project into it
 
-run: $(STAMP)  ## the default job: ResNet-20 on digits, Adam vs SAM, PTQ and pruning, prints the table
-	$(BIN)/craft-run -m experiment=digits_default optimizer=adam,sam compress=ptq compress.bits=W8A8,W6A6,W4A16
-	$(BIN)/craft-run -m experiment=digits_default optimizer=adam,sam compress=prune compress.sparsity=0.5
-	$(BIN)/craft-table $(DEFAULT_DIR)
+run: $(STAMP)  ## the default job: ResNet-20 on digits, Adam vs SAM, PTQ and pruning, 3 seeds, prints the table
+	$(BIN)/craft-run -m experiment=digits_default hydra.sweep.dir=$(DEFAULT_DIR)
+	$(BIN)/craft-report $(DEFAULT_DIR)
+
+# The _small variant of every paper table and figure (conf/experiment/*_small.yaml), and the tiny backbones the
+# CrAFT ones fine-tune (pretrained once on digits 0-4, experiment craft_pretrain_small).
+SMALL := craft_table2 craft_table3 craft_table4 craft_table5 craft_fig1 craft_fig2 craft_fig4 \
+	snt_table3_ptq snt_table3_qat snt_table4 snt_fig5 snt_fig6 snt_fig7 cheap_sam
+TINY := test_vit resnet20 test_efficientnet
+PRETRAINED ?= outputs/pretrained
+TABLES ?= outputs/tables
+
+$(PRETRAINED)/%.pt: | $(STAMP)
+	$(BIN)/craft-run experiment=craft_pretrain_small +shared/tiny=$* hydra.run.dir=outputs/pretrain/$*
+	$(BIN)/python scripts/export_checkpoint.py outputs/pretrain/$* $@
+
+pretrained: $(TINY:%=$(PRETRAINED)/%.pt)  ## pretrain the tiny backbones of the _small CrAFT experiments
+
+tables: $(STAMP) pretrained  ## every _small table and figure (3 seeds each) into outputs/tables/
+	@mkdir -p $(TABLES); status=0; start=$$(date +%s); \
+	for e in $(SMALL); do \
+		t0=$$(date +%s); rm -rf outputs/sweeps/$${e}_small; \
+		CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/craft-run -m experiment=$${e}_small train.progress=false \
+			> $(TABLES)/$${e}_small.log 2>&1 || { status=1; echo "$${e}_small: craft-run failed, see $(TABLES)/$${e}_small.log"; }; \
+		$(BIN)/craft-report outputs/sweeps/$${e}_small --out $(TABLES) --paper || status=1; \
+		echo "$${e}_small: $$(( $$(date +%s) - t0 )) s (load $$(cut -d' ' -f1-3 /proc/loadavg))"; \
+	done; echo "make tables: $$(( $$(date +%s) - start )) s"; exit $$status
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -363,10 +363,10 @@ def compress_and_evaluate(p: Prepared) -> tuple[float, dict]:
     calib = p.data.calib_batches(rc.compress.calib_size, rc.train.eval_batch_size, rc.compress.calib_seed,
                                  p.device)
 
-    def fine_tune(m: nn.Module, epochs: int) -> None:
+    def fine_tune(m: nn.Module, epochs: int) -> dict:
         loader = p.data.train_loader(rc.train.batch_size, rc.seed + 1, p.device, rc.dataset)
-        train.fit(m, loader, build_optimizer(m, rc.optimizer), dataclasses.replace(rc.train, epochs=epochs),
-                  p.device, desc="fine-tune")
+        return train.fit(m, loader, build_optimizer(m, rc.optimizer), dataclasses.replace(rc.train, epochs=epochs),
+                         p.device, desc="fine-tune")
 
     info = apply_compression(model, rc.compress, CompressContext(p.device, calib, fine_tune))
     if rc.compress.bn_recalib:

@@ -58,6 +58,8 @@ def fill_from_hydra(cfg: DictConfig, hc: DictConfig, run_dir: Path) -> None:
     experiment, else the sweep directory of a multirun)."""
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
+        # Recorded in results.json: the report lays the run out as its experiment's table.
+        cfg.experiment = hc.runtime.choices.get("experiment")
         if cfg.get("logger") is not None and cfg.logger.get("group") is None:
             experiment = hc.runtime.choices.get("experiment")
             if experiment:

@@ -59,6 +59,8 @@ class DatasetConfig:
     n_test: int = 128
     test_fraction: float = 0.2  # digits: held-out share of the stratified split
     split_seed: int = 0
+    # digits only: keep these classes, relabelled 0..len-1 in this order (a transfer task, e.g. 0-4 then 5-9).
+    classes: Optional[list] = None
     augment: bool = False
     # Hold a small data set as tensors on the run's device (no loader workers).
     on_device: bool = True
@@ -71,6 +73,10 @@ class DatasetConfig:
         _check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
         _check(self.n_train >= 1 and self.n_test >= 1, "dataset.n_train", self.n_train, "positive sizes")
         _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")
+        if self.classes is not None:
+            ok = (len(self.classes) >= 2 and all(isinstance(c, int) for c in self.classes)
+                  and len(set(self.classes)) == len(self.classes))
+            _check(ok, "dataset.classes", self.classes, "null or a list of two or more distinct class indices")
 
 
 def _finite_positive(key: str, value: float) -> None:
@@ -232,6 +238,8 @@ class RunConfig:
     rerun: bool = False
     # List the cells, the trainings they need (cache keys) and what is cached or done, then stop.
     dry_run: bool = False
+    # The experiment this run belongs to (craft-run fills it from Hydra's experiment choice); the report's layout.
+    experiment: Optional[str] = None
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,

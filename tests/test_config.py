@@ -64,7 +64,7 @@ def test_error_message_is_one_line():
 
 def test_experiment_overrides_the_defaults():
     rc = to_run_config(compose_run("experiment=digits_default"))
-    assert rc.train.epochs == 8 and rc.sharpness.max_iter == 30
+    assert rc.train.epochs == 4 and rc.sharpness.max_iter == 20
     # and a command-line override still wins over the experiment
     assert to_run_config(compose_run("experiment=digits_default", "train.epochs=3")).train.epochs == 3
 

@@ -466,6 +466,9 @@ def ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: PTQConfig, c
         info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches)
     else:
         info, scales = base_ptq(model, layers, cfg, ctx.calib_batches)
+    fits = []  # what ctx.fine_tune returns (train.fit's record): its per-epoch history goes to results.json
     if cfg.finetune_epochs:
-        fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs, ctx.fine_tune, scales)
-    return {**info, "finetune_epochs": cfg.finetune_epochs}
+        fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs,
+                            ctx.fine_tune and (lambda m, e: fits.append(ctx.fine_tune(m, e))), scales)
+    history = [h for f in fits if isinstance(f, dict) for h in f.get("history", [])]
+    return {**info, "finetune_epochs": cfg.finetune_epochs, **({"finetune_history": history} if history else {})}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from craft_runner.data.core import DataBundle, TensorLoader, _torch_loader, calib_indices
-from craft_runner.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from craft_runner.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchPadCropFlip, pad_for
 from craft_runner.data.vision import SPECS, DataRootError, VisionSpec, check_root, dataset_folder
 from craft_runner.schema import ConfigError, DatasetConfig
 
@@ -42,14 +42,21 @@ def build_digits(cfg: DatasetConfig, img_size: int) -> DataBundle:
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    tr, te = train_test_split(range(len(y)), test_size=cfg.test_fraction, stratify=d.target,
+    images, target = d.images, d.target
+    if cfg.classes is not None:  # a subset of the classes, relabelled in the order given
+        keep = [i for i, t in enumerate(target) if t in cfg.classes]
+        images, target = images[keep], [cfg.classes.index(target[i]) for i in keep]
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
+    tr, te = train_test_split(range(len(y)), test_size=cfg.test_fraction, stratify=target,
                               random_state=cfg.split_seed)
     x = x.expand(-1, 3, -1, -1)
     x = _resize_normalize(x, img_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     tr, te = torch.tensor(tr), torch.tensor(te)
-    return DataBundle("digits", 10, 3, img_size, x[tr].contiguous(), y[tr], x[te].contiguous(), y[te])
+    # Digits are not mirror-symmetric: shifts only (CIFAR's padding, scaled), padded with the background (-1).
+    augment = BatchPadCropFlip(pad_for((img_size, img_size)), flip=False, fill=-1.0) if cfg.augment else None
+    return DataBundle("digits", len(cfg.classes or range(10)), 3, img_size, x[tr].contiguous(), y[tr],
+                      x[te].contiguous(), y[te], augment=augment)
 
 
 def build_synthetic(cfg: DatasetConfig, img_size: int) -> DataBundle:
@@ -95,8 +102,13 @@ def dataset_root(cfg: DatasetConfig, data_dir: str = "data") -> Optional[str]:
 def check_dataset(cfg: DatasetConfig, data_dir: str = "data") -> DatasetInfo:
     """Fail fast, before any model is built: an unknown name raises ConfigError, a missing or incomplete
     folder DataRootError (a ConfigError) naming the files expected and dataset.download=true. Opens no image."""
+    if cfg.classes is not None and cfg.name != "digits":
+        raise ConfigError(f"dataset.classes={cfg.classes!r} is not allowed for dataset.name={cfg.name!r}: "
+                          f"expected null (class subsets: digits only)")
+    if cfg.classes is not None and cfg.name == "digits" and not set(cfg.classes) <= set(range(10)):
+        raise ConfigError(f"dataset.classes={cfg.classes!r} is not allowed: expected digits 0..9")
     if cfg.name in BUILDERS:
-        return DatasetInfo(cfg.name, 10 if cfg.name == "digits" else cfg.num_classes)
+        return DatasetInfo(cfg.name, len(cfg.classes or range(10)) if cfg.name == "digits" else cfg.num_classes)
     spec = SPECS.get(cfg.name)
     if spec is None:
         raise ConfigError(f"dataset.name={cfg.name!r} is not allowed: expected one of {', '.join(dataset_names())}")

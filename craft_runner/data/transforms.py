@@ -148,14 +148,17 @@ def small_image_transform(dc: dict, train: bool, stored_hw: tuple[int, int] = (3
 
 
 class BatchPadCropFlip:
-    """Batched random crop with zero padding plus horizontal flip, for images held on the device.
+    """Batched random crop with padding (zeros, or ``fill``) plus horizontal flip (``flip=False``: crop only), for
+    images held on the device.
 
     The same as torchvision's RandomCrop(padding=pad) then RandomHorizontalFlip per image, but one gather
     for the whole batch; the offsets and flips come from the loader's generator, so a seed fixes them.
     """
 
-    def __init__(self, pad: int):
+    def __init__(self, pad: int, flip: bool = True, fill: float = 0.0):
         self.pad = int(pad)
+        self.flip = flip
+        self.fill = fill  # the padding value: the background of the stored images
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -163,13 +166,14 @@ class BatchPadCropFlip:
         # Drawn on the CPU generator, so the stream does not depend on the device.
         dy, dx = torch.randint(0, 2 * p + 1, (2, b), generator=generator)
         flip = torch.rand(b, generator=generator) < 0.5
+        flip &= self.flip
         cols = torch.arange(w)
         cols = dx[:, None] + torch.where(flip[:, None], cols.flip(0), cols)  # (b, w)
         rows = dy[:, None] + torch.arange(h)  # (b, h)
         dev = x.device
-        xp = F.pad(x, (p, p, p, p))
+        xp = F.pad(x, (p, p, p, p), value=self.fill)
         out = xp[torch.arange(b, device=dev)[:, None, None], :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]
         return out.permute(0, 3, 1, 2).contiguous()  # advanced indexing put channels last
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(pad={self.pad})"
+        return f"{type(self).__name__}(pad={self.pad}, flip={self.flip}, fill={self.fill})"

@@ -1,0 +1,118 @@
+"""craft-report: the tables and figures of a sweep directory, laid out as the papers print them.
+
+Every results.json under SWEEP_DIR is grouped by the experiment it recorded; each experiment is laid out as
+its paper table (``<name>_small`` as ``<name>``), with mean ± std over seeds and n, the drop in parentheses,
+"—" where no seed finished (the reason listed under the table), and its figures as PNG. The tables (Markdown,
+CSV, LaTeX, and every cell as numbers in ``<experiment>-cells.csv``) and the PNGs are written to SWEEP_DIR, or
+--out DIR; stdout shows the tables in --format. Exit status: 0 when every cell finished, 1 when a job failed,
+was killed or is missing (or a cell was never run), 2 when there are no results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from craft_runner.report.layout import build
+from craft_runner.report.layouts import layout_for
+from craft_runner.report.records import collect
+from craft_runner.report.render import FORMATS, cells_csv, paper_lookup, read_paper, render, table_rows
+
+log = logging.getLogger(__name__)
+
+_EXT = {"md": "md", "csv": "csv", "latex": "tex"}
+
+
+def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: bool = False, figures: bool = True,
+           experiments: Optional[list] = None, stream=None) -> int:
+    """Write every experiment's report; print them in ``fmt`` to ``stream``; return the exit status."""
+    stream = stream or sys.stdout
+    root = Path(root)
+    coll = collect(root)
+    if not coll.records:
+        print(f"craft-report: error: no results.json under {root}", file=sys.stderr)
+        return 2
+    out_dir = Path(out_dir) if out_dir else (root if root.is_dir() else root.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = defaultdict(list)
+    for r in coll.records:
+        groups[r.experiment or "results"].append(r)
+    status = 0
+    for name in sorted(groups):
+        if experiments and name not in experiments:
+            continue
+        table = build(layout_for(name if name != "results" else None), groups[name])
+        title = f"{table.layout.title} ({name})"
+        notes = list(table.notes)
+        stale = [r for r in coll.stale if (r.experiment or "results") == name]
+        if stale:
+            notes.append(f"set aside: {len(stale)} run directories that no job of the last sweep names "
+                         f"(e.g. {stale[0].path})")
+        published = paper_lookup(table) if paper else None
+        headers, rows = table_rows(table, published)
+        # Rows the paper has get "(paper)" columns; otherwise (a _small run) the published table goes below.
+        below = paper and not any(h.endswith(" (paper)") for h in headers)
+        for f in ("md", "csv", "latex"):
+            text = render(headers, rows, f, notes, title)
+            if f == "md" and below:
+                text += _published(table)
+            (out_dir / f"{name}.{_EXT[f]}").write_text(text, encoding="utf-8")
+        (out_dir / f"{name}-cells.csv").write_text(cells_csv(table), encoding="utf-8")
+        shown = render(headers, rows, fmt, notes, title)
+        if fmt == "csv":  # notes go to stderr: stdout stays one CSV table per experiment
+            for n in notes:
+                print(n, file=sys.stderr)
+        print(shown, file=stream)
+        if below and fmt != "csv":
+            print(_published(table, fmt), file=stream)
+        if figures:
+            for fig in table.layout.figures:
+                try:
+                    for p in fig(table, out_dir, name):
+                        print(f"figure: {p}", file=sys.stderr)
+                except Exception as e:  # a figure must not hide the table
+                    log.warning("%s: figure %s failed: %s", name, fig.__name__, e)
+                    print(f"craft-report: warning: {name}: figure {fig.__name__} failed: {e}", file=sys.stderr)
+        if table.incomplete:
+            status = 1
+    return status
+
+
+def _published(table, fmt: str = "md") -> str:
+    """The published table (when the measured rows are not the paper's, e.g. a _small run), in the same layout."""
+    p = read_paper(table.layout.paper_csv)
+    if p is None:
+        return ""
+    headers, rows = p
+    title = f"published: {table.layout.title}"
+    return "\n" + render(headers, rows, fmt if fmt in FORMATS and fmt != "csv" else "md", (), title)
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="craft-report", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("root", help="a sweep directory (or a folder of them) holding results.json files")
+    ap.add_argument("--format", default="md", choices=FORMATS, help="what stdout shows (default md)")
+    ap.add_argument("--out", help="where the tables and figures go (default: the sweep directory)")
+    ap.add_argument("--paper", action="store_true", help="show the published numbers beside the measured ones")
+    ap.add_argument("--no-figures", action="store_true", help="tables only")
+    ap.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
+    ap.add_argument("--csv", help=argparse.SUPPRESS)  # craft-table's old option: also write the CSV here
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="craft-report: %(levelname)s: %(message)s")
+    status = report(Path(args.root), Path(args.out) if args.out else None, args.format, args.paper,
+                    not args.no_figures, args.experiment)
+    if args.csv and status != 2:
+        out = Path(args.out) if args.out else Path(args.root)
+        parts = [p.read_text() for p in sorted(out.glob("*.csv")) if not p.name.endswith("-cells.csv")]
+        Path(args.csv).write_text("\n".join(parts))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""A layout (rows and columns of a paper table) applied to records: mean ± std over seeds, n, notes.
+
+A :class:`Layout` names its row fields (:class:`Row`: config paths and how to label them) and its columns
+(:class:`Col`: a value per record, optionally a drop, optionally one column per distinct key — e.g. per
+compression setting). :func:`build` then
+
+- keys rows by the layout's row fields plus every other field of the weights' cache key that varies in the
+  records (so two different trainings never share a row: a sweep over ``optimizer.lr`` gives one row per
+  rate), except the fields the columns split on;
+- splits a column when records of one row, column and seed differ in a compression field its label does not
+  show (``[calib_size=128]`` is appended);
+- aggregates each cell over seeds: the mean, the sample standard deviation and n (a value that belongs to the
+  training, such as the full-precision accuracy, counts once per training);
+- puts "—" where no seed finished and lists why under the table (failed: the error; unfinished; missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from craft_runner.report.records import Record
+
+DASH = "—"
+
+
+@dataclasses.dataclass
+class Row:
+    """A row field: its header, the config paths it reads and how they become a label."""
+
+    label: str
+    paths: tuple
+    fmt: Callable[..., str] = lambda *v: ", ".join(str(x) for x in v)
+    order: Sequence[str] = ()
+
+    def value(self, r: Record) -> str:
+        return self.fmt(*(r.get(p) for p in self.paths))
+
+
+@dataclasses.dataclass
+class Col:
+    """A column, or (``pivot``) one column per distinct ``pivot(record)`` value.
+
+    ``value(record)`` → number (None: not recorded); ``drop(record)`` → the drop shown in parentheses;
+    ``per="training"``: the value belongs to the trained weights and counts once per training and seed.
+    ``where`` keeps only some records (e.g. only Adam's for an "ADAM" column); ``paths``: config paths (or
+    prefixes ending in ".") the column splits rows on, so they do not key the rows. ``kind`` picks the number
+    format (acc, lam, time, ratio, diff, share, text). ``relative``: (op, is_reference, context_paths): the
+    value divided by (op="ratio") or minus (op="diff") the same seed's value in the reference row — the row
+    with the same fields except ``context_paths`` whose records satisfy ``is_reference``.
+    """
+
+    label: Optional[str] = None
+    value: Callable[[Record], Any] = lambda r: None
+    drop: Optional[Callable[[Record], Any]] = None
+    per: str = "cell"
+    where: Callable[[Record], bool] = lambda r: True
+    pivot: Optional[Callable[[Record], Optional[str]]] = None
+    order: Sequence[str] = ()
+    paths: tuple = ()
+    kind: str = "acc"
+    relative: Optional[tuple] = None
+    paper: bool = True  # the published table has this column
+
+
+@dataclasses.dataclass
+class Layout:
+    name: str
+    title: str
+    rows: list
+    cols: list
+    figures: list = dataclasses.field(default_factory=list)  # fn(table, out_dir) -> [paths]
+    paper_csv: Optional[str] = None
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Stat:
+    values: list  # per seed, in seed order
+    seeds: list
+    drops: list = dataclasses.field(default_factory=list)
+    text: Optional[str] = None
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+    @property
+    def std(self) -> float:
+        return _std(self.values)
+
+    @property
+    def drop_mean(self) -> Optional[float]:
+        return sum(self.drops) / len(self.drops) if self.drops else None
+
+    @property
+    def drop_std(self) -> float:
+        return _std(self.drops)
+
+
+def _std(v: Sequence[float]) -> float:
+    if len(v) < 2:
+        return float("nan")
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+@dataclasses.dataclass
+class Cell:
+    stat: Optional[Stat]
+    problems: list  # Record with status != ok
+    notes: list = dataclasses.field(default_factory=list)  # footnote numbers
+
+
+@dataclasses.dataclass
+class Table:
+    layout: Layout
+    row_headers: list  # labels of the row fields (layout's, then the varying extra fields)
+    col_labels: list
+    col_specs: list  # the Col each label came from
+    rows: OrderedDict  # row key tuple -> {col label: Cell}
+    row_records: dict  # row key -> [Record]
+    notes: list  # lines under the table
+    n: dict  # row key -> number of seeds with a finished training
+    incomplete: bool
+    experiment: Optional[str] = None
+
+    def cell(self, row, col) -> Optional[Cell]:
+        return self.rows.get(row, {}).get(col)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _covered(path: str, paths: Sequence[str]) -> bool:
+    return any(path == p or (p.endswith(".") and path.startswith(p)) for p in paths)
+
+
+def _seed_derived(path: str, recs: Sequence[Record]) -> bool:
+    """A field that equals the run's seed wherever it is set (random SAM's optimizer.seed: ${seed})."""
+    have = [r for r in recs if path in r.fields]
+    return bool(have) and all(r.fields[path] == r.seed for r in have)
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return "[" + ",".join(map(str, v)) + "]"
+    return str(v)
+
+
+def _extra_fields(recs: Sequence[Record], layout: Layout) -> list[str]:
+    """Training fields outside the layout that vary and split some row (greedy, in name order): they key rows too.
+
+    A field that follows from the rest of the key (model.checkpoint_path with model.name, optimizer.rho with
+    optimizer.name) adds nothing and stays out.
+    """
+    row_paths = [p for row in layout.rows for p in row.paths]
+    col_paths = [p for c in layout.cols for p in c.paths]
+    train = sorted({p for r in recs for p in r.train_fields})
+    candidates = [p for p in train if p != "seed" and not _covered(p, row_paths + col_paths)
+                  and not _seed_derived(p, recs) and len({r.fields.get(p) for r in recs}) > 1]
+
+    def col_part(r: Record) -> tuple:
+        return tuple(sorted((k, v) for k, v in r.fields.items() if _covered(k, col_paths)))
+
+    extra: list[str] = []
+    for p in candidates:
+        groups = defaultdict(set)
+        for r in recs:
+            key = (tuple(r.get(q) for q in row_paths), col_part(r), tuple(r.fields.get(q) for q in extra))
+            groups[key].add(r.fields.get(p))
+        if any(len(v) > 1 for v in groups.values()):
+            extra.append(p)
+    return extra
+
+
+def _row_sort_key(layout: Layout, key: tuple):
+    out = []
+    for i, v in enumerate(key):
+        order = layout.rows[i].order if i < len(layout.rows) else ()
+        out.append((order.index(v) if v in order else len(order), _natural(v)))
+    return out
+
+
+def _natural(v):
+    try:
+        return (0, float(str(v).rstrip("%")), "")
+    except ValueError:
+        return (1, 0.0, str(v))
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def build(layout: Layout, records: Sequence[Record]) -> Table:
+    placed = [r for r in records if r.status != "missing"]
+    missing = [r for r in records if r.status == "missing"]
+    extra = _extra_fields(placed, layout)
+    row_headers = [row.label for row in layout.rows] + extra
+
+    def row_key(r: Record) -> tuple:
+        return tuple(row.value(r) for row in layout.rows) + tuple(_fmt_value(r.fields.get(p)) for p in extra)
+
+    by_row: dict = defaultdict(list)
+    for r in placed:
+        by_row[row_key(r)].append(r)
+    keys = sorted(by_row, key=lambda k: _row_sort_key(layout, k))
+
+    # Column labels: fixed columns, then each pivot's keys in its order (split by hidden compression fields).
+    col_labels: list[str] = []
+    col_specs: list[Col] = []
+    assign: dict = {}  # (id(record), label) for pivot membership
+    for spec in layout.cols:
+        if spec.pivot is None:
+            col_labels.append(spec.label)
+            col_specs.append(spec)
+            continue
+        labels = _pivot_labels(spec, placed, row_key, assign)
+        ordered = sorted(labels, key=lambda lab: (_order_index(spec.order, lab), _natural(lab)))
+        col_labels += ordered
+        col_specs += [spec] * len(ordered)
+
+    notes: list[str] = []
+    rows: OrderedDict = OrderedDict()
+    n_seeds: dict = {}
+    for key in keys:
+        recs = by_row[key]
+        n_seeds[key] = len({r.seed for r in recs if r.ok})
+        cells = {}
+        for label, spec in zip(col_labels, col_specs):
+            if spec.pivot is None:
+                members = [r for r in recs if spec.where(r)]
+            else:
+                members = [r for r in recs if assign.get((id(r), id(spec))) == label]
+            cells[label] = _cell(spec, members)
+        rows[key] = cells
+    _relative(layout, rows, col_labels, col_specs, by_row)
+
+    # Notes: one per run that did not finish (a failed training shows in every cell of its seed), in reading order.
+    numbers: dict = {}
+    for key, cells in rows.items():
+        for label, cell in cells.items():
+            for r in cell.problems:
+                if r.path not in numbers:
+                    numbers[r.path] = len(numbers) + 1
+                    what = " ".join(r.overrides) if r.overrides else str(r.path)
+                    notes.append(f"[{numbers[r.path]}] {' / '.join(key)}, seed {r.seed}: {r.status}"
+                                 f"{': ' + r.error if r.error else ''} ({what})")
+                if numbers[r.path] not in cell.notes:
+                    cell.notes.append(numbers[r.path])
+            spec = col_specs[col_labels.index(label)]
+            if cell.stat is None and not cell.problems and spec.pivot is not None:
+                notes.append(f"[{len(numbers) + 1}] {' / '.join(key)} / {label}: not run (no results for this cell)")
+                numbers[(key, label)] = len(numbers) + 1
+                cell.notes.append(numbers[(key, label)])
+    k = len(numbers)
+    for r in missing:
+        k += 1
+        notes.append(f"[{k}] missing job: {' '.join(r.overrides)}: {r.error}")
+    incomplete = k > 0
+    return Table(layout, row_headers, col_labels, col_specs, rows, dict(by_row), notes, n_seeds, incomplete,
+                 experiment=next((r.experiment for r in records if r.experiment), None))
+
+
+def _order_index(order: Sequence[str], label: str) -> int:
+    base = label.split(" [", 1)[0]
+    return order.index(base) if base in order else len(order)
+
+
+def _pivot_labels(spec: Col, recs: Sequence[Record], row_key, assign: dict) -> list[str]:
+    groups = defaultdict(list)
+    for r in recs:
+        if not spec.where(r):
+            continue
+        lab = spec.pivot(r)
+        if lab is not None:
+            groups[(row_key(r), lab)].append(r)
+    labels = set()
+    for (_, lab), members in groups.items():
+        comp = sorted({p for r in members for p in r.fields if p.startswith("compress.")})
+        varying = [p for p in comp if len({r.fields.get(p) for r in members}) > 1
+                   and not _seed_derived(p, members)]
+        for r in members:
+            full = lab
+            if varying:
+                full += " [" + ",".join(f"{p.split('.', 1)[1]}={_fmt_value(r.fields.get(p))}" for p in varying) + "]"
+            assign[(id(r), id(spec))] = full
+            labels.add(full)
+    return sorted(labels)
+
+
+def _cell(spec: Col, members: Sequence[Record]) -> Cell:
+    """Mean ± std over seeds of ``spec.value``; records that did not finish, for seeds with no value, as problems."""
+    per_seed: dict = {}
+    for r in sorted((r for r in members if r.ok), key=lambda r: -r.mtime):  # a rerun of a seed: the newest wins
+        v = spec.value(r)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        per_seed.setdefault(r.seed, (v, spec.drop(r) if spec.drop else None))
+    problems = [r for r in members if not r.ok and r.seed not in per_seed]
+    if not per_seed:
+        return Cell(None, problems)
+    seeds = sorted(per_seed, key=lambda s: (s is None, s))
+    if spec.kind == "text":
+        texts = list(OrderedDict.fromkeys(str(per_seed[s][0]) for s in seeds))
+        return Cell(Stat([], seeds, text=", ".join(texts)), problems)
+    vals = [float(per_seed[s][0]) for s in seeds]
+    drops = [float(per_seed[s][1]) for s in seeds if per_seed[s][1] is not None]
+    return Cell(Stat(vals, seeds, drops), problems)
+
+
+def _relative(layout: Layout, rows: OrderedDict, labels: list, specs: list, by_row: dict) -> None:
+    """Columns relative to a reference row (overhead vs Adam, accuracy boost vs the baseline)."""
+    for label, spec in zip(labels, specs):
+        if spec.relative is None:
+            continue
+        op, is_ref, context = spec.relative
+        n_rows = len(layout.rows)
+        ctx_idx = [i for i, row in enumerate(layout.rows) if not any(_covered(p, context) for p in row.paths)]
+
+        def ctx(key, ctx_idx=ctx_idx, n_rows=n_rows):
+            return tuple(key[i] for i in ctx_idx) + key[n_rows:]
+
+        refs = defaultdict(list)
+        for key in rows:
+            if by_row[key] and all(is_ref(r) for r in by_row[key] if r.ok) and any(r.ok for r in by_row[key]):
+                refs[ctx(key)].append(key)
+        absolute = {key: cells[label] for key, cells in rows.items()}
+        for key, cells in rows.items():
+            cell = absolute[key]
+            ref = refs.get(ctx(key), [])
+            base = absolute[ref[0]].stat if len(ref) == 1 else None
+            if cell.stat is None or base is None:
+                cells[label] = Cell(None, cell.problems)
+                continue
+            mine = dict(zip(cell.stat.seeds, cell.stat.values))
+            theirs = dict(zip(base.seeds, base.values))
+            common = [s for s in cell.stat.seeds if s in theirs]
+            if not common:  # no paired seeds: compare the means
+                vals = [_apply(op, cell.stat.mean, base.mean)]
+                common = [None]
+            else:
+                vals = [_apply(op, mine[s], theirs[s]) for s in common]
+            cells[label] = Cell(Stat(vals, common), cell.problems)
+
+
+def _apply(op: str, a: float, b: float) -> float:
+    if op == "ratio":
+        return a / b if b else float("nan")
+    return a - b

@@ -1,0 +1,236 @@
+"""A sweep directory as records: one per job, whether it finished, failed, was killed, or never started.
+
+- ``results.json`` (status ``ok`` or ``failed``) gives a :class:`Record` with its config and metrics;
+- a run directory with ``config.yaml`` but no ``results.json`` (killed, or still running) gives one with
+  status ``unfinished``;
+- a sweep's ``multirun.yaml`` names every job Hydra's basic sweeper expands it to: a job with no run
+  directory is ``missing`` (its input was refused, or the sweep stopped first), a run directory that no job of
+  the last sweep names is ``stale`` (left by an earlier sweep into the same directory) and is set aside.
+
+Each record carries ``fields``: the inputs of the trained weights' cache key (``craft_runner.pipeline.
+weights_key``: only what determines the weights, e.g. of ``optimizer`` only the fields the chosen optimizer
+uses) and the whole ``compress`` block, flattened to ``"group.name"`` keys, so that the report can key rows by
+whatever varies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+# Fields that name a run rather than determine it.
+_IGNORED = {"version"}
+
+
+@dataclasses.dataclass
+class Record:
+    path: Path
+    status: str  # ok | failed | unfinished | missing
+    config: dict
+    metrics: dict = dataclasses.field(default_factory=dict)
+    compression: dict = dataclasses.field(default_factory=dict)
+    sharpness: dict = dataclasses.field(default_factory=dict)
+    error: Optional[str] = None
+    fields: dict = dataclasses.field(default_factory=dict)
+    train_fields: frozenset = frozenset()
+    overrides: tuple = ()
+    mtime: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def experiment(self) -> Optional[str]:
+        return self.config.get("experiment")
+
+    def get(self, path: str, default=None):
+        """A flattened field (``"optimizer.name"``), else the same path in the recorded config."""
+        if path in self.fields:
+            return self.fields[path]
+        node: Any = self.config
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+
+def _hashable(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return v
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists become tuples, dicts below a leaf (model.kwargs) JSON."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("kwargs",):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = _hashable(v)
+    return out
+
+
+def _build(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+def training_fields(config: dict) -> dict:
+    """The inputs of the weights' cache key of a recorded config, flattened (seed included)."""
+    try:
+        from craft_runner.compress.registry import CompressConfig
+        from craft_runner.pipeline import weights_key
+        from craft_runner.schema import ArchConfig, DatasetConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+
+        opt = dict(config.get("optimizer") or {})
+        if isinstance(opt.get("betas"), list):
+            opt["betas"] = tuple(opt["betas"])
+        rc = RunConfig(model=_build(ModelConfig, config.get("model")),
+                       dataset=_build(DatasetConfig, config.get("dataset")), optimizer=_build(OptimizerConfig, opt),
+                       arch=_build(ArchConfig, config.get("arch")), train=_build(TrainConfig, config.get("train")),
+                       compress=CompressConfig(), seed=config.get("seed", 0))
+        key = weights_key(rc)
+    except Exception as e:  # a config from another version: every recorded field counts
+        log.debug("weights_key failed (%s): using the recorded sections", e)
+        key = {k: config.get(k) for k in ("model", "dataset", "arch", "train", "optimizer", "seed")}
+    return {k: v for k, v in flatten(key).items() if k not in _IGNORED}
+
+
+def _record(path: Path, status: str, config: dict, **kw) -> Record:
+    tf = training_fields(config)
+    comp = flatten(config.get("compress") or {}, "compress.")
+    return Record(path=path, status=status, config=config, fields={**tf, **comp}, train_fields=frozenset(tf), **kw)
+
+
+def _read_overrides(run_dir: Path) -> tuple:
+    f = run_dir / "overrides.yaml"
+    if not f.exists():
+        return ()
+    import yaml
+
+    return tuple(str(x) for x in (yaml.safe_load(f.read_text()) or []))
+
+
+def _config_yaml(run_dir: Path) -> Optional[dict]:
+    """The job's config as Hydra saved it (interpolations resolved), for a run that wrote no results.json."""
+    f = run_dir / "config.yaml"
+    if not f.exists():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+        cfg.pop("hydra", None)
+        return cfg
+    except Exception as e:
+        log.warning("%s: unreadable (%s)", f, e)
+        return None
+
+
+def load_results(path: Path) -> Record:
+    r = json.loads(Path(path).read_text())
+    status = r.get("status", "failed")
+    if status == "running":  # written by an older runner before it finished
+        status = "unfinished"
+    return _record(Path(path).parent, status if status in ("ok", "failed", "unfinished") else "failed",
+                   r.get("config") or {}, metrics=r.get("metrics") or {}, compression=r.get("compression") or {},
+                   sharpness=r.get("sharpness") or {}, error=r.get("error"),
+                   overrides=_read_overrides(Path(path).parent), mtime=Path(path).stat().st_mtime)
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+
+
+def sweep_jobs(params: dict, task_overrides: list) -> list[tuple[str, ...]]:
+    """The jobs Hydra's basic sweeper makes of ``hydra.sweeper.params`` plus the command line, as override lists."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [f"{k}={v}" for k, v in (params or {}).items()] + list(task_overrides or [])
+    overrides = OverridesParser.create().parse_overrides(lines)
+    return [tuple(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+@dataclasses.dataclass
+class Sweep:
+    dir: Path
+    experiment: Optional[str]
+    jobs: list  # override tuples
+
+    @classmethod
+    def read(cls, multirun_yaml: Path) -> Optional[Sweep]:
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(multirun_yaml)
+            hydra = cfg.hydra
+            params = OmegaConf.to_container(hydra.sweeper.get("params") or {}, resolve=False)
+            task = list(hydra.overrides.task)
+            choices = OmegaConf.to_container(hydra.runtime.choices, resolve=False) if "runtime" in hydra else {}
+            return cls(multirun_yaml.parent, (choices or {}).get("experiment"), sweep_jobs(params, task))
+        except Exception as e:
+            log.warning("%s: cannot expand the sweep (%s): missing jobs are not detected", multirun_yaml, e)
+            return None
+
+
+@dataclasses.dataclass
+class Collection:
+    records: list  # Record, statuses ok / failed / unfinished / missing
+    stale: list  # run directories set aside
+    sweeps: list
+
+
+def _norm(overrides) -> frozenset:
+    return frozenset(str(o).replace(" ", "") for o in overrides)
+
+
+def collect(root: Path) -> Collection:
+    """Every record under ``root`` (a sweep directory, or a folder of them)."""
+    root = Path(root)
+    records: list[Record] = []
+    for f in sorted(root.rglob("results.json")):
+        try:
+            records.append(load_results(f))
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s)", f, e)
+    seen = {r.path for r in records}
+    for f in sorted(root.rglob("config.yaml")):
+        if f.parent in seen or not (f.parent / "overrides.yaml").exists():
+            continue
+        cfg = _config_yaml(f.parent)
+        if cfg is not None:
+            records.append(_record(f.parent, "unfinished", cfg, error="no results.json: killed, or still running",
+                                   overrides=_read_overrides(f.parent), mtime=f.stat().st_mtime))
+    sweeps = [s for s in (Sweep.read(m) for m in sorted(root.rglob("multirun.yaml"))) if s is not None]
+    stale: list[Record] = []
+    for sweep in sweeps:
+        inside = [r for r in records if sweep.dir in r.path.parents]
+        expected = {_norm(j): j for j in sweep.jobs}
+        found = set()
+        for r in inside:
+            key = _norm(r.overrides)
+            if r.overrides and key not in expected:
+                stale.append(r)
+            found.add(key)
+        for key, job in expected.items():
+            if key not in found:
+                cfg = {"experiment": sweep.experiment}
+                records.append(Record(path=sweep.dir, status="missing", config=cfg, overrides=job,
+                                      error="no run directory: its input was refused, or the sweep stopped before it"))
+    stale_paths = {r.path for r in stale}
+    return Collection([r for r in records if r.path not in stale_paths or r.status == "missing"], stale, sweeps)

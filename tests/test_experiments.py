@@ -1,0 +1,173 @@
+"""Every experiment (conf/experiment/) composes and its sweep expands to the cells of its paper table or figure.
+
+The expected numbers of cells are counted here from the papers (CrAFT Tables 2-5, Figures 1, 2, 4; SNT Tables 3,
+4, Figures 5-7), not read from the configs.
+"""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from craft_runner.config import register_configs, to_run_config
+from craft_runner.report.layouts import GENERIC, layout_for
+from craft_runner.report.records import sweep_jobs
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SEEDS = 3
+TASKS2, BITS = 7, 5  # CrAFT Table 2: seven tasks, five bit widths
+
+CELLS = {
+    "craft_table2": TASKS2 * 2 * 2 * BITS, "craft_table2_small": 2 * 2 * BITS * SEEDS,
+    "craft_table3": 4 * 2 * 2, "craft_table3_small": 3 * 2 * 2 * SEEDS,
+    "craft_table4": 6 * 2, "craft_table4_small": 2 * SEEDS,
+    "craft_table5": 3 * 2, "craft_table5_small": 2 * SEEDS,
+    "craft_fig1": 2, "craft_fig1_small": 2 * SEEDS,
+    "craft_fig2": 2, "craft_fig2_small": 2 * SEEDS,
+    "craft_fig4": 2 * 2 * (7 + 5), "craft_fig4_small": 2 * 2 * (4 + 5) * SEEDS,
+    "snt_table3_ptq": 3 * 3, "snt_table3_ptq_small": 3 * 3 * SEEDS,
+    "snt_table3_qat": 2 + 3 + 3, "snt_table3_qat_small": (2 + 3 + 3) * SEEDS,
+    "snt_table4": 3, "snt_table4_small": 3 * SEEDS,
+    "snt_fig5": 2 * 2 * 3 * 9, "snt_fig5_small": 2 * 2 * 3 * 4 * SEEDS,
+    "snt_fig6": 3 * 6, "snt_fig6_small": 3 * 4 * SEEDS,
+    "snt_fig7": 2 * 2 * 9, "snt_fig7_small": 2 * 2 * 4 * SEEDS,
+    "cheap_sam": 5 * 4, "cheap_sam_small": 5 * 4 * SEEDS,
+    "digits_default": 2 * 4 * SEEDS,
+    "craft_pretrain_small": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        yield
+
+
+def _compose(name, overrides=()):
+    return compose("run", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
+
+
+def _jobs(cfg):
+    params = cfg.hydra.sweeper.params
+    return sweep_jobs(OmegaConf.to_container(params) if params else {}, [])
+
+
+def test_every_experiment_is_counted():
+    assert set(EXPERIMENTS) == set(CELLS)
+    full = [e for e in EXPERIMENTS if not e.endswith("_small") and e != "digits_default"]
+    assert all(f"{e}_small" in EXPERIMENTS for e in full)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_expands_to_its_cells(hydra_conf, name):
+    cfg = _compose(name)
+    jobs = _jobs(cfg)
+    assert len(jobs) == CELLS[name]
+    assert len(set(jobs)) == len(jobs)
+    for job in (jobs[0], jobs[-1]):  # bad values fail in to_run_config
+        rc = to_run_config(_compose(name, job))
+        assert rc.seed in range(SEEDS)
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    header = [ln for ln in text.splitlines() if ln.startswith("#")]
+    if name != "craft_pretrain_small":
+        assert any(f"craft-run -m experiment={name}" in ln for ln in header)
+        assert any("craft-report" in ln for ln in header)
+        assert cfg.hydra.sweep.dir in (f"outputs/sweeps/{name}", "outputs/default")
+    if name.endswith("_small") and name != "craft_pretrain_small":
+        seeds = sorted({j.split("=")[1] for job in jobs for j in job if j.startswith("seed=")})
+        assert seeds == ["0", "1", "2"]
+    if name != "craft_pretrain_small":
+        assert layout_for(name) is not GENERIC
+
+
+def test_fig4_sweeps_both_panels(hydra_conf):
+    """(a) unstructured 10-70 % and (b) every N:M pattern at 50 %, for both criteria and both optimizers."""
+    cfg = _compose("craft_fig4")
+    params = cfg.hydra.sweeper.params
+    assert set(params["compress.criterion"].split(",")) == {"magnitude", "wanda"}
+    assert set(params["optimizer"].split(",")) == {"adam", "sam"}
+    shapes = set()
+    for preset in params["+shared/prune_shape"].split(","):
+        c = OmegaConf.load(CONF / "shared" / "prune_shape" / f"{preset}.yaml")
+        shapes.add(f"{c.n}:{c.m}" if c.pattern == "nm" else f"{round(100 * c.sparsity)}%")
+        assert c.pattern == "unstructured" or c.sparsity == 0.5
+    assert shapes == {f"{s}%" for s in range(10, 80, 10)} | {"2:4", "4:8", "8:16", "16:32", "32:64"}
+    nm = to_run_config(_compose("craft_fig4", ["+shared/prune_shape=nm16_32", "compress.criterion=wanda"])).compress
+    assert (nm.name, nm.pattern, nm.n, nm.m, nm.criterion, nm.calib_size) == ("prune", "nm", 16, 32, "wanda", 128)
+
+
+def test_snt_qat_cells_are_the_tables(hydra_conf):
+    """SNT Table 3 (QAT): ResNet-18/ImageNet with ADAM and ARCH; Mixer-S and MobileNet-V1/CIFAR-10 with all three."""
+    got = set()
+    for job in _jobs(_compose("snt_table3_qat")):
+        rc = to_run_config(_compose("snt_table3_qat", job))
+        approach = "SAM" if rc.optimizer.name == "sam" else "ARCH" if rc.arch.rprelu else "ADAM"
+        assert rc.compress.name == "qat" and (rc.compress.w_bits, rc.compress.a_bits) == (4, 4)
+        got.add((rc.model.name, rc.dataset.name, approach))
+    assert got == {("resnet18", "imagenet", "ADAM"), ("resnet18", "imagenet", "ARCH")} | {
+        (m, "cifar10", a) for m in ("mixer_s_cifar", "mobilenetv1_cifar") for a in ("ADAM", "SAM", "ARCH")}
+
+
+def test_small_craft_is_a_transfer(hydra_conf, monkeypatch):
+    monkeypatch.setenv("CRAFT_PRETRAINED_DIR", "/somewhere")
+    rc = to_run_config(_compose("craft_table2_small", _jobs(_compose("craft_table2_small"))[0]))
+    pre = to_run_config(_compose("craft_pretrain_small", ["+shared/tiny=test_vit"]))
+    assert rc.model.pretrained and rc.model.checkpoint_path == "/somewhere/test_vit.pt"
+    assert rc.dataset.classes == [5, 6, 7, 8, 9] and pre.dataset.classes == [0, 1, 2, 3, 4]
+    assert rc.model.kwargs == pre.model.kwargs and rc.model.name == pre.model.name == "test_vit"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_job_composes(hydra_conf, name):
+    for job in _jobs(_compose(name)):
+        to_run_config(_compose(name, job))
+
+
+# --------------------------------------------------------------------------------------------- the small variants' data
+
+
+def test_digits_class_subset_is_relabelled_in_the_order_given():
+    from sklearn.datasets import load_digits
+
+    from craft_runner.data import build_digits, check_dataset
+    from craft_runner.schema import ConfigError, DatasetConfig
+
+    target = load_digits().target
+    b = build_digits(DatasetConfig(classes=[7, 5, 9]), 16)
+    labels = b.train_y.tolist() + b.test_y.tolist()
+    assert b.num_classes == 3 and sorted(set(labels)) == [0, 1, 2]
+    assert [labels.count(i) for i in range(3)] == [int((target == c).sum()) for c in (7, 5, 9)]
+    assert check_dataset(DatasetConfig(classes=[0, 1, 2, 3, 4])).num_classes == 5
+    with pytest.raises(ConfigError, match="dataset.classes"):
+        check_dataset(DatasetConfig(classes=[3, 12]))
+    with pytest.raises(ConfigError, match="digits only"):
+        check_dataset(DatasetConfig(name="synthetic", classes=[0, 1]))
+    with pytest.raises(ConfigError, match="dataset.classes"):
+        DatasetConfig(classes=[4, 4])
+
+
+def test_digits_augmentation_shifts_without_flipping():
+    import numpy as np
+    import torch
+
+    from craft_runner.data import build_digits
+    from craft_runner.schema import DatasetConfig
+
+    assert build_digits(DatasetConfig(), 16).augment is None
+    b = build_digits(DatasetConfig(augment=True), 16)
+    x = b.train_x[:8]
+    out = b.augment(x, torch.Generator().manual_seed(3)).numpy()
+    p = 2  # CIFAR's 4 pixels at 32x32, scaled to 16x16
+    assert float(x.min()) == -1.0  # the background: what the shifts pad with
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-1.0)
+    moved = 0
+    for i in range(len(x)):
+        shifts = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                  if np.array_equal(padded[i, :, dy:dy + 16, dx:dx + 16], out[i])]
+        assert shifts, f"image {i} is not a shifted copy of its input (a flip?)"
+        moved += (p, p) not in shifts
+    assert moved > 0
