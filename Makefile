@@ -24,7 +24,7 @@ run: $(STAMP)  ## the default job: ResNet-20 on digits, Adam vs SAM, PTQ and pru
 
 # The _small variant of every paper table and figure (conf/experiment/*_small.yaml), and the tiny backbones the
 # CrAFT ones fine-tune (pretrained once on digits 0-4, experiment craft_pretrain_small).
-SMALL := craft_table2 craft_table3 craft_table4 craft_table5 craft_fig1 craft_fig2 craft_fig4 \
+SMALL := craft_table1 craft_table2 craft_table3 craft_table4 craft_table5 craft_fig1 craft_fig2 craft_fig4 \
 	snt_table3_ptq snt_table3_qat snt_table4 snt_fig5 snt_fig6 snt_fig7 cheap_sam
 TINY := test_vit resnet20 test_efficientnet
 PRETRAINED ?= outputs/pretrained
