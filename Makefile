@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_DIR ?= outputs/default
+# Threads per craft-run (empty: torch's default, one per core). On a machine other jobs share, one thread avoids
+# oversubscribing the cores: make tables THREADS=1.
+THREADS ?=
+RUN := $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) )$(BIN)/craft-run
 
 .PHONY: help install run tables pretrained test test-full test-slow test-cuda lint bench clean
 
@@ -19,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install the project into it
 
 run: $(STAMP)  ## the default job: ResNet-20 on digits, Adam vs SAM, PTQ and pruning, 3 seeds, prints the table
-	$(BIN)/craft-run -m experiment=digits_default hydra.sweep.dir=$(DEFAULT_DIR)
+	$(RUN) -m experiment=digits_default hydra.sweep.dir=$(DEFAULT_DIR)
 	$(BIN)/craft-report $(DEFAULT_DIR)
 
 # The _small variant of every paper table and figure (conf/experiment/*_small.yaml), and the tiny backbones the
@@ -31,7 +35,7 @@ PRETRAINED ?= outputs/pretrained
 TABLES ?= outputs/tables
 
 $(PRETRAINED)/%.pt: | $(STAMP)
-	$(BIN)/craft-run experiment=craft_pretrain_small +shared/tiny=$* hydra.run.dir=outputs/pretrain/$*
+	$(RUN) experiment=craft_pretrain_small +shared/tiny=$* hydra.run.dir=outputs/pretrain/$*
 	$(BIN)/python scripts/export_checkpoint.py outputs/pretrain/$* $@
 
 pretrained: $(TINY:%=$(PRETRAINED)/%.pt)  ## pretrain the tiny backbones of the _small CrAFT experiments
@@ -40,7 +44,7 @@ tables: $(STAMP) pretrained  ## every _small table and figure (3 seeds each) int
 	@mkdir -p $(TABLES); status=0; start=$$(date +%s); \
 	for e in $(SMALL); do \
 		t0=$$(date +%s); rm -rf outputs/sweeps/$${e}_small; \
-		CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/craft-run -m experiment=$${e}_small train.progress=false \
+		CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(RUN) -m experiment=$${e}_small train.progress=false \
 			> $(TABLES)/$${e}_small.log 2>&1 || { status=1; echo "$${e}_small: craft-run failed, see $(TABLES)/$${e}_small.log"; }; \
 		$(BIN)/craft-report outputs/sweeps/$${e}_small --out $(TABLES) --paper || status=1; \
 		echo "$${e}_small: $$(( $$(date +%s) - t0 )) s (load $$(cut -d' ' -f1-3 /proc/loadavg))"; \
