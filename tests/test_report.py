@@ -272,7 +272,8 @@ def test_labels():
     assert compression_label({"name": "ptq", "method": "base", "w_bits": 6, "a_bits": 16}) == "W6A16"
     assert compression_label({"name": "prune", "criterion": "wanda", "pattern": "nm", "n": 2, "m": 4,
                               "sparsity": 0.5}) == "wanda 2:4"
-    assert compression_label({"name": "token_prune"}) == "token_prune"  # a compressor this install lacks
+    assert compression_label({"name": "zip_test"}) == "zip_test"  # a compressor this install lacks
+    assert compression_label({"name": "token_prune", "keep_rate": 0.7}) == "token prune 0.7"
 
 
 # --------------------------------------------------------------------------------------------- end to end
