@@ -211,7 +211,7 @@ def test_overhead_and_accuracy_boost_pair_seeds(tmp_path, capsys):
     assert rows[0] == ["Downstream Task", "Method", "n", "E2E Time (Min)", "Overhead"]
     ratios = [126 / 60, 100 / 50]
     sam = [r for r in rows[1:] if r[1] == "CrAFT"][0]
-    assert sam[4] == f"{statistics.mean(ratios):.2f}x ± {statistics.stdev(ratios):.3f}"
+    assert sam[4] == f"{statistics.mean(ratios):.2f}x ± {statistics.stdev(ratios):.2f}"
     assert sam[3] == cell([126 / 60, 100 / 60], fmt="{:.3g}")
 
 

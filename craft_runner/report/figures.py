@@ -8,6 +8,7 @@ fine-tuning curves.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _wrap(title: str, width: int = 60) -> str:
+    return textwrap.fill(title, width)
 
 
 def _err(std: float):
@@ -88,7 +93,7 @@ def _sparsity_curves(table, out_dir: Path, name: str, title: str):
         ax.set_ylabel("top-1 (%)")
         ax.set_title(" / ".join(panel) or title, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_wrap(title, 40 * min(len(panels), 3)), fontsize=10)
     return [_save(plt, fig, out_dir / f"{name}.png")]
 
 
@@ -161,7 +166,7 @@ def drop_bars(table, out_dir: Path, stem: str):
         ax.set_ylabel("accuracy drop (points)")
         ax.set_title(panel, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(table.layout.title, fontsize=9)
+    fig.suptitle(_wrap(table.layout.title, 45 * min(len(panels), 3)), fontsize=9)
     return [_save(plt, fig, out_dir / f"{stem}.png")]
 
 
@@ -183,7 +188,7 @@ def lambda_bars(table, out_dir: Path, stem: str):
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     if len(cols) > 1:
         ax.legend(fontsize=7)
-    ax.set_title(table.layout.title, fontsize=9)
+    ax.set_title(_wrap(table.layout.title, 55), fontsize=9)
     return [_save(plt, fig, out_dir / f"{stem}-lambda.png")]
 
 
@@ -302,5 +307,5 @@ def finetune_curves(table, out_dir: Path, stem: str):
     ax2.set_xlabel("epoch of the longest fine-tuning")
     ax2.set_ylabel("training loss")
     ax2.legend(fontsize=7)
-    fig.suptitle(table.layout.title, fontsize=10)
+    fig.suptitle(_wrap(table.layout.title, 100), fontsize=10)
     return [_save(plt, fig, out_dir / f"{stem}.png")]

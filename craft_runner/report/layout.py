@@ -263,9 +263,12 @@ def build(layout: Layout, records: Sequence[Record]) -> Table:
                 numbers[(key, label)] = len(numbers) + 1
                 cell.notes.append(numbers[(key, label)])
     k = len(numbers)
-    for r in missing:
+    for r in missing[:5]:
         k += 1
         notes.append(f"[{k}] missing job: {' '.join(r.overrides)}: {r.error}")
+    if len(missing) > 5:
+        k += 1
+        notes.append(f"[{k}] and {len(missing) - 5} more missing jobs")
     incomplete = k > 0
     return Table(layout, row_headers, col_labels, col_specs, rows, dict(by_row), notes, n_seeds, incomplete,
                  experiment=next((r.experiment for r in records if r.experiment), None))

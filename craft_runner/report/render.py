@@ -37,7 +37,7 @@ def _num(v: float, kind: str) -> str:
 def _pm(mean: float, std: float, n: int, kind: str) -> str:
     s = _num(mean, kind)
     if n > 1 and not math.isnan(std):
-        s += f" ± {_num(std, 'share' if kind == 'ratio' else kind).lstrip('+').rstrip('x')}"
+        s += f" ± {_num(std, kind).lstrip('+').rstrip('x')}"
     return s
 
 
