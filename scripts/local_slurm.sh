@@ -67,6 +67,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 # A node that was down (e.g. after a restart) comes back by itself once slurmd registers.
 ReturnToService=2
+# A requeued or cancelled job is killed 5 s after its SIGTERM (30 s by default): short, so a test's job
+# cannot finish its training inside that grace and make the requeue a no-op.
+KillWait=5
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
