@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 HESSIAN_BATCH = 4
 # Elements of the largest tensor one chunk of candidates may produce (bounds memory, keeps GEMMs large).
 CHUNK_ELEMENTS = {"cpu": 2 ** 24, "cuda": 2 ** 27}
+# Bytes of calibration inputs/outputs/gradients captured in one pass over the calibration data.
+CAPTURE_BYTES = {"cpu": 2 ** 30, "cuda": 2 ** 32}
 
 
 def candidate_ratios(lo: float, hi: float, n: int) -> torch.Tensor:
@@ -162,13 +164,14 @@ class _Scorer:
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         k = out.shape[0]
         if self.metric == "cosine":
-            if self.ref_col is not None:  # one batched matmul: per position, the k candidates' dot products
-                dot = torch.bmm(out.reshape(k, -1, self.feats).transpose(0, 1), self.ref_col)
-                dot = dot.reshape(-1, k).t().reshape(out.shape[:-1])
-            else:
-                dot = (out * self.ref).sum(-1)
-            # x·y / max(|x||y|, 1e-8): torch.cosine_similarity as the reference code used it
-            e = -dot / (torch.linalg.vector_norm(out, dim=-1) * self.ref_norm).clamp_min_(1e-8)
+            if self.ref_col is not None:  # positions first: one batched matmul gives every candidate's dot products
+                out = out.reshape(k, -1, self.feats).transpose(0, 1)
+                dot = torch.bmm(out, self.ref_col).reshape(out.shape[0], k)
+                norm = torch.linalg.vector_norm(out, dim=-1).mul_(self.ref_norm.reshape(-1, 1))
+                # x·y / max(|x||y|, 1e-8): torch.cosine_similarity as the reference code used it
+                return dot.div_(norm.clamp_min_(1e-8)).mean(0).neg_().reshape(k, 1)
+            dot = (out * self.ref).sum(-1)
+            e = dot.div_((torch.linalg.vector_norm(out, dim=-1) * self.ref_norm).clamp_min_(1e-8)).neg_()
         else:
             d = out - self.ref
             if self.grad is not None:
@@ -387,20 +390,48 @@ class SearchPlan:
     loss: str = "kl"
 
 
+def _passes(model: nn.Module, ops: list, calib_batches, need_grad: bool) -> list[list]:
+    """Ops split into calibration passes: whole top-level blocks, as many per pass as the captured
+    tensors allow (CAPTURE_BYTES, sized from one image), so that small models need one pass."""
+    blocks: dict[str, list] = {}
+    for op in ops:
+        blocks.setdefault(".".join(op[0].split(".")[:2]), []).append(op)
+    per_image, n_in = {}, {m: k for _, m, k in ops}
+
+    def probe(mod, args, out):
+        per_image[mod] = sum(a.numel() for a in args[:n_in[mod]]) + out.numel() * (2 if need_grad else 1)
+
+    x = calib_batches[0][0][:1]
+    handles = [m.register_forward_hook(probe) for _, m, _ in ops]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    n_images = sum(len(b[0]) for b in calib_batches)
+    budget = CAPTURE_BYTES.get(x.device.type, CAPTURE_BYTES["cuda"])
+    passes, size = [], budget + 1
+    for block in blocks.values():
+        b = 4 * n_images * sum(per_image.get(m, 0) for _, m, _ in block)
+        if size + b > budget:
+            passes.append([])
+            size = 0
+        passes[-1] += block
+        size += b
+    return passes
+
+
 def search_model(model: nn.Module, layers: list[tuple[str, nn.Module]], matmuls: list[tuple[str, nn.Module]],
                  plan: SearchPlan, calib_batches) -> tuple[dict, dict]:
     """Search every op of ``layers`` and ``matmuls`` on the full-precision model. Returns
     ({layer: (weight scale or None, input scale or None)}, {matmul: (quant_a, quant_b)})."""
     need_grad = plan.metric == "hessian"
-    # One calibration pass per group of ops (a top-level block) bounds the memory held at once.
     order = {m: i for i, m in enumerate(model.modules())}
     ops = sorted([(n, m, 1) for n, m in layers] + [(n, m, 2) for n, m in matmuls], key=lambda t: order[t[1]])
-    groups: dict[str, list] = {}
-    for op in ops:
-        groups.setdefault(".".join(op[0].split(".")[:2]), []).append(op)
     layer_q, mm_q = {}, {}
     with frozen(model):
-        for group in groups.values():
+        for group in _passes(model, ops, calib_batches, need_grad):
             data = capture(model, [(m, k) for _, m, k in group], calib_batches, need_grad, plan.loss)
             for name, m, k in group:
                 if m not in data:
