@@ -226,3 +226,35 @@ def test_log_report_writes_a_report_run_with_tables_and_images(tmp_path):
     assert run["group"] == "craft_table2" and run["job_type"] == "report" and run["name"] == "report-craft_table2"
     (row,) = run["history"]
     assert row["table/_type"] == "table-file" and row["table/nrows"] == 2 and row["fig/_type"] == "image-file"
+
+
+def test_craft_report_wandb_logs_the_table_and_figure_to_the_runs_group(tmp_path, monkeypatch):
+    """`craft-report --wandb`: one report run per experiment in the group its runs logged to, holding the
+    table (as printed) and the figure, read back from the offline files."""
+    import dataclasses
+
+    from craft_runner.compress.registry import CompressConfig
+    from craft_runner.report.cli import main
+    from craft_runner.schema import OptimizerConfig, RunConfig
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline
+    for opt, lam in (("adam", 40.0), ("sam", 10.0)):
+        for seed in (0, 1):
+            rc = RunConfig(optimizer=OptimizerConfig(name=opt), seed=seed, experiment="craft_table5_small",
+                           compress=CompressConfig(),
+                           logger=LoggerConfig(name="wandb", group="my-sweep", project="proj"))
+            d = tmp_path / "sweep" / f"{opt}{seed}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps({
+                "config": dataclasses.asdict(rc), "status": "ok", "compression": {}, "sharpness": {},
+                "metrics": {"fp_acc": 90.0 + seed, "lambda_max_after": lam + seed, "lambda_max_before": 50.0}}))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "sweep"), "--out", str(out), "--wandb", "--wandb-mode", "offline"]) == 0
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    run = run_summary(run_dir)
+    assert run["group"] == "my-sweep" and run["job_type"] == "report"
+    (row,) = run["history"]
+    assert row["craft_table5_small/_type"] == "table-file" and row["craft_table5_small/nrows"] == 1  # one task
+    pngs = sorted(p.stem for p in out.glob("*.png"))
+    assert pngs and all(row[f"{stem}/_type"] == "image-file" for stem in pngs)

@@ -28,8 +28,10 @@ _EXT = {"md": "md", "csv": "csv", "latex": "tex"}
 
 
 def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: bool = False, figures: bool = True,
-           experiments: Optional[list] = None, stream=None) -> int:
-    """Write every experiment's report; print them in ``fmt`` to ``stream``; return the exit status."""
+           experiments: Optional[list] = None, stream=None, wandb: Optional[dict] = None) -> int:
+    """Write every experiment's report; print them in ``fmt`` to ``stream``; return the exit status.
+    ``wandb``: also log each experiment's table and figures as a W&B run in its runs' group (a dict of
+    logger fields, e.g. ``{"mode": "offline"}``; the project defaults to the one the runs recorded)."""
     stream = stream or sys.stdout
     root = Path(root)
     coll = collect(root)
@@ -69,17 +71,38 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
         print(shown, file=stream)
         if below and fmt != "csv":
             print(_published(table, fmt), file=stream)
+        pngs = []
         if figures:
             for fig in table.layout.figures:
                 try:
                     for p in fig(table, out_dir, name):
+                        pngs.append(p)
                         print(f"figure: {p}", file=sys.stderr)
                 except Exception as e:  # a figure must not hide the table
                     log.warning("%s: figure %s failed: %s", name, fig.__name__, e)
                     print(f"craft-report: warning: {name}: figure {fig.__name__} failed: {e}", file=sys.stderr)
+        if wandb is not None:
+            _log_wandb(name, groups[name], headers, rows, pngs, wandb, out_dir)
         if table.incomplete:
             status = 1
     return status
+
+
+def _log_wandb(name: str, records: list, headers: list, rows: list, pngs: list, options: dict, out_dir: Path) -> None:
+    """The table and figures as one W&B run in the group the experiment's runs logged to (their recorded
+    logger.group, else the experiment's name); offline files under ``out_dir`` unless a key says online."""
+    import pandas as pd
+
+    from craft_runner.tracking import log_report
+
+    logged = [r.config.get("logger") or {} for r in records]
+    group = next((c.get("group") for c in logged if c.get("group")), None) or name
+    cfg = {"name": "wandb", **{k: v for k, v in (logged[0] if logged else {}).items() if k in ("project", "entity")},
+           **options}
+    table = pd.DataFrame([[str(c) for c in row] for row in rows], columns=[str(h) for h in headers])
+    run_id = log_report(group, {name: table}, pngs, cfg, directory=out_dir)
+    print(f"W&B: {name} logged to group {group!r}" + (f" (run {run_id})" if run_id else " failed (see the warning)"),
+          file=sys.stderr)
 
 
 def _published(table, fmt: str = "md") -> str:
@@ -102,11 +125,19 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--paper", action="store_true", help="show the published numbers beside the measured ones")
     ap.add_argument("--no-figures", action="store_true", help="tables only")
     ap.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
+    ap.add_argument("--wandb", action="store_true",
+                    help="also log each table and its figures to W&B, in the group of the experiment's runs")
+    ap.add_argument("--wandb-project", help="W&B project (default: the one the runs recorded, else craft-runner)")
+    ap.add_argument("--wandb-mode", default="auto", choices=("auto", "online", "offline"),
+                    help="auto (default): online only with a credential for the W&B host, as for the runs")
     ap.add_argument("--csv", help=argparse.SUPPRESS)  # craft-table's old option: also write the CSV here
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="craft-report: %(levelname)s: %(message)s")
+    wandb = None
+    if args.wandb:
+        wandb = {"mode": args.wandb_mode, **({"project": args.wandb_project} if args.wandb_project else {})}
     status = report(Path(args.root), Path(args.out) if args.out else None, args.format, args.paper,
-                    not args.no_figures, args.experiment)
+                    not args.no_figures, args.experiment, wandb=wandb)
     if args.csv and status != 2:
         out = Path(args.out) if args.out else Path(args.root)
         parts = [p.read_text() for p in sorted(out.glob("*.csv")) if not p.name.endswith("-cells.csv")]
