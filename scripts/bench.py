@@ -377,6 +377,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens-only", action="store_true", help="only the ToMe and token pruning rows")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from craft_runner.runtime import keep_freed_memory
+
+    malloc = keep_freed_memory()  # as craft-run does
     start = _now()
     load = ForeignLoad()
     torch.manual_seed(0)
@@ -388,8 +391,8 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (batch,), generator=g)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"craft-runner bench: {label}, {n_params / 1e6:.2f} M parameters; batch {batch}x3x32x32 channels_last; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-          flush=True)
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"malloc {'keeps freed memory' if malloc else 'glibc defaults'}", flush=True)
 
     rows = []
     if not args.tokens_only:

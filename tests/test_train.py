@@ -137,3 +137,35 @@ def test_fit_reports_steps_second_pass_fraction_and_time(name, fraction):
     assert info["steps"] == 8 and info["second_pass_fraction"] == fraction
     assert [h["second_passes"] for h in info["history"]] == [int(4 * fraction)] * 2
     assert info["train_seconds"] > 0
+
+
+def test_keep_freed_memory_serves_large_tensors_from_the_heap(tmp_path):
+    """After keep_freed_memory, a 4 MB tensor is not a fresh mmap (glibc's mallinfo2 counts mapped bytes);
+    without it, it is. In a child process: the setting is process-wide."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    if not ctypes.util.find_library("c") or not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    code = """
+import ctypes, ctypes.util, sys, torch
+from craft_runner.runtime import keep_freed_memory
+class M(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = M
+changed = keep_freed_memory() if sys.argv[1] == "tuned" else False
+before = libc.mallinfo2().hblkhd
+x = torch.empty(1 << 20)
+print(changed, libc.mallinfo2().hblkhd - before)
+"""
+    out = {}
+    for mode in ("tuned", "default"):
+        p = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        changed, mapped = p.stdout.split()[-2:]
+        out[mode] = (changed, int(mapped))
+    assert out["tuned"] == ("True", 0)
+    assert out["default"][1] >= 4 << 20
