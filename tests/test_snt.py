@@ -172,6 +172,57 @@ def test_fused_rprelu_equals_the_formula_with_gradients(case):
     assert torch.autograd.gradcheck(_FusedRPReLU.apply, tuple(leaves), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("case", [("channels_last", (4, 16, 6, 5), 1), ("tokens", (3, 7, 12), -1),
+                                  ("rows", (70, 9), -1), ("many_rows", (3, 8, 40, 40), 1)], ids=lambda c: c[0])
+def test_c_kernels_equal_the_formula_with_gradients(case):
+    """The CPU C kernels (float32, channel-last memory) against eq. (1) in float64: output, and the gradients
+    w.r.t. x, gamma, beta, zeta from autograd through the reference (sums over up to 38,400 rows, several
+    blocks and threads). The path must really be taken: a machine with a C compiler builds it."""
+    from craft_runner.models import rprelu_cpu
+    from craft_runner.models.snt import _FusedRPReLU
+
+    if rprelu_cpu.library() is None:
+        pytest.skip("no C compiler here: the torch.compile path is tested instead")
+    _, shape, dim = case
+    gen = torch.Generator().manual_seed(0)
+    c = shape[dim]
+    gamma, zeta = (torch.randn(c, generator=gen, dtype=torch.float64) for _ in range(2))
+    beta = torch.randn(c, generator=gen, dtype=torch.float64)  # slopes of either sign
+    x64 = away_from_kinks(shape, gamma, dim, seed=1)
+    x = x64.float().contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+    assert rprelu_cpu.usable(x)
+    leaves = [t.float().clone().requires_grad_(True) for t in (x, gamma, beta, zeta)]
+    out = _FusedRPReLU.apply(*leaves)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x64, gamma, beta, zeta)]
+    ref = rprelu_tensor_reference(ref_leaves[0], *ref_leaves[1:], dim=dim)
+    assert out.dtype == torch.float32 and out.stride() == x.stride()
+    assert torch.allclose(out.double(), ref, atol=1e-5, rtol=1e-6)
+    go = torch.randn(shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, go.float())
+    want = torch.autograd.grad(ref, ref_leaves, go)
+    n = x.numel() // c
+    for name, a, b in zip(("x", "gamma", "beta", "zeta"), got, want):
+        tol = 1e-5 if name == "x" else 1e-5 * n  # per-channel sums of n float32 terms
+        assert torch.allclose(a.double(), b, atol=tol, rtol=1e-5), (name, (a.double() - b).abs().max())
+
+
+def test_c_kernels_take_an_output_gradient_in_another_layout():
+    """A gradient arriving NCHW for a channels-last input (as from an average pool) is brought to x's layout."""
+    from craft_runner.models import rprelu_cpu
+    from craft_runner.models.snt import _FusedRPReLU
+
+    if rprelu_cpu.library() is None:
+        pytest.skip("no C compiler here")
+    x = torch.randn(2, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    p = [torch.randn(5, requires_grad=True) for _ in range(3)]
+    xs = [x.clone().requires_grad_(True), x.double().contiguous().requires_grad_(True)]
+    g = torch.randn(2, 5, 3, 3)  # NCHW-contiguous
+    a = torch.autograd.grad(_FusedRPReLU.apply(xs[0], *p), [xs[0], *p], g)
+    ref = rprelu_tensor_reference(xs[1], *(t.double() for t in p), dim=1)
+    b = torch.autograd.grad(ref, [xs[1]], g.double())[0]
+    assert torch.allclose(a[0].double(), b, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_fused_snt_resnet20_trains_like_the_unfused_one():
     """Three Adam steps of an SNT ResNet-20, channels_last: the fused kernels change nothing but speed."""

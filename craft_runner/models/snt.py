@@ -52,6 +52,7 @@ import logging
 import torch
 from torch import nn
 
+from craft_runner.models import rprelu_cpu
 from craft_runner.models.cifar import BasicBlock as CifarBasicBlock
 from craft_runner.models.cifar import DepthwiseSeparable, MlpMixerCifar, MobileNetV1Cifar, ResNetCifar
 from craft_runner.schema import ConfigError
@@ -136,6 +137,9 @@ class _FusedRPReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, zeta):
         ctx.save_for_backward(x, gamma, beta)
+        ctx.native = rprelu_cpu.usable(x)
+        if ctx.native:  # a channels-last float32 CPU tensor: the C kernels, one pass each way
+            return rprelu_cpu.forward(x, gamma.detach(), beta.detach(), zeta.detach())
         # detached: torch.compile takes a Parameter's shape as static, which would fix the channel count
         # and compile once per layer width instead of once
         return _kernel("forward", rprelu, x, gamma.detach(), beta.detach(), zeta.detach())
@@ -144,6 +148,8 @@ class _FusedRPReLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, gamma, beta = ctx.saved_tensors
+        if ctx.native:
+            return rprelu_cpu.backward(g, x, gamma.detach(), beta.detach())
         return _kernel("backward", _rprelu_backward, g, x, gamma.detach(), beta.detach())
 
 
@@ -159,8 +165,9 @@ class RPReLU(nn.Module):
     weight decay on parameters with ``ndim <= 1``, which is how they are kept free of weight decay.
 
     With ``fused`` (default) a module in training mode, with gradients on, computes the same function
-    with the fused kernels of :class:`_FusedRPReLU` (torch.compile'd once per process on first use, a few
-    seconds; eager if compiling is impossible). In eval mode it always uses the plain formula
+    with the fused kernels of :class:`_FusedRPReLU`: on the CPU for a float32 channels-last tensor the C
+    kernels of :mod:`craft_runner.models.rprelu_cpu` (built once per machine, about a second), otherwise
+    torch.compile'd ones (once per process on first use, a few seconds; eager if compiling is impossible). In eval mode it always uses the plain formula
     :func:`rprelu`: that is where Hessian-vector products are taken
     (:func:`craft_runner.sharpness.measuring_mode`), and they need a double backward.
     """
