@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -93,13 +94,22 @@ def _cache_dir() -> Path:
     return Path(root) / "craft_runner"
 
 
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return platform.machine() + next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _build() -> Optional[ctypes.CDLL]:
     """The kernels' library: built into ~/.cache/craft_runner/ the first time (about a second), then loaded."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-    digest = hashlib.sha256((_SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
+    # -march=native: the file is keyed by this CPU's instruction sets too (a cache shared by different nodes)
+    digest = hashlib.sha256((_SOURCE + " ".join(flags) + cc + _cpu_id()).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"rprelu-{digest}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
