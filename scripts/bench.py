@@ -391,8 +391,8 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (batch,), generator=g)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"craft-runner bench: {label}, {n_params / 1e6:.2f} M parameters; batch {batch}x3x32x32 channels_last; "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"malloc {'keeps freed memory' if malloc else 'glibc defaults'}", flush=True)
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; malloc {'keeps freed memory' if malloc else 'glibc defaults'}", flush=True)
 
     rows = []
     if not args.tokens_only:

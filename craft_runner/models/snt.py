@@ -167,9 +167,9 @@ class RPReLU(nn.Module):
     With ``fused`` (default) a module in training mode, with gradients on, computes the same function
     with the fused kernels of :class:`_FusedRPReLU`: on the CPU for a float32 channels-last tensor the C
     kernels of :mod:`craft_runner.models.rprelu_cpu` (built once per machine, about a second), otherwise
-    torch.compile'd ones (once per process on first use, a few seconds; eager if compiling is impossible). In eval mode it always uses the plain formula
-    :func:`rprelu`: that is where Hessian-vector products are taken
-    (:func:`craft_runner.sharpness.measuring_mode`), and they need a double backward.
+    torch.compile'd ones (once per process on first use, a few seconds; eager if compiling is impossible).
+    In eval mode it always uses the plain formula :func:`rprelu`: that is where Hessian-vector products are
+    taken (:func:`craft_runner.sharpness.measuring_mode`), and they need a double backward.
     """
 
     def __init__(self, num_channels: int, beta_init: float = 0.25, fused: bool = True):
