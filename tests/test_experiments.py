@@ -112,6 +112,23 @@ def test_snt_qat_cells_are_the_tables(hydra_conf):
         (m, "cifar10", a) for m in ("mixer_s_cifar", "mobilenetv1_cifar") for a in ("ADAM", "SAM", "ARCH")}
 
 
+@pytest.mark.parametrize("name", ["snt_table3_ptq", "snt_table3_ptq_small", "snt_table4", "snt_fig6_small",
+                                  "craft_table2", "craft_table2_small", "digits_default"])
+def test_ptq_definition_follows_each_papers_code(hydra_conf, monkeypatch, name):
+    """SNT's PTQ cells use distiller's post-training quantizer (one max-based scale per layer: the single
+    candidate r = 1); CrAFT's and the default job's PTQ4ViT's BasePTQ/PTQ4ViT search."""
+    monkeypatch.setenv("CRAFT_PRETRAINED_DIR", "/somewhere")
+    seen = set()
+    for job in _jobs(_compose(name)):
+        c = to_run_config(_compose(name, job)).compress
+        if c.name == "ptq":
+            seen.add((c.search, c.weight_granularity if c.method == "base" else "ptq4vit", c.scale_steps == 1))
+    # (the CrAFT _small variants search a coarser grid, 20 candidates, for the CPU)
+    want = {("cosine", "tensor", True)} if name.startswith("snt") else {("cosine", "tensor", False),
+                                                                        ("cosine", "ptq4vit", False)}
+    assert seen and seen <= want, seen
+
+
 def test_small_craft_is_a_transfer(hydra_conf, monkeypatch):
     monkeypatch.setenv("CRAFT_PRETRAINED_DIR", "/somewhere")
     rc = to_run_config(_compose("craft_table2_small", _jobs(_compose("craft_table2_small"))[0]))

@@ -434,3 +434,27 @@ def test_experiment_configs_use_the_reference_definitions():
         assert (c.method, c.scale_min, c.search_rounds, c.scale_steps, c.quant_stem_input) == (
             method, lo, rounds, 100, False), overrides
         assert c.weight_granularity == ("mixed" if method == "ptq4vit" else "tensor")
+
+
+def test_snt_ptq_is_distillers_post_training_quantizer():
+    """conf/compress/ptq_w4ft.yaml on a conv and a linear layer against distiller's symmetric linear
+    quantization written out: n = (2^b - 1)/2, scale = n / max|w| per layer, q = clamp(round(w·scale),
+    -2^(b-1), 2^(b-1) - 1), w' = q / scale."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from craft_runner.compress.quant import base_ptq as run_base
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "compress" / "ptq_w4ft.yaml")
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("defaults", "name", "finetune_epochs")}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    w0 = [model[0].weight.detach().clone(), model[3].weight.detach().clone()]
+    layers = target_layers(model, skip_first_last=False)
+    run_base(model, layers, PTQConfig(**kwargs), [(torch.randn(8, 3, 6, 6), None)])
+    for m, w in zip((model[0], model[3]), w0):
+        n = (2 ** 4 - 1) / 2
+        scale = n / w.abs().max()
+        want = torch.clamp(torch.round(w * scale), -8, 7) / scale
+        assert torch.allclose(m.weight, want, atol=1e-6), (m.weight - want).abs().max()

@@ -454,7 +454,8 @@ class PTQConfig(CompressConfig):
 def ptq_label(c: dict) -> str:
     method = "" if c.get("method", "base") == "base" else f"{c['method']} "
     ft = f" +ft{c['finetune_epochs']}" if c.get("finetune_epochs") else ""
-    return f"{method}W{c['w_bits']}A{c['a_bits']}{ft}"
+    maxed = " max" if c.get("search") == "none" else ""  # max-based scales, not the searched ones
+    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{ft}"
 
 
 @register_compressor("ptq", PTQConfig, label=ptq_label)
