@@ -4,7 +4,7 @@ Why not torch.compile on the CPU: its generated kernels for RPReLU cost ~2x a Re
 step (a symbolic shape per call, two passes in backward), which made an SNT ResNet-20 step 1.17x the base one.
 These take one pass each way over a channels-last (rows, C) float32 tensor, as a ReLU does: the backward
 writes ∂x and sums the three parameter gradients per channel in the same pass (float within blocks of rows,
-double across them). Threads: OpenMP, resolved to the libgomp torch already loaded, so ``torch.set_num_threads``
+double across them), then writes them out. Threads: OpenMP, resolved to the libgomp torch already loaded, so ``torch.set_num_threads``
 applies. Anything else (CUDA, float64, NCHW layout, no compiler) takes the other paths of :mod:`snt`.
 """
 
@@ -45,11 +45,12 @@ void rprelu_forward(const float* x, float* out, const float* gamma, const float*
     }
 }
 
-/* dx = g on y > 0, beta*g elsewhere; sums[0..C) = sum g, sums[C..2C) = sum g on y <= 0,
-   sums[2C..3C) = sum g*y on y <= 0 (sums zeroed by the caller) */
+/* dx = g on y > 0, beta*g elsewhere; with S = sum g, N = sum g on y <= 0, P = sum g*y on y <= 0 per channel:
+   dgamma = (1 - beta)*N - S, dbeta = P, dzeta = S, written to grads[0..C), [C..2C), [2C..3C) */
 void rprelu_backward(const float* g, const float* x, const float* gamma, const float* beta, float* dx,
-                     double* sums, int64_t rows, int64_t C) {
+                     float* grads, int64_t rows, int64_t C) {
     const int64_t block = 64;
+    double* sums = (double*)calloc(3 * C, sizeof(double));
     #pragma omp parallel
     {
         float* acc = (float*)calloc(3 * C, sizeof(float));
@@ -82,6 +83,12 @@ void rprelu_backward(const float* g, const float* x, const float* gamma, const f
         free(acc);
         free(tot);
     }
+    for (int64_t c = 0; c < C; c++) {
+        grads[c] = (float)((1.0 - beta[c]) * sums[C + c] - sums[c]);
+        grads[C + c] = (float)sums[2 * C + c];
+        grads[2 * C + c] = (float)sums[c];
+    }
+    free(sums);
 }
 """
 
@@ -161,25 +168,20 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 def forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor:
     """Eq. (1) for a CPU float32 ``x`` that :func:`usable` accepts; the output has x's layout."""
     out = torch.empty_like(x)
-    xr, orows = _rows(x), _rows(out)
-    params = [p.contiguous() for p in (gamma, beta, zeta)]
-    library().rprelu_forward(_ptr(xr), _ptr(orows), *map(_ptr, params), ctypes.c_int64(xr.shape[0]),
-                             ctypes.c_int64(xr.shape[1]))
+    rows, c = x.numel() // x.shape[1 if x.ndim == 4 else -1], x.shape[1 if x.ndim == 4 else -1]
+    library().rprelu_forward(_ptr(x), _ptr(out), _ptr(gamma.contiguous()), _ptr(beta.contiguous()),
+                             _ptr(zeta.contiguous()), ctypes.c_int64(rows), ctypes.c_int64(c))
     return out
 
 
 def backward(g: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
     """(∂x, ∂γ, ∂β, ∂ζ) of eq. (1) for the output gradient ``g`` (brought to x's layout when it differs)."""
-    gr = _rows(g)
-    if gr is None or g.stride() != x.stride():
+    if g.stride() != x.stride():
         g = g.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.contiguous_format)
-        gr = _rows(g)
-    xr = _rows(x)
+    xr, gr = _rows(x), _rows(g)
     dx = torch.empty_like(x)
     rows, c = xr.shape
-    sums = torch.zeros(3 * c, dtype=torch.float64)
-    params = [p.contiguous() for p in (gamma, beta)]
-    library().rprelu_backward(_ptr(gr), _ptr(xr), *map(_ptr, params), _ptr(_rows(dx)), _ptr(sums),
-                              ctypes.c_int64(rows), ctypes.c_int64(c))
-    s_g, s_neg, s_negy = sums.to(torch.float32).view(3, c)
-    return dx, (1 - beta) * s_neg - s_g, s_negy, s_g
+    grads = torch.empty(3, c)
+    library().rprelu_backward(_ptr(gr), _ptr(xr), _ptr(gamma.contiguous()), _ptr(beta.contiguous()),
+                              _ptr(dx), _ptr(grads), ctypes.c_int64(rows), ctypes.c_int64(c))
+    return dx, grads[0], grads[1], grads[2]
