@@ -4,8 +4,8 @@ Why not torch.compile on the CPU: its generated kernels for RPReLU cost ~2x a Re
 step (a symbolic shape per call, two passes in backward), which made an SNT ResNet-20 step 1.17x the base one.
 These take one pass each way over a channels-last (rows, C) float32 tensor, as a ReLU does: the backward
 writes ∂x and sums the three parameter gradients per channel in the same pass (float within blocks of rows,
-double across them), then writes them out. Threads: OpenMP, resolved to the libgomp torch already loaded, so ``torch.set_num_threads``
-applies. Anything else (CUDA, float64, NCHW layout, no compiler) takes the other paths of :mod:`snt`.
+double across them), then writes them out. Threads: OpenMP, resolved to the libgomp torch already loaded,
+so ``torch.set_num_threads`` applies. Anything else (CUDA, float64, NCHW layout, no compiler) takes the other paths of :mod:`snt`.
 """
 
 from __future__ import annotations
