@@ -5,7 +5,8 @@ step (a symbolic shape per call, two passes in backward), which made an SNT ResN
 These take one pass each way over a channels-last (rows, C) float32 tensor, as a ReLU does: the backward
 writes ∂x and sums the three parameter gradients per channel in the same pass (float within blocks of rows,
 double across them), then writes them out. Threads: OpenMP, resolved to the libgomp torch already loaded,
-so ``torch.set_num_threads`` applies. Anything else (CUDA, float64, NCHW layout, no compiler) takes the other paths of :mod:`snt`.
+so ``torch.set_num_threads`` applies. Anything else (CUDA, float64, NCHW layout, no compiler) takes the
+other paths of :mod:`snt`.
 """
 
 from __future__ import annotations
