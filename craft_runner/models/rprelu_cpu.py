@@ -12,6 +12,7 @@ other paths of :mod:`snt`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -93,10 +94,6 @@ void rprelu_backward(const float* g, const float* x, const float* gamma, const f
 }
 """
 
-_lib: Optional[ctypes.CDLL] = None
-_state = {"tried": False}
-
-
 def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "craft_runner"
@@ -134,18 +131,17 @@ def _build() -> Optional[ctypes.CDLL]:
     return dll
 
 
+@functools.cache
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernels, or None when they cannot be built here (a warning once; ``CRAFT_RPRELU_KERNEL=compile``
     skips them)."""
-    global _lib
-    if not _state["tried"]:
-        _state["tried"] = True
-        if os.environ.get("CRAFT_RPRELU_KERNEL", "") != "compile":
-            try:
-                _lib = _build()
-            except Exception as e:  # noqa: BLE001 - any build or load failure: the torch.compile path
-                log.warning("RPReLU: no C kernels (%s: %s); using torch.compile's", type(e).__name__, e)
-    return _lib
+    if os.environ.get("CRAFT_RPRELU_KERNEL", "") == "compile":
+        return None
+    try:
+        return _build()
+    except Exception as e:  # noqa: BLE001 - any build or load failure: the torch.compile path
+        log.warning("RPReLU: no C kernels (%s: %s); using torch.compile's", type(e).__name__, e)
+        return None
 
 
 def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:

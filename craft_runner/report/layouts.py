@@ -239,23 +239,22 @@ register(Layout(
                     order=[f"{s}%" for s in range(10, 100, 10)] + ["32:64", "16:32", "8:16", "4:8", "2:4"])],
     figures=[figures.sparsity_curves_craft, figures.nm_bars]))
 
-register(Layout(
-    "snt_table3_ptq", "SNT Table 3 (PTQ): λmax and top-1 after post-training quantization",
-    rows=[Row("Backbone", ("model.name",), backbone, order=["ResNet-20", "Mixer-S", "MobileNet-V1"]),
-          Row("Dataset", ("dataset.name", "dataset.classes"), task), APPROACH],
-    cols=[Col("λmax (↓)", lam, per="training", kind="lam"), Col("Bitwidth (W/A)", bitwidth, kind="text"),
-          Col("Top-1 (%)", acc, drop), Col("FP32", fp_acc, per="training", paper=False)],
-    figures=[figures.lambda_bars],
-    paper_csv="snt_table3_ptq.csv"))
+def _snt_table3(kind: str, title: str, backbones: list) -> Layout:
+    """SNT Table 3, either half: the same rows and columns, PTQ and QAT differ in title and backbones."""
+    return Layout(
+        f"snt_table3_{kind}", title,
+        rows=[Row("Backbone", ("model.name",), backbone, order=backbones),
+              Row("Dataset", ("dataset.name", "dataset.classes"), task), APPROACH],
+        cols=[Col("λmax (↓)", lam, per="training", kind="lam"), Col("Bitwidth (W/A)", bitwidth, kind="text"),
+              Col("Top-1 (%)", acc, drop), Col("FP32", fp_acc, per="training", paper=False)],
+        figures=[figures.lambda_bars],
+        paper_csv=f"snt_table3_{kind}.csv")
 
-register(Layout(
-    "snt_table3_qat", "SNT Table 3 (QAT): λmax and top-1 after PACT quantization-aware training",
-    rows=[Row("Backbone", ("model.name",), backbone, order=["ResNet-18", "ResNet-20", "Mixer-S", "MobileNet-V1"]),
-          Row("Dataset", ("dataset.name", "dataset.classes"), task), APPROACH],
-    cols=[Col("λmax (↓)", lam, per="training", kind="lam"), Col("Bitwidth (W/A)", bitwidth, kind="text"),
-          Col("Top-1 (%)", acc, drop), Col("FP32", fp_acc, per="training", paper=False)],
-    figures=[figures.lambda_bars],
-    paper_csv="snt_table3_qat.csv"))
+
+register(_snt_table3("ptq", "SNT Table 3 (PTQ): λmax and top-1 after post-training quantization",
+                     ["ResNet-20", "Mixer-S", "MobileNet-V1"]))
+register(_snt_table3("qat", "SNT Table 3 (QAT): λmax and top-1 after PACT quantization-aware training",
+                     ["ResNet-18", "ResNet-20", "Mixer-S", "MobileNet-V1"]))
 
 register(Layout(
     "snt_table4", "SNT Table 4: cumulative ablation of the transformation, static W4 quantization",
