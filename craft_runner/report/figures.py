@@ -52,7 +52,7 @@ def _split(table, key):
 
 
 def _grid(plt, n: int, w: float = 4.2, h: float = 3.2):
-    cols = min(n, 3)
+    cols = 2 if n == 4 else min(n, 3)  # four panels read better as 2 x 2 than 3 + 1
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
     for ax in list(axes.flat)[n:]:
@@ -285,6 +285,8 @@ def finetune_curves(table, out_dir: Path, stem: str):
     if not cols:
         return []
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, cells in table.rows.items():
         pts = [(int(c.split()[1]), cells[c].stat) for c in cols if cells[c].stat is not None]
@@ -307,5 +309,7 @@ def finetune_curves(table, out_dir: Path, stem: str):
     ax2.set_xlabel("epoch of the longest fine-tuning")
     ax2.set_ylabel("training loss")
     ax2.legend(fontsize=7)
+    for a in (ax, ax2):  # epochs are whole numbers
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(_wrap(table.layout.title, 100), fontsize=10)
     return [_save(plt, fig, out_dir / f"{stem}.png")]
