@@ -134,7 +134,8 @@ class TrainConfig:
     warmup_epochs: int = 0
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
-    # Mixed precision: auto = bf16 autocast on CUDA, none on CPU; bf16 = bf16 autocast on any device.
+    # Mixed precision: auto = bf16 autocast on CUDA with compute capability >= 8.0, else float32;
+    # bf16 = bf16 autocast on any device.
     amp: str = "auto"
     # NHWC activations: faster convolutions on CPU and on tensor cores.
     channels_last: bool = True

@@ -83,11 +83,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def amp_dtype(device: torch.device, mode: str) -> Optional[torch.dtype]:
+    """``train.amp``: auto (bf16 on a CUDA GPU with native bf16, compute capability >= 8.0; float32 elsewhere,
+    since older GPUs emulate bf16 slowly), bf16 (on any device) or off. None means float32."""
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, mode: str):
-    """``train.amp``: auto (bf16 on CUDA only), bf16 (on any device) or off."""
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = amp_dtype(device, mode)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
