@@ -44,6 +44,26 @@ def _slurm_or_skip() -> None:
                     f"{p.stderr.strip()[:200]!r}); start it with sudo scripts/local_slurm.sh")
 
 
+def _cancel(sweep: Path) -> None:
+    """Leave nothing queued or running behind: scancel every SLURM job submitit made for the sweep."""
+    ids = {d.name.split("_")[0] for d in (sweep / ".submitit").glob("*") if d.is_dir()}
+    if ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *sorted(ids)], capture_output=True)
+
+
+def _run_array(cmd, sweep: Path, timeout: int, **kw) -> subprocess.CompletedProcess:
+    """Run the launcher, which waits for the array (a job that never starts fails at the timeout instead of
+    hanging), and cancel the sweep's jobs unless it succeeded."""
+    p = None
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    finally:
+        if p is None or p.returncode != 0:
+            _cancel(sweep)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p
+
+
 @pytest.mark.slow
 def test_multirun_as_a_real_slurm_job_array(tmp_path):
     _slurm_or_skip()
@@ -51,16 +71,7 @@ def test_multirun_as_a_real_slurm_job_array(tmp_path):
     cmd = [sys.executable, "-m", "craft_runner.run", "-m", "hydra/launcher=local_slurm",
            "hydra.launcher.timeout_min=10", *TINY, "optimizer=adam,sam",
            f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    p = None
-    try:
-        # The launcher waits for the array; a job that never starts fails here instead of hanging.
-        p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=170)
-    finally:
-        if p is None or p.returncode != 0:  # leave nothing queued or running behind
-            ids = {d.name.split("_")[0] for d in (sweep / ".submitit").glob("*") if d.is_dir()}
-            if ids and shutil.which("scancel"):
-                subprocess.run(["scancel", *sorted(ids)], capture_output=True)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    _run_array(cmd, sweep, 170, cwd=tmp_path)
 
     results = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
     assert sorted(r["config"]["optimizer"]["name"] for r in results) == ["adam", "sam"]
@@ -118,7 +129,6 @@ def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_
            "logger=wandb", "sharpness.enabled=false",
            f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache}"]
     launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job = None
     try:
         deadline = time.time() + 400
         while time.time() < deadline and launcher.poll() is None:
@@ -129,7 +139,6 @@ def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_
         if launcher.poll() is not None:
             pytest.fail("the job ended before it could be requeued: " + launcher.communicate()[1][-2000:])
         (task,) = _jobs(sweep)
-        job = task
         epoch_at_requeue = torch.load(states[0], weights_only=True)["epoch"]  # a completed epoch's checkpoint
         rq = subprocess.run(["scontrol", "requeue", task], capture_output=True, text=True, timeout=30)
         assert rq.returncode == 0, rq.stderr
@@ -137,8 +146,7 @@ def test_requeued_job_resumes_after_its_last_checkpoint_and_continues_its_wandb_
     finally:
         if launcher.poll() is None:
             launcher.kill()
-            if job and shutil.which("scancel"):
-                subprocess.run(["scancel", job.split("_")[0]], capture_output=True)
+            _cancel(sweep)
     assert launcher.returncode == 0, out[-2000:] + err[-3000:]
 
     (results,) = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
@@ -177,15 +185,7 @@ def test_two_slurm_tasks_train_one_run_with_ddp(tmp_path):
            "hydra.launcher.timeout_min=10", "hydra.launcher.tasks_per_node=2", "hydra.launcher.mem_gb=4", *TINY,
            "device=cpu", "optimizer=adam,sam",
            f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    p = None
-    try:
-        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        if p is None or p.returncode != 0:
-            ids = {d.name.split("_")[0] for d in (sweep / ".submitit").glob("*") if d.is_dir()}
-            if ids and shutil.which("scancel"):
-                subprocess.run(["scancel", *sorted(ids)], capture_output=True)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    _run_array(cmd, sweep, 600, cwd=tmp_path, env=env)
     results = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
     assert sorted(r["config"]["optimizer"]["name"] for r in results) == ["adam", "sam"]
     assert all(r["status"] == "ok" and r["world_size"] == 2 for r in results), results
