@@ -268,6 +268,25 @@ def test_figures_are_written(tmp_path):
     assert rows[0][4:] == ["10%", "30%", "50%", "16:32", "2:4"]
 
 
+def test_finetune_curves_are_written(tmp_path):
+    """SNT Figure 6: one run per k epochs of fine-tuning after W4 PTQ; the loss curve is the longest run's."""
+    for o in ("adam", "sam"):
+        for k in range(4):
+            for s in (0, 1):
+                path = tmp_path / f"{o}{k}{s}"
+                write(path, config("snt_fig6_small", o, s, PTQConfig(bits="W4A16", finetune_epochs=k)), 90.0,
+                      60.0 + 10 * k - s)
+                res = json.loads((path / "results.json").read_text())
+                res["compression"] = {"finetune_history": [{"epoch": e, "loss": 1.0 / e} for e in range(1, k + 1)]}
+                (path / "results.json").write_text(json.dumps(res))
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    p = tmp_path / "out" / "snt_fig6_small.png"
+    assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = table((tmp_path / "out" / "snt_fig6_small.md").read_text())
+    assert [c for c in rows[0] if c.startswith("ft ")] == ["ft 0 ep", "ft 1 ep", "ft 2 ep", "ft 3 ep"]
+    assert rows[1][rows[0].index("ft 3 ep")] == cell([90.0, 89.0], [0.0, -1.0])
+
+
 def test_labels():
     assert compression_label({"name": "ptq", "method": "base", "w_bits": 6, "a_bits": 16}) == "W6A16"
     assert compression_label({"name": "prune", "criterion": "wanda", "pattern": "nm", "n": 2, "m": 4,
