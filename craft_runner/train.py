@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -88,9 +89,15 @@ def amp_dtype(device: torch.device, mode: str) -> Optional[torch.dtype]:
     since older GPUs emulate bf16 slowly), bf16 (on any device) or off. None means float32."""
     if mode == "bf16":
         return torch.bfloat16
-    if mode == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+    if mode == "auto" and device.type == "cuda" and _native_bf16(device):
         return torch.bfloat16
     return None
+
+
+@functools.cache
+def _native_bf16(device: torch.device) -> bool:
+    # asked once per device: autocast() runs on every training step
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast(device: torch.device, mode: str):

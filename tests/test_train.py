@@ -174,9 +174,13 @@ print(changed, libc.mallinfo2().hblkhd - before)
 @pytest.mark.parametrize("capability, expected", [((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16),
                                                   ((9, 0), torch.bfloat16)])
 def test_amp_auto_uses_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, expected):
+    import functools
+
+    from craft_runner import train
     from craft_runner.train import amp_dtype
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(train, "_native_bf16", functools.cache(train._native_bf16.__wrapped__))  # a fresh cache
     assert amp_dtype(torch.device("cuda"), "auto") is expected
     assert amp_dtype(torch.device("cuda"), "bf16") is torch.bfloat16  # forced: the user asked for it
     assert amp_dtype(torch.device("cuda"), "off") is None

@@ -165,7 +165,8 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
 def forward(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor:
     """Eq. (1) for a CPU float32 ``x`` that :func:`usable` accepts; the output has x's layout."""
     out = torch.empty_like(x)
-    rows, c = x.numel() // x.shape[1 if x.ndim == 4 else -1], x.shape[1 if x.ndim == 4 else -1]
+    c = x.shape[1 if x.ndim == 4 else -1]  # channels: dim 1 of a channels-last 4-D tensor, else the last
+    rows = x.numel() // c
     library().rprelu_forward(_ptr(x), _ptr(out), _ptr(gamma.contiguous()), _ptr(beta.contiguous()),
                              _ptr(zeta.contiguous()), ctypes.c_int64(rows), ctypes.c_int64(c))
     return out
