@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from craft_runner.atomic import atomic_save
 from craft_runner.optim import is_two_pass, needs_second_pass
-from craft_runner.schema import TrainConfig
+from craft_runner.optim.wrapped import HOOKS, hook
+from craft_runner.schema import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ def _local_grads(model: nn.Module, local: bool):
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, opt: torch.optim.Optimizer,
                cfg: TrainConfig, device: torch.device,
-               check: Optional[Callable[[torch.Tensor, nn.Module], None]] = None) -> torch.Tensor:
+               check: Optional[Callable[[torch.Tensor, nn.Module], None]] = None,
+               idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One optimizer step; returns the loss at the unperturbed weights (detached).
 
     A two-pass (sharpness-aware) optimizer is asked whether *this* step needs the gradient at perturbed
@@ -168,19 +170,31 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Call
     all-reduced, so every rank applies the same mean of the perturbed gradients. Clipping acts on the
     gradient the base optimizer gets. The second pass never updates BatchNorm running statistics.
     ``check(loss, model)`` sees the loss and the update gradient just before the optimizer step (it may raise,
-    leaving the weights as they were).
+    leaving the weights as they were). Hooks of the optimizer (:mod:`craft_runner.optim.wrapped`), asked by
+    capability: ``extra_loss(logits, x, idx)`` adds a term to the first pass's loss (SAF, MESA; ``idx`` the
+    batch's sample indices), ``after_step(model)`` runs after the step (MESA's EMA); an optimizer with
+    ``splits_batch`` (RWP) takes its two passes on the two halves of the batch.
     """
     two_pass = is_two_pass(opt)
     second = two_pass and needs_second_pass(opt)
+    x2, y2 = x, y
+    if second and getattr(opt, "splits_batch", False) and len(y) > 1:
+        h = len(y) // 2
+        x, y, x2, y2 = x[:h], y[:h], x[h:], y[h:]
+    extra_loss = hook(opt, "extra_loss")
     with _local_grads(model, second):
         with autocast(device, cfg.amp):
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            term = extra_loss(logits, x, idx) if extra_loss is not None else None
+            if term is not None:
+                loss = loss + term
         loss.backward()
     if second:
         opt.first_step(zero_grad=True)
         with frozen_bn_stats(model):
             with autocast(device, cfg.amp):
-                loss2 = loss_fn(model(x), y)
+                loss2 = loss_fn(model(x2), y2)
             loss2.backward()
     if two_pass:
         unperturb = getattr(opt, "unperturb", None)
@@ -196,6 +210,9 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Call
         _clip(model, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    after_step = hook(opt, "after_step")
+    if after_step is not None:
+        after_step(_unwrapped(model))
     return loss.detach()
 
 
@@ -337,6 +354,15 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
     # The schedule drives the base optimizer of a sharpness-aware wrapper (they share param_groups).
     sched = build_scheduler(getattr(opt, "base_optimizer", opt), cfg, len(loader))
     start, history, seconds = 0, [], 0.0
+    hooks = {name: hook(opt, name) for name in HOOKS}
+    with_index = bool(getattr(opt, "wants_indices", False))
+    if with_index:
+        if not hasattr(loader, "with_index"):
+            raise ConfigError(f"optimizer={type(opt).__name__} needs the sample index of each training batch, which "
+                              f"only the in-memory loader gives: set dataset.on_device=true")
+        loader.with_index = True
+    if hooks["prepare"] is not None:  # before the checkpoint is loaded: it may restore what prepare allocates
+        hooks["prepare"](_unwrapped(model), loader, cfg.epochs)
     if state is None and state_path is not None:
         state = load_state(state_path)
     if state is not None:
@@ -358,14 +384,19 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
         check = _FiniteCheck(device, epoch, cfg.epochs, len(loader))
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if cfg.progress else True)
-        for x, y in bar:
-            x, y = to_device(x, y, device, cfg.channels_last)
+        if hooks["begin_epoch"] is not None:
+            hooks["begin_epoch"](_unwrapped(model), epoch)
+        for batch in bar:
+            idx = batch[2] if with_index else None
+            x, y = to_device(batch[0], batch[1], device, cfg.channels_last)
             second_passes += needs_second_pass(opt)
-            loss = train_step(model, x, y, loss_fn, opt, cfg, device, check=check)
+            loss = train_step(model, x, y, loss_fn, opt, cfg, device, check=check, idx=idx)
             sched.step()
             total += loss * len(y)
             count += len(y)
             steps += 1
+        if hooks["end_epoch"] is not None:  # before the checks and the checkpoint (MSAM moves back to w)
+            hooks["end_epoch"](_unwrapped(model), epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -383,10 +414,19 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
                 "scheduler": sched.state_dict(), "loader": _loader_state(loader), "epoch": epoch + 1,
                 "history": history, "train_seconds": seconds, "rng": _rng_state(), **(extra_state or {}),
             }, state_path)
+    if hooks["finish"] is not None and cfg.epochs > 0:  # SWA's averaged weights, BN statistics; counted as training
+        t0 = time.perf_counter()
+        hooks["finish"](_unwrapped(model), loader)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+    if with_index:
+        loader.with_index = False
     steps = sum(h.get("steps", 0) for h in history)
     passes = sum(h.get("second_passes", 0) for h in history)
     return {"train_seconds": seconds, "epochs": cfg.epochs, "history": history, "resumed_from": resumed_from,
-            "steps": steps, "second_pass_fraction": passes / steps if steps else 0.0}
+            "steps": steps, "second_pass_fraction": passes / steps if steps else 0.0,
+            "optimizer_extra_bytes": hooks["extra_bytes"]() if hooks["extra_bytes"] is not None else 0}
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -42,6 +42,8 @@ class TensorLoader:
         self.augment = augment
         self.transform = transform
         self.generator = torch.Generator().manual_seed(seed)
+        # set by the training loop when the optimizer asks for it (SAF): batches are then (x, y, sample index)
+        self.with_index = False
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -62,7 +64,7 @@ class TensorLoader:
                 x = self.augment(x, self.generator)
             if self.transform is not None:
                 x = self.transform(x)
-            yield x, self.y[idx]
+            yield (x, self.y[idx], idx) if self.with_index else (x, self.y[idx])
 
     # The shuffling generator is part of a resumable training state.
     def state_dict(self) -> dict:
