@@ -1,0 +1,136 @@
+"""The export formats: fp32, int8 (calibrated or with the cell's searched scales) and int4 MatMulNBits.
+
+Each ``fn(job) -> dict`` writes ``job.artifact`` from ``job.fp32_path`` (the float ONNX file of the
+deployable model) and returns what it did; :func:`craft_runner.export.export_cell` measures the rest.
+int8 is ONNX Runtime's fast x86 form: static QDQ, per-channel symmetric int8 weights and asymmetric
+uint8 activations (U8S8), so that ReLU folds into a zero point of 0 and every Conv becomes QLinearConv.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from torch import nn
+
+from craft_runner.export.onnx_io import CalibrationReader, module_scope
+from craft_runner.export.registry import register_format
+
+log = logging.getLogger(__name__)
+
+
+@register_format("onnx_fp32")
+def onnx_fp32(job) -> dict:
+    job.artifact = job.fp32_path
+    return {}
+
+
+def _quantize_int8(job, overrides: dict | None = None, op_types=None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if overrides:
+        extra["TensorQuantOverrides"] = overrides
+    quantize_static(str(job.fp32_path), str(job.artifact), CalibrationReader(job.calib),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=op_types, extra_options=extra)
+
+
+@register_format("onnx_int8")
+def onnx_int8(job) -> dict:
+    job.artifact = job.out_dir / "model_int8.onnx"
+    _quantize_int8(job)
+    return {"weights": "int8 per output channel, symmetric", "activations": "uint8 per tensor, calibrated min/max",
+            "quant_format": "QDQ"}
+
+
+def _searched_scales(model: nn.Module) -> dict[str, tuple[float, int, str]]:
+    """{module name: (scale, n_bits, kind)} of every per-tensor input quantizer of the simulated model."""
+    from craft_runner.compress.qat import PACT
+    from craft_runner.compress.quant import ActQuantizer, UniformQuantizer, symmetric_scale
+
+    out = {}
+    for name, m in model.named_modules():
+        q = getattr(m, "input_quantizer", None)
+        if isinstance(q, UniformQuantizer) and q.scale.numel() == 1:
+            out[name] = (q.scale.item(), q.n_bits, "input")
+        elif isinstance(q, ActQuantizer) and q.keep_dim is None:
+            out[name] = (symmetric_scale(q.max_abs, q.n_bits).item(), q.n_bits, "input")
+        elif q is not None:
+            out[name] = (None, getattr(q, "n_bits", None), type(q).__name__)
+        if isinstance(m, PACT):
+            out[name] = (m.alpha.item() / (2 ** m.n_bits - 1), m.n_bits, "pact")
+    return out
+
+
+@register_format("onnx_int8_searched")
+def onnx_int8_searched(job) -> dict:
+    """onnx_int8 with the simulated model's activation scales in place of calibrated ones (one per tensor)."""
+    import onnx
+
+    job.artifact = job.out_dir / "model_int8_searched.onnx"
+    graph = onnx.load(str(job.fp32_path)).graph
+    scales = _searched_scales(job.simulated)
+    positive = {o for n in graph.node if n.op_type in ("Relu", "Clip") for o in n.output}
+    overrides, owner, not_carried = {}, {}, []
+    for name, (scale, bits, kind) in scales.items():
+        scope = module_scope(name)
+        if scale is None:
+            not_carried.append(f"{name}: {kind} (not one scale per tensor)")
+            continue
+        if kind == "pact":  # the clip's output: unsigned, zero point 0, PACT's own grid
+            tensors = [o for n in graph.node if n.name.startswith(scope) for o in n.output][:1]
+            zp = 0
+        else:
+            tensors = [n.input[0] for n in graph.node if n.name.startswith(scope)
+                       and n.op_type in ("Conv", "Gemm", "MatMul")][:1]
+            zp = None
+        if not tensors:
+            not_carried.append(f"{name}: no ONNX node found")
+            continue
+        t = tensors[0]
+        if t in owner:
+            not_carried.append(f"{name}: shares its input tensor with {owner[t]}, whose scale is used")
+            continue
+        if zp is None:
+            # A symmetric int8 grid is uint8 with zero point 128, exactly; a ReLU output keeps zero point 0
+            # (the same step, the range to 255·s instead of 127·s) so that the ReLU fuses.
+            zp = 0 if t in positive else 2 ** (bits - 1)
+            if zp == 0:
+                not_carried.append(f"{name}: non-negative input, clipped at 255·s instead of 127·s")
+        owner[t] = name
+        overrides[t] = [{"scale": np.array(scale, np.float32), "zero_point": np.array(zp, np.uint8)}]
+    _quantize_int8(job, overrides)
+    carried = set(overrides)
+    q_inputs = {n.input[0] for n in onnx.load(str(job.artifact)).graph.node if n.op_type == "QuantizeLinear"}
+    extra = sorted(t for t in q_inputs - carried if t not in {i.name for i in graph.initializer})
+    not_carried.append("weight scales: re-derived per output channel from the BN-folded weights")
+    if extra:
+        not_carried.append(f"{len(extra)} tensors the simulation keeps float are quantized with calibrated scales "
+                           f"(e.g. {extra[0]})")
+    log.info("onnx_int8_searched: %d searched activation scales injected, %d items not carried over",
+             len(overrides), len(not_carried))
+    return {"weights": "int8 per output channel, symmetric", "activations": "uint8, the searched scales",
+            "quant_format": "QDQ", "injected_scales": len(overrides), "not_carried": not_carried}
+
+
+@register_format("onnx_int4")
+def onnx_int4(job) -> dict:
+    """MatMulNBits (4-bit weights in blocks, float activations) for every MatMul; Conv as ``int4_conv`` says."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    src = job.fp32_path
+    if job.cfg.int4_conv == "int8":
+        job.artifact = job.out_dir / "model_conv_int8.onnx"
+        _quantize_int8(job, op_types=["Conv"])
+        src = job.artifact
+    job.artifact = job.out_dir / "model_int4.onnx"
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=job.cfg.block_size, is_symmetric=True)
+    q.process()
+    q.model.save_model_to_file(str(job.artifact), use_external_data_format=False)
+    ops = [n.op_type for n in onnx.load(str(job.artifact)).graph.node]
+    return {"weights": f"int4 MatMulNBits, blocks of {job.cfg.block_size}, symmetric", "activations": "float",
+            "block_size": job.cfg.block_size, "conv": job.cfg.int4_conv, "matmul_nbits": ops.count("MatMulNBits"),
+            "float_matmul_left": ops.count("MatMul") + ops.count("Gemm")}

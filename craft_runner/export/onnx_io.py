@@ -1,0 +1,173 @@
+"""The float model that deploys, its ONNX file, ONNX Runtime sessions, latency and graph inspection.
+
+The simulated model carries fake quantizers (forward pre-hooks, PACT clips, operand quantizers of
+explicit attention matmuls) and pruning reparametrisations; :func:`deployable_copy` takes them out
+(PACT's clip stays, as the float clip it computes) and folds every BatchNorm into the Conv before it,
+so the exported graph is the float network whose weights the compressor chose.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+log = logging.getLogger(__name__)
+
+
+class Clip(nn.Module):
+    """clip(x, lo, hi): a PACT quantizer without its rounding (exported as ONNX Clip)."""
+
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = float(lo), float(hi)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _strip_quantizers(model: nn.Module) -> None:
+    from torch.nn.utils import prune as tprune
+
+    from craft_runner.compress.attention import QuantMatMul
+    from craft_runner.compress.qat import PACT, SignedPACT
+
+    for m in list(model.modules()):
+        if hasattr(m, "input_quantizer"):
+            for key, hook in list(m._forward_pre_hooks.items()):
+                if getattr(hook, "__name__", "") == "_quantize_input_hook":
+                    del m._forward_pre_hooks[key]
+            del m.input_quantizer
+        if isinstance(m, QuantMatMul):
+            m.quant_a, m.quant_b = nn.Identity(), nn.Identity()
+        if hasattr(m, "weight_mask") and hasattr(m, "weight_orig"):
+            tprune.remove(m, "weight")
+        if parametrize.is_parametrized(m):
+            for p in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, p, leave_parametrized=True)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, PACT):
+            _replace(model, name, Clip(0.0, m.alpha.item()))
+        elif isinstance(m, SignedPACT):
+            _replace(model, name, Clip(m.alpha_lo.item(), m.alpha_hi.item()))
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module) -> int:
+    """Fold each BatchNorm2d into the Conv2d registered just before it in the same parent (the order the
+    models here run them in); returns how many were folded. The caller checks the outputs agree."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    n = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (cn, conv), (bn_name, bn) in zip(children, children[1:]):
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.num_features == conv.out_channels):
+                fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                setattr(parent, cn, fused)
+                setattr(parent, bn_name, nn.Identity())
+                n += 1
+    return n
+
+
+def deployable_copy(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, dict]:
+    """A CPU float32 copy without fake quantizers, BatchNorm folded; refuses a fold that changes outputs."""
+    m = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    _strip_quantizers(m)
+    with torch.no_grad():
+        before = m(sample)
+        folded = fold_bn(m)
+        after = m(sample)
+    err = ((after - before).abs().max() / before.abs().max().clamp_min(1e-12)).item()
+    if err > 1e-4:
+        raise RuntimeError(f"folding BatchNorm changed the outputs (max relative difference {err:.2e}): a "
+                           f"BatchNorm does not follow the Conv registered before it")
+    return m, {"bn_folded": folded}
+
+
+def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, exporter: str, opset: int) -> Path:
+    """``model`` as ONNX with a dynamic batch dimension (input ``input``, output ``logits``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(model, (sample,), str(path), input_names=["input"], output_names=["logits"],
+                              dynamo=True, opset_version=max(opset, 18), dynamic_shapes=({0: batch},),
+                              verbose=False)
+        else:
+            torch.onnx.export(model, (sample,), str(path), input_names=["input"], output_names=["logits"],
+                              dynamo=False, opset_version=opset, dynamic_axes={"input": {0: "batch"}})
+    return path
+
+
+def session(path: Path, threads: int, optimized_path: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(None, {"input": x})[0]
+
+
+def latency_ratio(real, fp32, x: np.ndarray, warmup: int, rounds: int) -> dict:
+    """Median seconds per run of each session on ``x``, measured interleaved (one run of each per round)."""
+    for _ in range(warmup):
+        run(real, x), run(fp32, x)
+    t_real, t_fp = [], []
+    for _ in range(rounds):
+        for sess, out in ((real, t_real), (fp32, t_fp)):
+            t0 = time.perf_counter()
+            run(sess, x)
+            out.append(time.perf_counter() - t0)
+    a, b = float(np.median(t_real)), float(np.median(t_fp))
+    return {"ratio": a / b, "real_ms": 1e3 * a, "fp32_ms": 1e3 * b}
+
+
+def op_counts(path: Path) -> dict:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+class CalibrationReader:
+    """onnxruntime.quantization's CalibrationDataReader over the cell's calibration images."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self._it = iter([{"input": b} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def module_scope(name: str) -> str:
+    """The TorchScript exporter's node-name prefix of module ``name`` ("layer1.0.conv1" →
+    "/layer1/layer1.0/conv1/"): an index joins its container's name."""
+    parts, out = name.split("."), []
+    for i, p in enumerate(parts):
+        out.append(f"{parts[i - 1]}.{p}" if p.isdigit() and i else p)
+    return "/" + "/".join(out) + "/"
