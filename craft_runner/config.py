@@ -9,13 +9,13 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from craft_runner.optim.registry import OptimizerConfig
 from craft_runner.schema import (  # noqa: F401  (re-exported: the schemas' historical home)
     ArchConfig,
     ConfigError,
     DatasetConfig,
     LoggerConfig,
     ModelConfig,
-    OptimizerConfig,
     PathsConfig,
     RunConfig,
     SharpnessConfig,
@@ -28,7 +28,8 @@ def register_configs() -> None:
     from craft_runner.compress.registry import compressors
 
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
+    # Each family owns its schema; the run schema gets the optimizer block here, above the families.
+    cs.store(name="run_schema", node=RunConfig(optimizer=OptimizerConfig()))
     for info in compressors().values():
         cs.store(group="compress", name=f"{info.name}_schema", node=info.schema)
 

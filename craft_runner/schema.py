@@ -2,7 +2,8 @@
 
 Range checks run in ``__post_init__``, so a bad value raises :class:`ConfigError` (one line) when the
 config is built — by :func:`craft_runner.config.to_run_config` from Hydra, or directly in library code.
-The ``compress`` schemas live beside their methods (:mod:`craft_runner.compress`).
+Families own their schemas, beside their registries: ``compress`` (:mod:`craft_runner.compress`) and
+``optimizer`` (:class:`craft_runner.optim.registry.OptimizerConfig`); this module imports none of them.
 """
 
 from __future__ import annotations
@@ -82,47 +83,6 @@ class DatasetConfig:
 def _finite_positive(key: str, value: float) -> None:
     _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, value,
            "a finite positive number")
-
-
-@dataclass
-class OptimizerConfig:
-    """One flat block for every optimizer; the registry (craft_runner.optim.registry) says which fields apply."""
-
-    name: str = "adam"
-    # Sharpness-aware optimizers wrap this base optimizer.
-    base: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    betas: tuple = (0.9, 0.999)
-    nesterov: bool = False
-    rho: float = 0.05
-    # ASAM's perturbation (e = rho T^2 g / ||T g||) for any SAM variant; asam sets it.
-    adaptive: bool = False
-    # ASAM's T: kwon = |w| + eta on weights, 1 on biases (SamsungLabs/ASAM); davda54 = |w| everywhere.
-    asam_variant: str = "kwon"
-    eta: float = 0.01
-    # looksam: a full SAM step every k steps; alpha weighs the reused orthogonal direction g_v.
-    k: int = 5
-    alpha: float = 0.7
-    # randsam: probability that a step is a SAM step; the draw for step t depends on (seed, t) only.
-    sam_prob: float = 0.25
-    seed: int = 0
-
-    def __post_init__(self):
-        from craft_runner.optim.registry import base_optimizer_names, optimizer_names
-
-        _check_choice("optimizer.name", self.name, optimizer_names())
-        _check_choice("optimizer.base", self.base, base_optimizer_names())
-        _finite_positive("optimizer.lr", self.lr)
-        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
-               self.weight_decay, "a finite number >= 0")
-        _finite_positive("optimizer.rho", self.rho)
-        _check_choice("optimizer.asam_variant", self.asam_variant, ("kwon", "davda54"))
-        _check(self.eta >= 0, "optimizer.eta", self.eta, "a number >= 0")
-        _check(self.k >= 1, "optimizer.k", self.k, "an integer >= 1")
-        _check(self.alpha >= 0, "optimizer.alpha", self.alpha, "a number >= 0")
-        _check(0 <= self.sam_prob <= 1, "optimizer.sam_prob", self.sam_prob, "a value in [0, 1]")
 
 
 @dataclass
@@ -222,7 +182,8 @@ class LoggerConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # The optimizer group's schema (craft_runner.optim.registry.OptimizerConfig, set by craft_runner.config).
+    optimizer: Any = "???"
     arch: ArchConfig = field(default_factory=ArchConfig)
     # The compress group's schema, chosen by its YAML (see craft_runner.compress.registry).
     compress: Any = "???"

@@ -51,7 +51,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from craft_runner.data import TensorLoader  # noqa: E402
 from craft_runner.optim import build_optimizer, needs_second_pass  # noqa: E402
-from craft_runner.schema import OptimizerConfig, SharpnessConfig, TrainConfig  # noqa: E402
+from craft_runner.optim.registry import OptimizerConfig  # noqa: E402
+from craft_runner.optim.wrapped import hook  # noqa: E402
+from craft_runner.schema import SharpnessConfig, TrainConfig  # noqa: E402
 from craft_runner.sharpness import HessianOperator, lanczos, measuring_mode, power_iteration  # noqa: E402
 from craft_runner.train import fit, train_step  # noqa: E402
 
@@ -158,9 +160,16 @@ def bench_steps(model, x, y, rounds: int, warmup: int, deadline: float) -> list[
         "sam": OptimizerConfig(name="sam"),
         "looksam": OptimizerConfig(name="looksam"),
         "randsam": OptimizerConfig(name="randsam"),
+        **{n: OptimizerConfig(name=n, traj_start_epoch=-1) for n in CHEAP},
     }
     models = {n: copy.deepcopy(model).train() for n in variants}
     opts = {n: build_optimizer(models[n], c) for n, c in variants.items()}
+    for n in CHEAP:  # the methods' training hooks, as fit calls them (SAF's loss term on from the first step)
+        if (prepare := hook(opts[n], "prepare")) is not None:
+            prepare(models[n], TensorLoader(x, y, len(y)), 1)
+        if (begin := hook(opts[n], "begin_epoch")) is not None:
+            begin(models[n], 0)
+    idx = torch.arange(len(y))
     times: dict[str, list[tuple[bool, float]]] = {n: [] for n in variants}
     names = list(variants)
     done = 0
@@ -169,7 +178,7 @@ def bench_steps(model, x, y, rounds: int, warmup: int, deadline: float) -> list[
         for n in order:
             second = needs_second_pass(opts[n])
             t0 = _now()
-            train_step(models[n], x, y, CE, opts[n], cfg, CPU)
+            train_step(models[n], x, y, CE, opts[n], cfg, CPU, idx=idx)
             dt = _now() - t0
             if r >= warmup:
                 times[n].append((second, dt))
@@ -195,7 +204,16 @@ def bench_steps(model, x, y, rounds: int, warmup: int, deadline: float) -> list[
         else:  # too few rounds to see both kinds of step
             expected, detail = realised, "realised mean"
         rows.append(Row(f"{label} / Adam step", expected, TARGETS["cheap"], detail))
+    for n in CHEAP:  # one kind of step each: the median of the paired ratios
+        ratio = statistics.median(t / a for (_, t), a in zip(times[n], adam))
+        extra = hook(opts[n], "extra_bytes")
+        rows.append(Row(f"{n} / Adam step", ratio, TARGETS["cheap"],
+                        f"median step {statistics.median(t for _, t in times[n]) * 1e3:.0f} ms; "
+                        f"{(extra() if extra else 0) / 2**20:.1f} MiB beyond Adam's state"))
     return rows
+
+
+CHEAP = ("msam", "saf", "mesa", "swa", "rwp")
 
 
 def bench_snt(x, y, rounds: int, warmup: int, deadline: float) -> Row | None:

@@ -65,7 +65,8 @@ sys.path.insert(0, str(ROOT))
 
 import craft_runner  # noqa: E402
 import craft_runner.models  # noqa: E402,F401  (registers resnet20 and the other CIFAR models in timm)
-from craft_runner.schema import ModelConfig, OptimizerConfig, SharpnessConfig, TrainConfig  # noqa: E402  (no Hydra)
+from craft_runner.optim.registry import OptimizerConfig  # noqa: E402
+from craft_runner.schema import ModelConfig, SharpnessConfig, TrainConfig  # noqa: E402  (no Hydra)
 
 VIT = "vit_base_patch16_224"
 # --tiny: timm's test_vit cut to two blocks at 32x32 (4 patches), so that the CPU test takes seconds.

@@ -15,9 +15,9 @@ from craft_runner import pipeline
 from craft_runner.compress import CompressContext, apply_compression, compressors, get_compressor
 from craft_runner.compress.registry import CompressConfig, register_compressor
 from craft_runner.config import to_run_config
-from craft_runner.optim import build_optimizer, get_optimizer
+from craft_runner.optim import OptimizerConfig, build_optimizer, get_optimizer
 from craft_runner.report.table import compression_label
-from craft_runner.schema import ConfigError, OptimizerConfig
+from craft_runner.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,7 +155,8 @@ def test_the_library_imports_and_runs_without_hydra():
         import craft_runner.compress, craft_runner.sharpness, craft_runner.diagnostics, craft_runner.report.table
         from craft_runner.compress import PTQConfig, CompressContext, apply_compression
         from craft_runner.models import create_model
-        from craft_runner.schema import ModelConfig, OptimizerConfig
+        from craft_runner.optim import OptimizerConfig
+        from craft_runner.schema import ModelConfig
         from craft_runner.optim import build_optimizer
 
         model = create_model(ModelConfig(name="resnet20"), num_classes=3)

@@ -15,8 +15,8 @@ from helpers import TINY, compose_run
 from torch import nn
 
 from craft_runner import pipeline
-from craft_runner.optim import build_optimizer
-from craft_runner.schema import OptimizerConfig, TrainConfig
+from craft_runner.optim import OptimizerConfig, build_optimizer
+from craft_runner.schema import TrainConfig
 from craft_runner.train import train_step
 
 pytestmark = [

@@ -14,9 +14,10 @@ import pytest
 
 from craft_runner.compress import PruneConfig, PTQConfig
 from craft_runner.compress.registry import CompressConfig
+from craft_runner.optim import OptimizerConfig
 from craft_runner.report.cli import main
 from craft_runner.report.labels import compression_label
-from craft_runner.schema import DatasetConfig, OptimizerConfig, RunConfig, TrainConfig
+from craft_runner.schema import DatasetConfig, RunConfig, TrainConfig
 
 
 def config(experiment=None, optimizer="adam", seed=0, compress=None, lr=1e-3, epochs=4, classes=None, **top):

@@ -234,8 +234,9 @@ def test_craft_report_wandb_logs_the_table_and_figure_to_the_runs_group(tmp_path
     import dataclasses
 
     from craft_runner.compress.registry import CompressConfig
+    from craft_runner.optim import OptimizerConfig
     from craft_runner.report.cli import main
-    from craft_runner.schema import OptimizerConfig, RunConfig
+    from craft_runner.schema import RunConfig
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline

@@ -22,7 +22,13 @@ from torch import nn
 from craft_runner.compress.prune import PruneConfig
 from craft_runner.compress.qat import QATConfig
 from craft_runner.compress.quant import PTQConfig
-from craft_runner.compress.registry import CompressConfig, compressors, get_compressor, register_compressor
+from craft_runner.compress.registry import (
+    CompressConfig,
+    compressors,
+    get_compressor,
+    register_compressor,
+    target_layers,
+)
 
 __all__ = ["CompressContext", "CompressConfig", "PTQConfig", "PruneConfig", "QATConfig", "apply_compression",
            "check_compression", "compression_label", "compressors", "get_compressor", "register_compressor",
@@ -35,15 +41,6 @@ class CompressContext:
     calib_batches: list = field(default_factory=list)
     # Fine-tunes the model for a number of epochs with the run's optimizer and data.
     fine_tune: Optional[Callable[[nn.Module, int], None]] = None
-
-
-def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear layers in module order; optionally without the stem and the classifier."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if skip_first_last and len(layers) > 2:
-        head = model.get_classifier() if hasattr(model, "get_classifier") else layers[-1][1]
-        layers = [(n, m) for n, m in layers[1:] if m is not head]
-    return layers
 
 
 def _resolve(cfg: CompressConfig):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 from craft_runner.calibration import forward_with_hooks
-from craft_runner.compress.registry import CompressConfig, register_compressor
+from craft_runner.compress.registry import CompressConfig, register_compressor, target_layers
 from craft_runner.schema import ConfigError, _check, _check_choice
 
 log = logging.getLogger(__name__)
@@ -387,8 +387,6 @@ def prune_label(c: dict) -> str:
 def check_prune(model: nn.Module, cfg: PruneConfig) -> None:
     """N:M groups must fit every layer (checked before training)."""
     if cfg.pattern == "nm":
-        from craft_runner.compress import target_layers
-
         _nm_prunable(target_layers(model, cfg.skip_first_last), cfg)
 
 

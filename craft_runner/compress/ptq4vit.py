@@ -7,10 +7,10 @@ What is quantized (W = w_bits, A = a_bits; 16 or more bits: left in float):
   and v apart in a fused qkv), one per output channel for a Conv2d (``weight_granularity=mixed``);
   input symmetric uniform with one scale per tensor — except the stem's image input, left in float,
   and the input of an MLP's ``fc2`` that follows a GELU, which gets post-GELU twin uniform
-  quantization (:func:`~craft_runner.compress.quant.twin_uniform_gelu`);
+  quantization (:func:`~craft_runner.compress.quantizers.twin_uniform_gelu`);
 - with ``quant_attention``, both matmuls of every timm ViT attention: q·kᵀ with one scale per
   head for q and for kᵀ, attn·v with post-softmax twin uniform quantization of attn
-  (:func:`~craft_runner.compress.quant.twin_softmax_reference`, split 2^−m searched for m in
+  (:func:`~craft_runner.compress.quantizers.twin_softmax_reference`, split 2^−m searched for m in
   0..max_softmax_shift with v in float) and one scale per head for v.
 
 Every scale is searched on the full-precision model's calibration data (see
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from craft_runner.compress.quant import GeluTwinQuantizer, SoftmaxTwinQuantizer, UniformQuantizer
+from craft_runner.compress.quantizers import GeluTwinQuantizer, SoftmaxTwinQuantizer, UniformQuantizer
 from craft_runner.compress.search import capture, post_gelu_linears, run_ptq, search_layer, search_matmul
 from craft_runner.compress.search import frozen as _frozen
 

@@ -5,7 +5,7 @@ module of this package is imported on the first lookup, so a new compressor is o
 ``conf/compress/<option>.yaml`` (whose defaults list names ``<name>_schema``).
 
 A compressor is ``fn(model, layers, cfg, ctx) -> dict``: it changes ``model`` in place (``layers``: the
-Conv2d/Linear layers it may touch, see :func:`craft_runner.compress.target_layers`) and returns what it
+Conv2d/Linear layers it may touch, see :func:`target_layers`) and returns what it
 did, JSON-serialisable. ``label(cfg_dict) -> str`` names a configuration in tables ("W4A16", "wanda 50%").
 ``check(model, cfg)``, optional, runs against the built model before any training.
 """
@@ -17,7 +17,10 @@ import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+
+from torch import nn
 
 from craft_runner.schema import ConfigError, _check
 
@@ -86,10 +89,9 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import craft_runner.compress as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    # By path, not by importing the package: its __init__ imports this module.
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{mod.name}")
 
 
 def compressors() -> dict[str, CompressorInfo]:
@@ -103,6 +105,15 @@ def get_compressor(name: str) -> CompressorInfo:
     if name not in known:
         raise ConfigError(f"compress.name={name!r} is not allowed: expected one of {', '.join(sorted(known))}")
     return known[name]
+
+
+def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear layers in module order; optionally without the stem and the classifier."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if skip_first_last and len(layers) > 2:
+        head = model.get_classifier() if hasattr(model, "get_classifier") else layers[-1][1]
+        layers = [(n, m) for n, m in layers[1:] if m is not head]
+    return layers
 
 
 def _none(model, layers, cfg, ctx) -> dict:

@@ -32,8 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from craft_runner.compress.quant import (
+from craft_runner.compress.attention import make_attention_explicit
+from craft_runner.compress.quantizers import (
     FULL_PRECISION_BITS,
+    GeluTwinQuantizer,
+    SoftmaxTwinQuantizer,
+    UniformQuantizer,
+    attach_input_quantizer,
     fake_quant,
     init_scale,
     twin_softmax,
@@ -316,8 +321,6 @@ def search_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, grad, n_b
     quantization, whose shift m (R1's step Δ_R2/2^m) is searched in 0..max_shift — with ``b`` in
     float in the reference code, quantized at its current scale otherwise. Returns (quant_a, quant_b).
     """
-    from craft_runner.compress.quant import SoftmaxTwinQuantizer, UniformQuantizer
-
     heads = a.shape[1]
     g = heads if per_head else 1
 
@@ -503,9 +506,6 @@ def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_ba
     """Searched PTQ in place: ``method`` base (cosine search, plain uniform quantizers) or ptq4vit
     (``cfg.metric``, twin uniform post-softmax / post-GELU quantizers with ``cfg.twin``).
     Returns (record, {layer: weight scale})."""
-    from craft_runner.compress.attention import make_attention_explicit
-    from craft_runner.compress.quant import GeluTwinQuantizer, UniformQuantizer, attach_input_quantizer
-
     if not calib_batches:
         raise ValueError(f"{method} PTQ needs calibration batches")
     w_bits, a_bits = cfg.w_bits, cfg.a_bits

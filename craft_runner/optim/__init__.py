@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from craft_runner.optim.registry import OptimInfo, get_optimizer, optimizers, register_optimizer
+from craft_runner.optim.registry import OptimInfo, OptimizerConfig, get_optimizer, optimizers, register_optimizer
 from craft_runner.optim.sam import SAM, LookSAM, RandomSAM, SharpnessAware, expected_cost
-from craft_runner.schema import OptimizerConfig
 
 __all__ = ["build_optimizer", "param_groups", "needs_second_pass", "is_two_pass", "SharpnessAware", "SAM",
-           "LookSAM", "RandomSAM", "expected_cost", "OptimInfo", "get_optimizer", "optimizers", "register_optimizer"]
+           "LookSAM", "RandomSAM", "expected_cost", "OptimInfo", "OptimizerConfig", "get_optimizer", "optimizers",
+           "register_optimizer"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

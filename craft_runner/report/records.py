@@ -94,8 +94,9 @@ def training_fields(config: dict) -> dict:
     """The inputs of the weights' cache key of a recorded config, flattened (seed included)."""
     try:
         from craft_runner.compress.registry import CompressConfig
+        from craft_runner.optim.registry import OptimizerConfig
         from craft_runner.pipeline import weights_key
-        from craft_runner.schema import ArchConfig, DatasetConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+        from craft_runner.schema import ArchConfig, DatasetConfig, ModelConfig, RunConfig, TrainConfig
 
         opt = dict(config.get("optimizer") or {})
         if isinstance(opt.get("betas"), list):
