@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from craft_runner.config import register_configs, to_run_config
-from craft_runner.report.layouts import GENERIC, layout_for
+from craft_runner.report.papers import GENERIC, layout_for
 from craft_runner.report.records import sweep_jobs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -34,7 +34,7 @@ CELLS = {
     "snt_fig5": 2 * 2 * 3 * 9, "snt_fig5_small": 2 * 2 * 3 * 4 * SEEDS,
     "snt_fig6": 3 * 6, "snt_fig6_small": 3 * 4 * SEEDS,
     "snt_fig7": 2 * 2 * 9, "snt_fig7_small": 2 * 2 * 4 * SEEDS,
-    "cheap_sam": 5 * 4, "cheap_sam_small": 5 * 4 * SEEDS,
+    "cheap_sam": 10 * 4 * 2 * 5, "cheap_sam_small": 10 * 4 * 2 * 5,
     "digits_default": 2 * 4 * SEEDS,
     "craft_pretrain_small": 1,
 }
