@@ -183,7 +183,7 @@ def test_qat_defaults_follow_distiller():
     from craft_runner.config import to_run_config
 
     cfg = QATConfig()
-    assert (cfg.weight_quant, cfg.act_quant, cfg.alpha_init, cfg.skip_first_last) == ("dorefa", "layer_inputs", 8.0,
+    assert (cfg.weight_quant, cfg.act_quant, cfg.alpha_init, cfg.skip_first_last) == ("dorefa", "distiller", 8.0,
                                                                                        True)
     # α decays like the optimizer's weights (distiller's act_clip_decay=None)
     assert to_run_config(compose_run("compress=qat", "optimizer=sgd")).compress.alpha_weight_decay == 5e-4
@@ -219,7 +219,8 @@ def test_every_quantized_layer_gets_a_quantized_input_on_base_and_snt(name):
         if arch == "snt":
             apply_snt(model, preact=True, rprelu=True)
         layers = target_layers(model, True)
-        info = apply_compression(model, QATConfig(epochs=0, bits="W4A4"), CompressContext(CPU, [(x, None)]))
+        info = apply_compression(model, QATConfig(epochs=0, bits="W4A4", act_quant="layer_inputs"),
+                                 CompressContext(CPU, [(x, None)]))
         counts[arch] = info["quantized_inputs"]
         assert info["quantized_inputs"] == info["quantized_weights"] == len(layers) and not info["float_inputs"]
         # independently: what each layer reads takes at most 2^4 values, and its weight at most 2^4 values in [-1, 1]
@@ -253,7 +254,7 @@ def test_layer_input_quantizers_signed_for_layernorm_unsigned_for_pooled_relu():
         h = model.act(model.conv(x))
         normed = model.norm(h.mean(dim=(2, 3)))
         pooled = h.mean(dim=(2, 3))
-    cfg = QATConfig(epochs=0, w_bits=16, a_bits=4, alpha_init=None, skip_first_last=False)
+    cfg = QATConfig(epochs=0, w_bits=16, a_bits=4, alpha_init=None, skip_first_last=False, act_quant="layer_inputs")
     info = apply_compression(model, cfg, CompressContext(CPU, [(x, None)]))
     # conv reads the image, fc1 a LayerNorm output, fc2 and head computed values: each gets its own quantizer
     assert info["act_quantizers"] == 0 and info["input_quantizers"] == 4 and info["quantized_inputs"] == 4
@@ -263,3 +264,62 @@ def test_layer_input_quantizers_signed_for_layernorm_unsigned_for_pooled_relu():
     assert model.fc1.input_quantizer.alpha_hi.item() == pytest.approx(normed.max().item())
     assert model.fc2.input_quantizer.alpha.item() == pytest.approx(pooled.max().item())
     assert info["quantized_weights"] == 0
+
+
+# --------------------------------------------------------------------------- distiller's coverage (the default)
+
+
+def test_distiller_coverage_replaces_relus_but_the_first_and_last_called():
+    class Net(nn.Module):
+        # modules defined in the reverse of the order forward calls them: the coverage follows the calls
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+            self.act_c, self.act_b, self.act_a = nn.ReLU(), nn.ReLU(), nn.ReLU()
+            self.six, self.gelu = nn.ReLU6(), nn.GELU()
+            self.fc2, self.fc1, self.stem = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(4, 8)
+
+        def forward(self, x):
+            h = self.act_a(self.stem(x))
+            h = self.gelu(self.act_b(self.fc1(h)))
+            return self.head(self.act_c(self.six(self.fc2(h))))
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        b = model.act_b(model.fc1(model.act_a(model.stem(x))))
+    info = apply_compression(model, QATConfig(epochs=0, w_bits=16, alpha_init=None), CompressContext(CPU, [(x, None)]))
+    # by hand: ReLUs called a, b, c; a (the stem's output) and c (the classifier's input) stay float; ReLU6 and
+    # GELU are not nn.ReLU, which is all distiller's replacement factory holds
+    assert isinstance(model.act_b, PACT) and model.act_b.alpha.item() == pytest.approx(b.max().item())
+    assert type(model.act_a) is nn.ReLU and type(model.act_c) is nn.ReLU
+    assert type(model.six) is nn.ReLU6 and type(model.gelu) is nn.GELU
+    assert info["act_quant"] == "distiller" and info["act_quantizers"] == 1 and info["input_quantizers"] == 0
+    assert sorted(info["float_inputs"]) == ["fc1", "fc2"]  # fc1 reads act_a (float), fc2 the GELU's output
+    cfg = QATConfig(epochs=0, w_bits=16, skip_first_last=False)
+    model = Net()
+    apply_compression(model, cfg, CompressContext(CPU, [(x, None)]))
+    assert all(isinstance(m, PACT) for m in (model.act_a, model.act_b, model.act_c))
+
+
+@pytest.mark.parametrize("name, relus", [("resnet20", 19), ("mobilenetv1_cifar", 27)])
+def test_distiller_coverage_on_the_snt_backbones(name, relus):
+    import timm
+
+    from craft_runner.models import apply_snt
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    assert sum(type(m) is nn.ReLU for m in model.modules()) == relus
+    info = apply_compression(model, QATConfig(epochs=0), CompressContext(CPU, [(x, None)]))
+    # every ReLU but the stem's act1 and the last block's act2; the first quantized layer reads the stem's act1
+    assert info["act_quantizers"] == relus - 2 and type(model.act1) is nn.ReLU
+    layers = len(target_layers(model, True))
+    assert info["quantized_inputs"] == layers - 1
+    # arch=snt: every activation is an RPReLU, none is an nn.ReLU: distiller quantizes no activation
+    torch.manual_seed(0)
+    snt = apply_snt(timm.create_model(name, num_classes=10), preact=True, rprelu=True)
+    info = apply_compression(snt, QATConfig(epochs=0), CompressContext(CPU, [(x, None)]))
+    assert info["act_quantizers"] == info["quantized_inputs"] == 0 and info["quantized_weights"] == layers

@@ -3,7 +3,12 @@ implements it (SNT used distiller), see :class:`~craft_runner.compress.config.QA
 
 Module surgery on the compression copy:
 
-- ``act_quant=layer_inputs`` (default): the input of every target Conv2d/Linear is quantized. Where
+- ``act_quant=distiller`` (default, distiller's coverage): every ``nn.ReLU`` becomes :class:`PACT` (its
+  ``replacement_factory`` holds nn.ReLU only); with ``skip_first_last`` the first and the last ReLU a
+  forward pass calls (the stem's output, the classifier's pooled input) stay in float, as distiller's
+  PACT example overrides ``layer1.0.pre_relu`` and ``final_relu``. Other activations (RPReLU, GELU, ...)
+  and layer inputs not fed by a ReLU stay in float.
+- ``act_quant=layer_inputs``: the input of every target Conv2d/Linear is quantized. Where
   the layer reads the output of an activation module (directly or through a view: transpose,
   flatten, eval-mode dropout), that activation is quantized: ReLU/ReLU6 becomes :class:`PACT`, an
   activation whose output can be negative (PReLU, SNT's ``RPReLU``, GELU, SiLU, ...) becomes
@@ -268,6 +273,28 @@ def insert_pact(model: nn.Module, n_bits: int, batches, alpha_init: float | None
     return init
 
 
+@torch.no_grad()
+def call_order(model: nn.Module, modules: list[nn.Module], x) -> list[nn.Module]:
+    """``modules`` in the order one eval-mode forward of ``x`` first calls them (uncalled ones left out)."""
+    order: list[nn.Module] = []
+    forward_with_hooks(model, [(x, None)],
+                       forward_hooks=[(m, lambda mod, _a, _o: order.append(mod) if mod not in order else None)
+                                      for m in modules])
+    return order
+
+
+def distiller_relus(model: nn.Module, batches, skip_first_last: bool) -> list[str]:
+    """Names of the ReLUs distiller's PACTQuantizer replaces: type nn.ReLU exactly (its factory looks the
+    module's type up), less the first and last one called when the first and last layers stay float."""
+    relus = {m: n for n, m in model.named_modules() if n and type(m) is nn.ReLU}
+    if not relus:
+        return []
+    order = call_order(model, list(relus), _probe(batches))
+    if skip_first_last:
+        order = order[1:-1]
+    return [relus[m] for m in order]
+
+
 def _probe(batches) -> torch.Tensor:
     for b in batches:
         x = b[0] if isinstance(b, (tuple, list)) else b
@@ -351,7 +378,11 @@ def pact_qat(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx) ->
     """PACT QAT in place: insert activation quantizers, train ``cfg.epochs`` with fake-quantized weights."""
     init = {}
     if cfg.a_bits < FULL_PRECISION_BITS:
-        if cfg.act_quant == "layer_inputs":
+        if cfg.act_quant == "distiller":
+            names = distiller_relus(model, ctx.calib_batches, cfg.skip_first_last)
+            init = insert_pact(model, cfg.a_bits, ctx.calib_batches, cfg.alpha_init, cfg.alpha_weight_decay,
+                               names=set(names)) if names else {}
+        elif cfg.act_quant == "layer_inputs":
             init = quantize_layer_inputs(model, layers, cfg.a_bits, ctx.calib_batches, cfg.alpha_init,
                                          cfg.alpha_weight_decay)
         else:
@@ -398,10 +429,13 @@ class QATConfig(CompressConfig):
     with two learnable bounds α_lo ≤ 0 ≤ α_hi (asymmetric grid with zero on it; ∂/∂α_hi = 1 where
     x ≥ α_hi, ∂/∂α_lo = 1 where x ≤ α_lo; not in distiller, which only replaces ReLUs).
 
-    ``act_quant``: ``layer_inputs`` (default) quantizes the input of every target layer — the
-    activation that feeds it where there is one, else a quantizer on the layer itself (signed when
-    its calibration inputs go below zero: LayerNorm outputs, residual sums), so every architecture
-    gets the same coverage; ``activations`` quantizes every activation module and nothing else.
+    ``act_quant``: ``distiller`` (default, reference) quantizes the output of every nn.ReLU but the
+    first and last one called (with ``skip_first_last``), everything else stays float — so RPReLU
+    (arch=snt) and GELU (Mixer) outputs are not quantized, as in distiller; ``layer_inputs`` (option)
+    quantizes the input of every target layer — the activation that feeds it where there is one, else
+    a quantizer on the layer itself (signed when its calibration inputs go below zero: LayerNorm
+    outputs, residual sums), so every architecture gets the same coverage; ``activations`` (option)
+    quantizes every activation module and nothing else.
 
     ``weight_quant``: ``dorefa`` (default, distiller's PACTQuantizer): per layer,
     w_q = 2·Q_k(tanh(w)/(2·max|tanh(w)|) + ½) − 1 with Q_k(v) = round(v·(2^k−1))/(2^k−1), 2^k levels in
@@ -423,7 +457,7 @@ class QATConfig(CompressConfig):
     a_bits: int = 4
     epochs: int = 10
     weight_quant: str = "dorefa"
-    act_quant: str = "layer_inputs"
+    act_quant: str = "distiller"
     alpha_init: Optional[float] = 8.0
     alpha_weight_decay: float = 0.0
     # PACT keeps the first and last layers (weights and inputs) in full precision.
@@ -435,14 +469,19 @@ class QATConfig(CompressConfig):
         _check_choice("compress.method", self.method, ("pact",))
         _check(self.epochs >= 0, "compress.epochs", self.epochs, "an integer >= 0")
         _check_choice("compress.weight_quant", self.weight_quant, ("dorefa", "symmetric"))
-        _check_choice("compress.act_quant", self.act_quant, ("layer_inputs", "activations"))
+        _check_choice("compress.act_quant", self.act_quant, ("distiller", "layer_inputs", "activations"))
         _check(self.alpha_init is None or self.alpha_init > 0, "compress.alpha_init", self.alpha_init,
                "null (calibrated) or a positive number")
         _check(self.alpha_weight_decay >= 0, "compress.alpha_weight_decay", self.alpha_weight_decay, "a number >= 0")
 
 
+ACT_QUANT_LABELS = {"layer_inputs": "layer inputs", "activations": "all activations"}
+
+
 def qat_label(c: dict) -> str:
-    return f"QAT W{c['w_bits']}A{c['a_bits']}"
+    # distiller's coverage (the default) unmarked; the options say which they are.
+    extra = ACT_QUANT_LABELS.get(c.get("act_quant", "distiller"))
+    return f"QAT W{c['w_bits']}A{c['a_bits']}" + (f" ({extra})" if extra else "")
 
 
 register_compressor("qat", QATConfig, label=qat_label)(pact_qat)
