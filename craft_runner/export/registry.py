@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 
 from craft_runner.schema import ConfigError
 
@@ -31,10 +32,9 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import craft_runner.export as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    # By path, not by importing the package: its __init__ imports this module.
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"craft_runner.export.{mod.name}")
 
 
 def format_names() -> list[str]:
