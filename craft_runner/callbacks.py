@@ -9,7 +9,6 @@ results.json files, found by expanding the sweep as Hydra's basic sweeper does.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -58,9 +57,10 @@ def sweep_cells(config: DictConfig) -> Optional[list[DictConfig]]:
 
 
 def _status(run_dir: Path) -> tuple[str, str]:
-    try:
-        r = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
+    from craft_runner.pipeline import read_results
+
+    r = read_results(run_dir / "results.json")
+    if r is None:
         return "missing", "no results.json (the job did not start or was killed before it could write one)"
     status = r.get("status", "missing")
     if status == "running":
@@ -68,13 +68,35 @@ def _status(run_dir: Path) -> tuple[str, str]:
     return status, str(r.get("error", ""))
 
 
+def _check_places(config: DictConfig, run_key: str) -> None:
+    """Refusals made before Hydra creates a directory (each cell's own checks follow in the pipeline's
+    prepare; the device there too, as a launcher may run the cells on other machines)."""
+    from craft_runner.pipeline import check_device, check_writable
+    from craft_runner.schema import ConfigError
+
+    try:
+        if run_key == "hydra.run.dir":
+            check_device(str(config.get("device", "auto")))
+        check_writable(str(OmegaConf.select(config, run_key)), run_key)
+        check_writable(str(config.paths.cache_dir), "paths.cache_dir")
+    except ConfigError as e:  # Hydra turns a callback's exception into a warning and goes on: exit here
+        print(f"craft-run: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self._start = time.time()
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Before Hydra makes the run directory: it and the cache can be written, the device exists."""
+        if not config.get("dry_run"):
+            _check_places(config, "hydra.run.dir")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._start = time.time()
         if not config.get("dry_run"):
+            _check_places(config, "hydra.sweep.dir")
             return
         from craft_runner import pipeline
 

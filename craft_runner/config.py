@@ -6,6 +6,8 @@ names and types when it composes, :func:`to_run_config` runs the range checks be
 
 from __future__ import annotations
 
+import dataclasses
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,13 +36,30 @@ def register_configs() -> None:
         cs.store(group="compress", name=f"{info.name}_schema", node=info.schema)
 
 
+def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Refuse keys no schema declares: Hydra lets ``+key=value`` add them to a typed node, where they would be
+    ignored. Keys inside a field typed as a plain dict (``model.kwargs``) are free."""
+    schema = OmegaConf.get_type(cfg)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            raise ConfigError(f"{name} is not allowed: no key {key!r} in {schema.__name__} (a typo? keys added "
+                              f"with + must be declared by a schema)")
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_known_keys(node, f"{name}.")
+
+
 def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
-    """Resolve interpolations and build the typed config; raises ConfigError on a bad value."""
+    """Resolve interpolations and build the typed config; raises ConfigError on a bad value or a key no
+    schema declares."""
     if isinstance(cfg, RunConfig):
         return cfg
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra", None)
+    check_known_keys(cfg)
     try:
         obj = OmegaConf.to_object(cfg)
     except ConfigError:

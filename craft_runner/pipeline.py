@@ -49,6 +49,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_device(name: str) -> None:
+    """A CUDA device that this machine does not have is refused before any data is read."""
+    if not name.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name} is not allowed: torch sees no CUDA GPU on this machine "
+                          f"(torch.cuda.is_available() is False); use device=auto or device=cpu")
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name} is not allowed: this machine has {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_writable(path, key: str) -> None:
+    """``path`` (``key`` names it) is a folder craft-run can create or write in; checked before any work, so
+    that a read-only place or a file in the way fails in one line with nothing written."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists():
+        if p.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ConfigError(f"{key}={path} is not allowed: {p} is a broken symbolic link")
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"{key}={path} is not allowed: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} is not allowed: {p} is not writable")
+
+
 # --------------------------------------------------------------------------------------------- cache keys
 
 
@@ -134,13 +161,21 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
 
 
+def read_results(path: Path) -> Optional[dict]:
+    """A results.json as a dict; None when it is absent, unreadable, not JSON or not a JSON object."""
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return r if isinstance(r, dict) else None
+
+
 def previous_result(rc: RunConfig) -> Optional[dict]:
     """The run directory's results.json when it is ok and was made by the same config, else None."""
     if not rc.paths.run_dir:
         return None
-    try:
-        r = json.loads((Path(rc.paths.run_dir) / "results.json").read_text())
-    except (OSError, ValueError):
+    r = read_results(Path(rc.paths.run_dir) / "results.json")
+    if r is None:
         return None
     if r.get("status") == "ok" and isinstance(r.get("config"), dict) and \
             _comparable(r["config"]) == _comparable(dataclasses.asdict(rc)):
@@ -153,14 +188,24 @@ def plan_cell(cfg) -> dict:
     cached, whether the run is done already (skipped), or why its config is refused."""
     paths = cfg.get("paths") if hasattr(cfg, "get") else getattr(cfg, "paths", None)
     run_dir = paths.get("run_dir") if hasattr(paths, "get") else getattr(paths, "run_dir", None)
+    from craft_runner.data import DataRootError, check_dataset
+
     try:
         rc = to_run_config(cfg)
     except (ConfigError, TypeError) as e:
         return {"run_dir": run_dir, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
     key = cache_key(rc)
-    return {"run_dir": rc.paths.run_dir, "cache_key": key,
+    plan = {"run_dir": rc.paths.run_dir, "cache_key": key,
             "cached": (Path(rc.paths.cache_dir) / key / "model.pt").exists(),
             "done": previous_result(rc) is not None and not rc.rerun}
+    if not plan["done"]:
+        try:  # the check a run makes first (prepare); a download is not tried here
+            check_dataset(rc.dataset, rc.paths.data_dir)
+        except DataRootError as e:
+            plan["data_missing"] = str(e).splitlines()[0]
+        except ConfigError as e:
+            return {"run_dir": run_dir, "error": str(e).splitlines()[0]}
+    return plan
 
 
 def describe_plan(cells: list[dict]) -> str:
@@ -171,14 +216,16 @@ def describe_plan(cells: list[dict]) -> str:
         if "error" in c:
             lines.append(f"  {name}: invalid: {c['error']}")
             continue
-        state = "done (results.json ok): skipped" if c["done"] else "runs"
+        state = ("done (results.json ok): skipped" if c["done"]
+                 else f"data missing: {c['data_missing']}" if c.get("data_missing") else "runs")
         lines.append(f"  {name}: training {c['cache_key']} ({'cached' if c['cached'] else 'to train'}), {state}")
     valid = [c for c in cells if "error" not in c]
     cached = {c["cache_key"]: c["cached"] for c in valid}
     to_train = {c["cache_key"] for c in valid if not c["done"] and not c["cached"]}
+    missing = sum(bool(c.get("data_missing")) for c in valid)
     summary = (f"{len(cells)} cells, {len(cached)} unique trainings ({sum(cached.values())} cached, "
                f"{len(to_train)} to train), {sum(c['done'] for c in valid)} cells done already, "
-               f"{len(cells) - len(valid)} invalid")
+               f"{len(cells) - len(valid)} invalid" + (f", {missing} without their data" if missing else ""))
     return "\n".join(["craft-run plan:", *lines, summary])
 
 
@@ -208,6 +255,15 @@ def prepare(cfg) -> Prepared:
     from craft_runner.train import seed_everything
 
     rc = to_run_config(cfg)
+    check_device(rc.device)
+    check_writable(rc.paths.cache_dir, "paths.cache_dir")
+    check_writable(rc.paths.run_dir or "outputs/last", "paths.run_dir")
+    if rc.dataset.download:
+        from craft_runner.data import dataset_root
+
+        root = dataset_root(rc.dataset, rc.paths.data_dir)
+        if root is not None:
+            check_writable(root, "dataset.root" if rc.dataset.root else "paths.data_dir")
     check_model_name(rc.model.name)
     world = distributed.world_size()
     if rc.train.batch_size % world:
@@ -272,15 +328,25 @@ class Diagnostics:
         return {when: d for when, d in self.results.items() if getattr(s, when)}
 
 
-def load_cached_weights(path: Path, device: torch.device) -> dict:
+def load_cached_weights(path: Path, device: torch.device, key: Optional[str] = None) -> dict:
     """The cache entry ``model.pt``, read with weights_only=True; a damaged, foreign or non-finite one raises
-    a one-line CheckpointError naming it (delete it to train again)."""
+    a one-line CheckpointError naming it (delete it to train again). With ``key``, the cache key the
+    checkpoint records must be that of its folder; one written before keys were recorded is used, with a
+    warning."""
     from craft_runner.train import CheckpointError, load_checkpoint, nonfinite_weights
 
     fix = f"delete it (rm {path}) to train again"
     st = load_checkpoint(path, device, ("model", "meta"), fix=fix)
     if not isinstance(st["model"], dict) or nonfinite_weights(st["model"]):
         raise CheckpointError(f"{path} cannot be used: its weights are not all finite; {fix}")
+    if key is not None:
+        recorded = st.get("cache_key")
+        if recorded is None:
+            log.warning("%s records no cache key (written by an older craft-run): it is used as the weights of "
+                        "key %s unchecked", path, key)
+        elif recorded != key:
+            raise CheckpointError(f"{path} holds the weights of training {recorded}, not of {key} (its folder's "
+                                  f"key): it was moved or copied there; {fix}")
     return st
 
 
@@ -303,7 +369,7 @@ def train_or_load(p: Prepared, tracker=None) -> dict:
     if distributed.broadcast(final.exists() if distributed.is_main() else None):
         if not distributed.is_main():
             return {"trained": None}
-        st = load_cached_weights(final, p.device)
+        st = load_cached_weights(final, p.device, cache_dir.name)
         p.model.load_state_dict(st["model"])
         log.info("loaded cached weights %s (no training)", final)
         tracker.start()
@@ -331,12 +397,16 @@ def train_or_load(p: Prepared, tracker=None) -> dict:
     extra = {"wandb": {"id": tracker.run_id, "cell": cell}} if tracker.run_id else {}
     info = train.fit(model, loader, opt, rc.train, p.device, state_path=state_path, desc=rc.optimizer.name,
                      on_epoch=tracker.log_epoch, state=state, extra_state=extra, save_state=distributed.is_main())
-    meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction")}
+    meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction",
+                                 "optimizer_extra_bytes")}
     meta["world_size"] = world
     if distributed.is_main():
         if train.nonfinite_weights(p.model):  # fit checks every epoch; never cache what it would have refused
             raise train.NonFiniteError(f"non-finite weights after training {rc.optimizer.name}: nothing cached")
-        atomic_save({"model": p.model.state_dict(), "meta": meta}, final)
+        # The key and what it hashes: the checkpoint says which training it is (checked when loaded).
+        inputs = json.loads(json.dumps(weights_key(rc), sort_keys=True, default=str))
+        atomic_save({"model": p.model.state_dict(), "meta": meta, "cache_key": cache_dir.name,
+                     "key_inputs": inputs}, final)
         state_path.unlink(missing_ok=True)
     distributed.barrier()  # the other ranks leave once the weights are cached
     return {**meta, "trained": True, "resumed_from": info["resumed_from"]}
@@ -422,10 +492,8 @@ def record(results: dict, run_dir: Path, tracker) -> None:
 
 
 def _previous_status(run_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((run_dir / "results.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+    r = read_results(run_dir / "results.json")
+    return r.get("status") if r is not None else None
 
 
 def _figures(sharpness: dict) -> dict:
@@ -451,6 +519,10 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
     from craft_runner import distributed
 
     rc = to_run_config(cfg)
+    previous = Path(rc.paths.run_dir) / "results.json" if rc.paths.run_dir else None
+    if previous is not None and previous.exists() and read_results(previous) is None:
+        log.warning("%s is not a results record (unreadable, not JSON, or JSON other than an object): the run "
+                    "is done again and replaces it", previous)
     done = previous_result(rc)
     if done is not None and not rc.rerun:
         log.info("%s: already done (results.json ok, same config): skipped; rerun=true runs it again",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -43,13 +42,11 @@ def record_failure(run_dir: Path, error: str, overrides: list[str]) -> None:
     """A cell that failed before the pipeline could write its results.json (e.g. a bad value): a results.json
     with status failed and the reason, so the sweep's summary and a rerun see it."""
     from craft_runner.atomic import atomic_write_json
+    from craft_runner.pipeline import read_results
 
     path = run_dir / "results.json"
-    try:
-        if json.loads(path.read_text()).get("status") == "failed":
-            return  # the pipeline recorded it, with its config
-    except (OSError, ValueError):
-        pass
+    if (read_results(path) or {}).get("status") == "failed":
+        return  # the pipeline recorded it, with its config
     atomic_write_json({"status": "failed", "error": error, "overrides": overrides}, path)
 
 
@@ -109,6 +106,7 @@ def task_wrapper(task):
             failure, code = _one_line(e), (1 if isinstance(e, RunError) else 2)
         except Exception as e:
             if not multirun:
+                e.craft_run_crash = True  # main(): a crash of the run, never reported as bad input
                 raise
             log.exception("%s failed", run_dir)
             failure, code = f"{type(e).__name__}: {_one_line(e)}", 1
@@ -156,11 +154,47 @@ def _main(cfg: DictConfig) -> float | None:
     return _task(cfg)
 
 
+def hydra_refusal(e: BaseException) -> str | None:
+    """The one line of a refusal raised before the run (a bad override, an unknown key or option, an
+    unwritable directory), or None for anything else."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from craft_runner.schema import ConfigError
+
+    if getattr(e, "craft_run_crash", False) or not isinstance(e, (HydraException, OmegaConfBaseException,
+                                                                  ConfigError)):
+        return None
+    # Hydra's advice to append a key with + does not hold for the typed groups, where craft-run refuses it.
+    first = [ln.strip() for ln in str(e).strip().splitlines()
+             if ln.strip() and not ln.startswith(("To append", "See https://hydra"))][:1]
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+    if cause is not None and str(cause).strip():
+        first.append(str(cause).strip().splitlines()[0])
+    return ": ".join(ln.rstrip(".") for ln in first) or type(e).__name__
+
+
 def main() -> float | None:
     from craft_runner.runtime import keep_freed_memory
 
     keep_freed_memory()  # before the first tensor: CPU steps without page faults (CRAFT_MALLOC=default: off)
-    return _main()
+    # Hydra prints its own refusals and exits 1; raised instead, they are reported here like the project's own
+    # (one line, exit status 2). HYDRA_FULL_ERROR=1 set by the user keeps Hydra's full report.
+    full = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        return _main()
+    except Exception as e:
+        line = None if full == "1" else hydra_refusal(e)
+        if line is None:
+            raise
+        print(f"craft-run: error: {line}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if full is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full
 
 
 if __name__ == "__main__":
