@@ -45,13 +45,13 @@ def test_magnitude_mask_equals_topk():
     w = torch.randn(8, 5, 3, 3)
     for s in (0.1, 0.5, 0.9):
         mask = unstructured_mask(w.abs(), s, "layer")
-        keep = w.numel() - round(s * w.numel())
+        keep = w.numel() - int(s * w.numel())
         expected = torch.zeros(w.numel())
         expected[torch.topk(w.abs().flatten(), keep).indices] = 1
         assert torch.equal(mask.flatten(), expected)
         # per row: every output channel keeps its own largest |w|
         rows = unstructured_mask(w.abs(), s, "row").flatten(1)
-        keep_row = 45 - round(s * 45)
+        keep_row = 45 - int(s * 45)
         for i in range(8):
             exp = torch.zeros(45)
             exp[torch.topk(w[i].abs().flatten(), keep_row).indices] = 1
@@ -161,10 +161,10 @@ def test_achieved_sparsity_equals_target(criterion, scope, sparsity):
         w = mod.weight.flatten(1)
         assert not tprune.is_pruned(mod)
         if scope == "row":
-            assert ((w == 0).sum(1) == round(sparsity * w.shape[1])).all()
+            assert ((w == 0).sum(1) == int(sparsity * w.shape[1])).all()
         assert info["layer_sparsity"][name] == (w == 0).sum().item() / w.numel()
         if scope == "layer":
-            assert (w == 0).sum().item() == round(sparsity * w.numel())
+            assert (w == 0).sum().item() == int(sparsity * w.numel())
     assert abs(info["sparsity"] - sparsity) < 0.02
 
 
@@ -243,11 +243,11 @@ def test_iterative_pruning_holds_masks_while_fine_tuning(kind):
         assert not tprune.is_pruned(mod) and not hasattr(mod, "weight_orig")
         # masks only grow, and each step's mask has that step's sparsity
         for step, target in zip(seen, targets):
-            assert (step[name] == 0).sum().item() == round(target * mod.weight.numel())
+            assert (step[name] == 0).sum().item() == int(target * mod.weight.numel())
         for a, b in zip(seen, seen[1:]):
             assert ((a[name] == 0) <= (b[name] == 0)).all()
         assert torch.equal(mod.weight == 0, seen[-1][name] == 0)
-        assert info["layer_sparsity"][name] == pytest.approx(round(0.7 * mod.weight.numel()) / mod.weight.numel())
+        assert info["layer_sparsity"][name] == pytest.approx(int(0.7 * mod.weight.numel()) / mod.weight.numel())
     assert info["schedule_kind"] == kind and info["steps"] == 3
 
 
@@ -304,7 +304,7 @@ def _wanda_reference(model, x, sparsity, inputs):
 
     def row_mask(w, inp):
         score = w.abs() * inp.reshape(-1, inp.shape[-1]).pow(2).sum(0).sqrt()
-        k = round(sparsity * w.shape[1])
+        k = int(sparsity * w.shape[1])  # Wanda's int(W.shape[1]*sparsity)
         mask = torch.ones_like(w)
         mask.scatter_(1, score.argsort(dim=1)[:, :k], 0.0)
         return mask
@@ -400,3 +400,50 @@ def test_nm_nvidia_layout_on_a_model():
     with pytest.raises(ConfigError, match=r"compress\.m=16.*input size 8.*nvidia"):
         apply_compression(tiny_cnn(), PruneConfig(pattern="nm", n=8, m=16, nm_layout="nvidia"),
                           CompressContext(CPU, batches()))
+
+
+# --------------------------------------------------------------------------- counts as the reference codes
+
+
+def test_per_row_count_truncates_as_wanda_and_rounds_as_an_option():
+    from craft_runner.compress.prune import prune_count
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 768)  # 0.7 · 768 = 537.6: Wanda prunes 537 per row, rounding would prune 538
+    scores = w.abs()
+    for s, count, k in [(0.7, "truncate", 537), (0.7, "round", 538), (0.9, "truncate", 691), (0.9, "round", 691)]:
+        mask = unstructured_mask(scores, s, "row", count)
+        # Wanda's compute_mask("row"), written out: stable sort of each row, the first int(cols · s) pruned
+        idx = torch.sort(scores, dim=-1, stable=True)[1][:, :k]
+        expected = torch.ones_like(w).scatter_(1, idx, 0.0)
+        assert torch.equal(mask, expected), (s, count)
+    # the float product, as int(W.shape[1]*sparsity) sees it: 0.29 · 100 = 28.999999999999996
+    assert prune_count(0.29, 100) == 28 and prune_count(0.29, 100, "round") == 29
+    # per layer, distiller's int(desired_sparsity · numel): 0.3 · 45 = 13.5 -> 13 (round: 14)
+    layer = unstructured_mask(torch.randn(5, 9).abs(), 0.3, "layer")
+    assert (layer == 0).sum().item() == 13
+    assert (unstructured_mask(torch.randn(5, 9).abs(), 0.3, "layer", "round") == 0).sum().item() == 14
+
+
+def test_prune_defaults_are_the_reference_codes():
+    cfg = PruneConfig(criterion="wanda")
+    assert (cfg.wanda_inputs, cfg.count, cfg.resolved_scope) == ("dense", "truncate", "row")
+    with pytest.raises(ConfigError, match="compress.count") as e:
+        PruneConfig(count="ceil")
+    assert "\n" not in str(e.value)
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    info = apply_compression(model, PruneConfig(criterion="wanda", sparsity=0.3, count="round"),
+                             CompressContext(CPU, batches()))
+    assert info["count"] == "round" and info["wanda_inputs"] == "dense"
+    w = model[2].weight.flatten(1)  # 8 · 3 · 3 = 72 columns: 0.3 · 72 = 21.6, rounded 22 (truncated 21)
+    assert ((w == 0).sum(1) == 22).all()
+
+
+def test_paper_scale_wanda_follows_wandas_vit_code():
+    from helpers import compose_run
+
+    from craft_runner.config import to_run_config
+
+    c = to_run_config(compose_run("compress=wanda")).compress
+    assert (c.criterion, c.wanda_inputs, c.count, c.calib_size) == ("wanda", "dense", "truncate", 4096)

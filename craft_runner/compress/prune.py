@@ -80,17 +80,29 @@ def wanda_scores(weight: torch.Tensor, feat_norm: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- masks
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "layer") -> torch.Tensor:
-    """Keep-mask (1 keep, 0 prune) zeroing the lowest scores: round(sparsity · size) of them per
-    layer (``scope="layer"``) or per output row (``scope="row"``)."""
+def prune_count(sparsity: float, size: int, count: str = "truncate") -> int:
+    """How many of ``size`` weights to zero: ``truncate`` is int(sparsity · size) on the float product, as
+    locuslab/wanda (``int(W.shape[1]*sparsity)``) and distiller (``int(desired_sparsity * numel)``) count;
+    ``round`` rounds it to the nearest integer."""
+    if count == "truncate":
+        return int(sparsity * size)
+    if count == "round":
+        return round(sparsity * size)
+    raise ValueError(f"unknown count {count!r}: expected truncate or round")
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "layer",
+                      count: str = "truncate") -> torch.Tensor:
+    """Keep-mask (1 keep, 0 prune) zeroing the lowest scores: :func:`prune_count` of them per layer
+    (``scope="layer"``) or per output row (``scope="row"``)."""
     s2 = scores.flatten(1)
     mask = torch.ones_like(s2)
     if scope == "layer":
-        k = round(sparsity * s2.numel())
+        k = prune_count(sparsity, s2.numel(), count)
         if k:
             mask.view(-1)[torch.topk(s2.reshape(-1), k, largest=False).indices] = 0
     elif scope == "row":
-        k = round(sparsity * s2.shape[1])
+        k = prune_count(sparsity, s2.shape[1], count)
         if k:
             mask.scatter_(1, torch.topk(s2, k, dim=1, largest=False).indices, 0)
     else:
@@ -148,10 +160,10 @@ def schedule_sparsity(t: int, steps: int, final: float, initial: float = 0.0, ki
 # --------------------------------------------------------------------------- pruning
 
 
-def magnitude_prune(layers: list[tuple[str, nn.Module]], sparsity: float) -> dict:
+def magnitude_prune(layers: list[tuple[str, nn.Module]], sparsity: float, count: str = "truncate") -> dict:
     """Unstructured: in each layer, zero the ``sparsity`` share of weights with the smallest |w|."""
     for _, m in layers:
-        tprune.custom_from_mask(m, "weight", unstructured_mask(m.weight.detach().abs(), sparsity, "layer"))
+        tprune.custom_from_mask(m, "weight", unstructured_mask(m.weight.detach().abs(), sparsity, "layer", count))
         tprune.remove(m, "weight")
     log.info("magnitude pruning to %.0f%% on %d layers", 100 * sparsity, len(layers))
     return _report(layers)
@@ -236,7 +248,7 @@ def _prune_step(model, layers, cfg, sparsity: float, batches) -> None:
             if cfg.pattern == "nm":
                 mask = nm_mask(scores, cfg.n, cfg.m, cfg.nm_layout)
             else:
-                mask = unstructured_mask(scores, sparsity, cfg.resolved_scope)
+                mask = unstructured_mask(scores, sparsity, cfg.resolved_scope, cfg.count)
             tprune.custom_from_mask(m, "weight", mask)
 
 
@@ -273,7 +285,7 @@ def prune_model(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx)
     if cfg.pattern == "nm":
         info.update(n=cfg.n, m=cfg.m, nm_layout=cfg.nm_layout, skipped_layers=skipped)
     else:
-        info.update(scope=cfg.resolved_scope)
+        info.update(scope=cfg.resolved_scope, count=cfg.count)
     if cfg.schedule == "iterative":
         info.update(schedule_kind=cfg.schedule_kind, steps=steps, history=history)
     log.info("%s pruning (%s): sparsity %.4f on %d layers", cfg.criterion,
@@ -288,7 +300,8 @@ def _achieved(layers) -> float:
                            for _, m in layers), 1)
 
 
-__all__ = ["layer_sparsity", "effective_weight", "input_feature_norms", "wanda_scores", "unstructured_mask", "nm_mask",
+__all__ = ["layer_sparsity", "effective_weight", "input_feature_norms", "wanda_scores", "prune_count",
+           "unstructured_mask", "nm_mask",
            "nm_group_size", "block_of", "wanda_groups",
            "schedule_sparsity", "magnitude_prune", "prune_model", "PruneConfig"]
 
@@ -303,16 +316,18 @@ class PruneConfig(CompressConfig):
     criterion: ``magnitude`` scores |W_ij|; ``wanda`` scores |W_ij| · ‖X_j‖₂, the L2 norm of input
     feature j over every calibration token (Linear) or every unfold position (Conv2d, where the
     feature of weight column (c, kh, kw) is that element of the input patch). ``wanda_inputs``
-    says on which model the norms are measured: ``block`` (default) block by block, each block's
-    inputs on the model with every earlier block pruned and the block itself dense (locuslab/wanda
-    ``prune_wanda``); ``layer`` layer by layer, every earlier layer pruned; ``dense`` all from the
-    dense model (what Wanda's own ViT/ConvNeXt code amounts to).
+    says on which model the norms are measured: ``dense`` (default) all from the dense model — Wanda's
+    image-classifier code (``prune_vit``: each block's hooks fire while the block is still dense and its
+    dense output feeds the next block), the reference for CrAFT's ViTs; ``block`` block by block, each
+    block's inputs on the model with every earlier block pruned and the block itself dense (locuslab/wanda
+    ``prune_wanda``, its LLM code); ``layer`` layer by layer, every earlier layer pruned.
 
     scope (unstructured only): which weights compete. ``layer``: all weights of a layer;
     ``row``: the weights of one output row (output channel), each row pruned to ``sparsity``;
     ``auto`` (default): ``row`` for wanda (Wanda's own choice), ``layer`` for magnitude.
 
-    pattern: ``unstructured`` prunes round(sparsity · group size) weights per group (layer or row).
+    pattern: ``unstructured`` prunes int(sparsity · group size) weights per group (layer or row) —
+    ``count=truncate`` (default), as Wanda's and distiller's code; ``count=round`` rounds instead.
     ``nm`` (N:M): in every group of M consecutive weights along the input dimension, the N with the
     lowest scores are zeroed (N pruned of M, sparsity N/M, as Wanda's code reads "2:4"; NVIDIA
     counts N kept of M instead — the two agree at 50 %, which covers the papers' 2:4, 16:32 and
@@ -339,10 +354,12 @@ class PruneConfig(CompressConfig):
     # N:M groups of a Conv2d: pytorch = along the weight flattened over (in, kh, kw); nvidia = along
     # the input channels at each kernel position (NVIDIA ASP). The same for Linear and 1x1 convs.
     nm_layout: str = "pytorch"
-    # Wanda: where each layer's input norms are measured. block = block by block on the model as
-    # pruned so far (locuslab/wanda prune_wanda); layer = layer by layer likewise; dense = every
-    # norm from the dense model in one pass (Wanda's image_classifiers code).
-    wanda_inputs: str = "block"
+    # Wanda: where each layer's input norms are measured. dense = every norm from the dense model in one
+    # pass (Wanda's image_classifiers code, the reference); block = block by block on the model as
+    # pruned so far (locuslab/wanda prune_wanda, its LLM code); layer = layer by layer likewise.
+    wanda_inputs: str = "dense"
+    # Unstructured: weights pruned per group, int(s·size) (truncate, the reference codes') or round(s·size).
+    count: str = "truncate"
     schedule: str = "oneshot"
     schedule_kind: str = "cubic"
     steps: int = 10
@@ -358,7 +375,8 @@ class PruneConfig(CompressConfig):
         _check(0.0 <= self.sparsity < 1.0, "compress.sparsity", self.sparsity, "a value in [0, 1)")
         _check_choice("compress.nm_indivisible", self.nm_indivisible, ("error", "skip"))
         _check_choice("compress.nm_layout", self.nm_layout, ("pytorch", "nvidia"))
-        _check_choice("compress.wanda_inputs", self.wanda_inputs, ("block", "layer", "dense"))
+        _check_choice("compress.wanda_inputs", self.wanda_inputs, ("dense", "block", "layer"))
+        _check_choice("compress.count", self.count, ("truncate", "round"))
         _check_choice("compress.schedule", self.schedule, ("oneshot", "iterative"))
         _check_choice("compress.schedule_kind", self.schedule_kind, ("cubic", "exponential"))
         _check(self.steps >= 1, "compress.steps", self.steps, "an integer >= 1")
