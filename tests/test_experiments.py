@@ -29,7 +29,7 @@ CELLS = {
     "craft_fig2": 2, "craft_fig2_small": 2 * SEEDS,
     "craft_fig4": 2 * 2 * (7 + 5), "craft_fig4_small": 2 * 2 * (4 + 5) * SEEDS,
     "snt_table3_ptq": 3 * 3, "snt_table3_ptq_small": 3 * 3 * SEEDS,
-    "snt_table3_qat": 2 + 3 + 3, "snt_table3_qat_small": (2 + 3 + 3) * SEEDS,
+    "snt_table3_qat": (2 + 3 + 3) * 2, "snt_table3_qat_small": (2 + 3 + 3) * SEEDS * 2,  # x2: act_quant
     "snt_table4": 3, "snt_table4_small": 3 * SEEDS,
     "snt_fig5": 2 * 2 * 3 * 9, "snt_fig5_small": 2 * 2 * 3 * 4 * SEEDS,
     "snt_fig6": 3 * 6, "snt_fig6_small": 3 * 4 * SEEDS,
@@ -97,7 +97,8 @@ def test_fig4_sweeps_both_panels(hydra_conf):
         assert c.pattern == "unstructured" or c.sparsity == 0.5
     assert shapes == {f"{s}%" for s in range(10, 80, 10)} | {"2:4", "4:8", "8:16", "16:32", "32:64"}
     nm = to_run_config(_compose("craft_fig4", ["+shared/prune_shape=nm16_32", "compress.criterion=wanda"])).compress
-    assert (nm.name, nm.pattern, nm.n, nm.m, nm.criterion, nm.calib_size) == ("prune", "nm", 16, 32, "wanda", 128)
+    assert (nm.name, nm.pattern, nm.n, nm.m, nm.criterion, nm.calib_size) == ("prune", "nm", 16, 32, "wanda", 4096)
+    assert (nm.wanda_inputs, nm.count) == ("dense", "truncate")  # Wanda's prune_vit
 
 
 def test_snt_qat_cells_are_the_tables(hydra_conf):
@@ -107,9 +108,11 @@ def test_snt_qat_cells_are_the_tables(hydra_conf):
         rc = to_run_config(_compose("snt_table3_qat", job))
         approach = "SAM" if rc.optimizer.name == "sam" else "ARCH" if rc.arch.rprelu else "ADAM"
         assert rc.compress.name == "qat" and (rc.compress.w_bits, rc.compress.a_bits) == (4, 4)
-        got.add((rc.model.name, rc.dataset.name, approach))
-    assert got == {("resnet18", "imagenet", "ADAM"), ("resnet18", "imagenet", "ARCH")} | {
+        got.add((rc.model.name, rc.dataset.name, approach, rc.compress.act_quant))
+    cells = {("resnet18", "imagenet", "ADAM"), ("resnet18", "imagenet", "ARCH")} | {
         (m, "cifar10", a) for m in ("mixer_s_cifar", "mobilenetv1_cifar") for a in ("ADAM", "SAM", "ARCH")}
+    # each with distiller's activation coverage (reference) and with every layer input quantized (ours)
+    assert got == {c + (q,) for c in cells for q in ("distiller", "layer_inputs")}
 
 
 @pytest.mark.parametrize("name", ["snt_table3_ptq", "snt_table3_ptq_small", "snt_table4", "snt_fig6_small",
