@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from craft_runner.config import register_configs, to_run_config
-from craft_runner.report.layouts import GENERIC, layout_for
+from craft_runner.report.papers import GENERIC, layout_for
 from craft_runner.report.records import sweep_jobs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

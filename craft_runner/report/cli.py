@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from craft_runner.report.layout import build
-from craft_runner.report.layouts import layout_for
+from craft_runner.report.engine import build
+from craft_runner.report.papers import layout_for
 from craft_runner.report.records import collect
 from craft_runner.report.render import FORMATS, cells_csv, paper_lookup, read_paper, render, table_rows
 

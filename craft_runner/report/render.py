@@ -13,7 +13,7 @@ import math
 from importlib import resources
 from typing import Optional
 
-from craft_runner.report.layout import DASH, Cell, Table
+from craft_runner.report.engine import DASH, Cell, Table
 
 FORMATS = ("md", "plain", "latex", "csv")
 

@@ -24,8 +24,8 @@ def load_results(root) -> list:
 def paper_table(records):
     import pandas as pd
 
-    from craft_runner.report.layout import build
-    from craft_runner.report.layouts import GENERIC
+    from craft_runner.report.engine import build
+    from craft_runner.report.papers import GENERIC
     from craft_runner.report.render import table_rows
 
     headers, rows = table_rows(build(GENERIC, records))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 from craft_runner.report import figures
-from craft_runner.report.layout import Col, Layout, Row
+from craft_runner.report.engine import Col, Layout, Row
 from craft_runner.report.records import Record
 
 # ------------------------------------------------------------------------------------------------ labels
