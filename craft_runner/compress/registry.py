@@ -12,16 +12,14 @@ did, JSON-serialisable. ``label(cfg_dict) -> str`` names a configuration in tabl
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from torch import nn
 
+from craft_runner.discovery import import_siblings
 from craft_runner.schema import ConfigError, _check
 
 
@@ -89,9 +87,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    # By path, not by importing the package: its __init__ imports this module.
-    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"{__package__}.{mod.name}")
+    import_siblings(__file__, __package__)
 
 
 def compressors() -> dict[str, CompressorInfo]:

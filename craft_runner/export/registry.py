@@ -6,11 +6,9 @@ imported on the first lookup. ``none`` is the format of a cell that exports noth
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
-from pathlib import Path
 
+from craft_runner.discovery import import_siblings
 from craft_runner.schema import ConfigError
 
 _REGISTRY: dict[str, Callable] = {}
@@ -32,9 +30,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    # By path, not by importing the package: its __init__ imports this module.
-    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        importlib.import_module(f"craft_runner.export.{mod.name}")
+    import_siblings(__file__, __package__)
 
 
 def format_names() -> list[str]:

@@ -10,15 +10,13 @@ imported on the first lookup: a new optimizer is one module calling :func:`regis
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from craft_runner.discovery import import_siblings
 from craft_runner.schema import ConfigError, _check, _check_choice
 
 
@@ -125,9 +123,7 @@ def optimizers() -> dict[str, OptimInfo]:
     global _discovered
     if not _discovered:
         _discovered = True
-        # By path, not by importing the package: its __init__ imports this module.
-        for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
-            importlib.import_module(f"{__package__}.{mod.name}")
+        import_siblings(__file__, __package__)
     return dict(_REGISTRY)
 
 
