@@ -2,7 +2,12 @@
 
 Both change the number of tokens inside the network, so they trade accuracy for speed rather than
 memory; each records the measured speed-up (images/s compressed over uncompressed, same batch,
-same device) and the number of tokens each block's MLP sees.
+same device) and the number of tokens each block's MLP sees. The speed-up is timed on one thread, the
+two models alternated (order swapped every round), for as many rounds as its 95% interval needs to be
+within ``speed_ci`` (relative half-width; at least ``speed_reps``, at most ``speed_max_reps`` rounds or
+``speed_budget_s`` seconds), and recorded with that interval, the rounds, the stop reason and the cores
+other processes kept busy meanwhile (:mod:`craft_runner.timing`). r = 0 / keep rate 1 in every block is
+the uncompressed model: speed-up exactly 1.0, not timed.
 
 **ToMe** (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023). In every block, between
 attention and MLP, the tokens are split alternately into A (even positions) and B (odd positions);
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import time
 import types
@@ -40,6 +46,9 @@ from torch import nn
 
 from craft_runner.compress.registry import CompressConfig, register_compressor
 from craft_runner.schema import _check, _check_choice
+from craft_runner.timing import PairedTiming, interleaved_ratio
+
+TIMING_THREADS = 1  # speed is timed on one thread: on a shared machine more time the pool's waits, not the model
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +60,20 @@ def _check_speed(cfg) -> None:
     _check(cfg.speed_batch >= 1, "compress.speed_batch", cfg.speed_batch, "an integer >= 1")
     _check(cfg.speed_warmup >= 0, "compress.speed_warmup", cfg.speed_warmup, "an integer >= 0")
     _check(cfg.speed_reps >= 0, "compress.speed_reps", cfg.speed_reps, "an integer >= 0 (0: no timing)")
+    _check(cfg.speed_max_reps >= max(cfg.speed_reps, 1), "compress.speed_max_reps", cfg.speed_max_reps,
+           f"an integer >= speed_reps ({cfg.speed_reps}) and >= 1")
+    _check(0 < cfg.speed_ci < 1, "compress.speed_ci", cfg.speed_ci,
+           "a relative half-width in (0, 1) for the speed-up's 95% interval")
+    _check(cfg.speed_budget_s is None or cfg.speed_budget_s > 0, "compress.speed_budget_s", cfg.speed_budget_s,
+           "null or seconds > 0")
 
 
 @dataclass
 class ToMeConfig(CompressConfig):
     """Token merging (ToMe): ``r`` tokens merged in every block, or ``r_schedule`` (one r per block,
     padded with 0 when shorter than the depth); proportional attention on by default (ToMe's
-    setting for off-the-shelf models). Speed is timed on ``speed_batch`` calibration images."""
+    setting for off-the-shelf models). Speed is timed on ``speed_batch`` calibration images (see the
+    module's docstring for ``speed_*``)."""
 
     name: str = "tome"
     r: int = 8
@@ -66,6 +82,9 @@ class ToMeConfig(CompressConfig):
     speed_batch: int = 32
     speed_warmup: int = 3
     speed_reps: int = 10
+    speed_max_reps: int = 100
+    speed_ci: float = 0.05
+    speed_budget_s: Optional[float] = 120.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,6 +112,9 @@ class TokenPruneConfig(CompressConfig):
     speed_batch: int = 32
     speed_warmup: int = 3
     speed_reps: int = 10
+    speed_max_reps: int = 100
+    speed_ci: float = 0.05
+    speed_budget_s: Optional[float] = 120.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -375,25 +397,31 @@ def measure_throughput(model: nn.Module, x: torch.Tensor, warmup: int = 3, reps:
     return x.shape[0] / statistics.median(times)
 
 
-def _paired_throughput(model: nn.Module, st: _TokenState, x: torch.Tensor, warmup: int, reps: int):
-    """Uncompressed and compressed images/s, timed alternately (order swapped every round) so that
-    load from elsewhere on the machine hits both; each the batch size over its median time."""
+def _paired_throughput(model: nn.Module, st: _TokenState, x: torch.Tensor, cfg) -> PairedTiming:
+    """Uncompressed (A) against compressed (B) forwards of batch ``x``, on one thread, alternated with the
+    order swapped every round, until the 95% interval of the speed-up is within ``cfg.speed_ci`` of it
+    (relative half-width) or ``cfg.speed_max_reps`` rounds or ``cfg.speed_budget_s`` seconds; at least
+    ``cfg.speed_reps`` rounds (see :func:`craft_runner.timing.interleaved_ratio`)."""
     was_training = model.training
     model.eval()
-    times = {False: [], True: []}
+
+    def forward(on: bool):
+        def run():
+            st.active = on
+            _sync(x.device)
+            model(x)
+            _sync(x.device)
+        return run
+
     try:
         with torch.inference_mode():
-            for r in range(warmup + reps):
-                for on in ((False, True) if r % 2 == 0 else (True, False)):
-                    st.active = on
-                    dt = _time_batch(model, x)
-                    if r >= warmup:
-                        times[on].append(dt)
+            return interleaved_ratio(forward(False), forward(True), warmup=cfg.speed_warmup,
+                                     min_reps=cfg.speed_reps, max_reps=cfg.speed_max_reps,
+                                     target_halfwidth=cfg.speed_ci, confidence=0.95, budget_s=cfg.speed_budget_s,
+                                     threads=TIMING_THREADS)
     finally:
         st.active = True
         model.train(was_training)
-    b = x.shape[0]
-    return b / statistics.median(times[False]), b / statistics.median(times[True])
 
 
 def _speed_batch(ctx, n: int) -> Optional[torch.Tensor]:
@@ -406,19 +434,54 @@ def _speed_batch(ctx, n: int) -> Optional[torch.Tensor]:
     return torch.cat(xs)[:n].to(ctx.device) if xs else None
 
 
+def _no_change(st: _TokenState) -> bool:
+    """r = 0 / keep rate 1 in every block: the patched forward runs timm's own code, nothing is reduced."""
+    return all((step <= 0) if st.method == "tome" else (step >= 1.0) for step in st.plan)
+
+
 def _record(model: nn.Module, st: _TokenState, cfg, ctx) -> dict:
+    """Tokens per block and the speed-up with its 95% interval, how it was timed and the machine's load."""
     n0 = model.patch_embed.num_patches + model.num_prefix_tokens  # at the model's configured image size
     out = {"tokens_in": n0, "tokens_per_block": token_counts(n0, st), "device": str(ctx.device),
-           "batch_size": None, "throughput_before": None, "throughput_after": None, "speedup": None}
-    x = _speed_batch(ctx, cfg.speed_batch) if cfg.speed_reps > 0 else None
-    if x is not None:
-        before, after = _paired_throughput(model, st, x, cfg.speed_warmup, cfg.speed_reps)
-        out.update(batch_size=x.shape[0], throughput_before=before, throughput_after=after, speedup=after / before,
-                   tokens_in=st.tokens_in, tokens_per_block=list(st.tokens))  # as counted in the timed forwards
-        log.info("%s: %.1f -> %.1f images/s (x%.2f) at batch %d on %s", st.method, before, after, after / before,
-                 x.shape[0], ctx.device)
-    elif cfg.speed_reps > 0:
+           "batch_size": None, "throughput_before": None, "throughput_after": None, "speedup": None,
+           "speedup_ci_low": None, "speedup_ci_high": None, "speedup_confidence": 0.95, "timed": False,
+           "timing_note": None, "timing_threads": None, "timing_reps": 0, "timing_stop": None,
+           "timing_ci_target": cfg.speed_ci, "timing_rel_halfwidth": None, "timing_seconds": None,
+           "foreign_load": None, "foreign_load_source": None, "cpu_count": os.cpu_count()}
+    if _no_change(st):  # exactly the uncompressed model: x1 by definition, nothing to time
+        what = "r=0 in every block" if st.method == "tome" else "keep rate 1 in every block"
+        out.update(speedup=1.0, speedup_ci_low=1.0, speedup_ci_high=1.0,
+                   timing_note=f"not timed: {what} is the uncompressed model, x1 by definition")
+        return out
+    if cfg.speed_reps <= 0:
+        out["timing_note"] = "not timed: compress.speed_reps=0"
+        return out
+    x = _speed_batch(ctx, cfg.speed_batch)
+    if x is None:
         log.warning("%s: no calibration batches, speed not measured", st.method)
+        out["timing_note"] = "not timed: no calibration batches"
+        return out
+    tm = _paired_throughput(model, st, x, cfg)
+    b = x.shape[0]
+    before, after = b / tm.gmean_a, b / tm.gmean_b
+    out.update(batch_size=b, throughput_before=before, throughput_after=after, speedup=tm.ratio,
+               speedup_ci_low=tm.ci_low, speedup_ci_high=tm.ci_high, timed=True, timing_threads=tm.threads,
+               timing_reps=tm.reps, timing_stop=tm.stop, timing_rel_halfwidth=tm.rel_halfwidth,
+               timing_seconds=tm.seconds, foreign_load=tm.foreign_load, foreign_load_source=tm.foreign_load_source,
+               tokens_in=st.tokens_in, tokens_per_block=list(st.tokens))  # as counted in the timed forwards
+    ci = "" if tm.ci_low is None else f" [{tm.ci_low:.2f}, {tm.ci_high:.2f}]"
+    load = "" if tm.foreign_load is None else f"; other processes kept {tm.foreign_load:.1f} cores busy"
+    log.info("%s: %.1f -> %.1f images/s (x%.2f%s, 95%%) at batch %d on %s, %d thread, %d pairs (stop: %s)%s",
+             st.method, before, after, tm.ratio, ci, b, ctx.device, tm.threads, tm.reps, tm.stop, load)
+    if tm.stop != "ci":
+        log.warning("%s: speed-up x%.2f is less certain than asked: 95%% interval ±%.0f%% after %d pairs "
+                    "(target ±%.0f%%; stopped by %s)", st.method, tm.ratio, 100 * tm.rel_halfwidth, tm.reps,
+                    100 * cfg.speed_ci, "compress.speed_max_reps" if tm.stop == "max_reps" else
+                    "compress.speed_budget_s")
+    cores = os.cpu_count() or 1
+    if tm.foreign_load is not None and tm.foreign_load > max(cores - tm.threads, 0) * 0.5:
+        log.warning("%s: other processes kept %.1f of %d cores busy while timing; the speed-up may be off",
+                    st.method, tm.foreign_load, cores)
     return out
 
 
