@@ -52,6 +52,8 @@ class DatasetConfig:
     name: str = "digits"
     root: Optional[str] = None  # None: ${paths.data_dir}/<torchvision's folder name>
     download: bool = False
+    # On-disk sets: open every image file with PIL (verify()) before any work; refuse, naming the bad ones.
+    verify: bool = False
     img_size: Optional[int] = None  # None: the model's own input size
     # Synthetic data only: its shape and size.
     num_classes: int = 10

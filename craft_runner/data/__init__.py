@@ -4,7 +4,9 @@ In-memory sets (sklearn's digits, synthetic images) are built here; the papers' 
 (CIFAR-10/100, Flowers-102, Stanford Cars, Oxford-IIIT Pets, FGVC Aircraft, Food-101, ImageNet) are
 described in :mod:`.vision` and read through torchvision in :mod:`.readers`, which is imported only
 when one is built. :func:`check_dataset` validates a config and the data set's folder before any
-model is built; :func:`build_data` then builds the bundle with the model's own transforms.
+model is built; :func:`build_data` then builds the bundle with the model's own transforms. An image that
+cannot be read raises :class:`ImageReadError` (one line naming the file); ``dataset.verify=true`` opens every
+image of an on-disk set before any work and refuses, naming the bad files.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from craft_runner.data.core import DataBundle, TensorLoader, _torch_loader, calib_indices
+from craft_runner.data.core import DataBundle, ImageReadError, TensorLoader, _torch_loader, calib_indices
 from craft_runner.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchPadCropFlip, pad_for
 from craft_runner.data.vision import SPECS, DataRootError, VisionSpec, check_root, dataset_folder
 from craft_runner.schema import ConfigError, DatasetConfig
 
-__all__ = ["DataBundle", "TensorLoader", "DataRootError", "DatasetInfo", "VisionSpec", "SPECS", "BUILDERS",
-           "build_data", "build_digits", "build_synthetic", "calib_indices", "check_dataset", "dataset_names",
-           "dataset_root", "IMAGENET_MEAN", "IMAGENET_STD", "_torch_loader"]
+__all__ = ["DataBundle", "TensorLoader", "DataRootError", "ImageReadError", "DatasetInfo", "VisionSpec", "SPECS",
+           "BUILDERS", "build_data", "build_digits", "build_synthetic", "calib_indices", "check_dataset",
+           "dataset_names", "dataset_root", "IMAGENET_MEAN", "IMAGENET_STD", "_torch_loader"]
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ Datasets read by a DataLoader with workers and pinned memory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +15,32 @@ from typing import Optional
 import torch
 
 from craft_runner.schema import DatasetConfig
+
+# How torch re-raises an exception of a DataLoader worker (torch._utils.ExceptionWrapper.reraise): the
+# exception's type called on "Caught <type> <where>.\nOriginal Traceback ...", the worker's traceback, whose last
+# line is "<module>.<type>: <the original message>".
+_WORKER_WRAPPED = re.compile(r"^Caught \w+ (?P<where>[^\n]*)\.\nOriginal ")
+
+
+class ImageReadError(ValueError):
+    """A sample of a data set that cannot be read (a file that is no image, a truncated one); the message is one
+    line naming the file.
+
+    Raised in a DataLoader worker, it reaches the main process as ``ImageReadError("Caught ImageReadError in
+    DataLoader worker process 0.\nOriginal Traceback ...")``: the original one line is recovered from that text
+    (the worker's traceback is kept as ``worker_traceback``), so what reaches the top still names the file.
+    """
+
+    def __init__(self, message: str = ""):
+        text = str(message)
+        self.worker_traceback: Optional[str] = None
+        if _WORKER_WRAPPED.match(text):
+            self.worker_traceback = text
+            last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
+            _, sep, original = last.partition(f"{type(self).__name__}: ")
+            if sep and original.strip():
+                text = original.strip()
+        super().__init__(text)
 
 
 class TensorLoader:

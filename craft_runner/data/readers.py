@@ -6,14 +6,21 @@ paths torchvision derived in the existence check torchvision calls before it rea
 check tests presence instead of md5 sums (the hashes cost seconds every run and reject the miniature
 copies the tests write). Everything else (parsing the split files, reading items) is torchvision's.
 The classes live at module level so that DataLoader workers can unpickle them under any start method.
+
+A sample that cannot be read raises :class:`~craft_runner.data.core.ImageReadError`, one line naming the file;
+``dataset.verify=true`` opens every image file of the set with PIL before any work (:func:`verify_images`).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +40,7 @@ from torchvision.datasets import (
 from torchvision.datasets.folder import default_loader
 
 from craft_runner.data import transforms as T
-from craft_runner.data.core import DataBundle
+from craft_runner.data.core import DataBundle, ImageReadError
 from craft_runner.data.vision import (
     SPECS,
     DataRootError,
@@ -200,9 +207,63 @@ OPENERS: dict[str, Callable] = {
 }
 
 
+# ------------------------------------------------------------------------------------------ image files
+
+# Where each reader keeps its samples' files: a list of (path, label) pairs or a list of paths.
+_PAIRS = ("samples", "_samples")  # ImageFolder, Stanford Cars
+_PATHS = ("_image_files", "_images")  # Flowers-102, FGVC Aircraft, Food-101; Oxford-IIIT Pets
+
+
+def image_paths(ds) -> Optional[list[str]]:
+    """The image file of each sample of ``ds`` (one of the readers above, or a ConcatDataset of them), in sample
+    order; None for a set that is not read from image files (CIFAR's arrays)."""
+    if isinstance(ds, ConcatDataset):
+        parts = [image_paths(d) for d in ds.datasets]
+        return None if any(p is None for p in parts) else [f for p in parts for f in p]
+    for attr in _PAIRS:
+        if isinstance(getattr(ds, attr, None), list):
+            return [str(s[0]) for s in getattr(ds, attr)]
+    for attr in _PATHS:
+        if isinstance(getattr(ds, attr, None), list):
+            return [str(f) for f in getattr(ds, attr)]
+    return None
+
+
+def sample_path(ds, i: int) -> Optional[str]:
+    """The image file of sample ``i`` of ``ds``, or None (see :func:`image_paths`)."""
+    try:
+        if isinstance(ds, ConcatDataset):
+            j = bisect.bisect_right(ds.cumulative_sizes, i)
+            return sample_path(ds.datasets[j], i - (ds.cumulative_sizes[j - 1] if j else 0))
+        for attr in _PAIRS:
+            if isinstance(getattr(ds, attr, None), list):
+                return str(getattr(ds, attr)[i][0])
+        for attr in _PATHS:
+            if isinstance(getattr(ds, attr, None), list):
+                return str(getattr(ds, attr)[i])
+    except (IndexError, TypeError):
+        pass
+    return None
+
+
+def _reason(e: BaseException, path: Optional[str]) -> str:
+    """An exception's first line without the path it repeats: PIL's "cannot identify image file '/a/b.JPEG'"."""
+    lines = str(e).strip().splitlines()
+    reason = lines[0] if lines else type(e).__name__
+    if path:
+        # torchvision opens the file first: "cannot identify image file <_io.BufferedReader name='/a/b.JPEG'>"
+        quoted = r"['\"]?" + re.escape(path) + r"['\"]?"
+        reason = re.sub(r":? ?(?:<[\w.]+ name=" + quoted + ">|" + quoted + ")", "", reason).strip() or type(e).__name__
+    if not isinstance(e, OSError) and not reason.startswith(type(e).__name__):  # PIL's OSErrors read alone
+        reason = f"{type(e).__name__}: {reason}"
+    return reason
+
+
 class Transformed(Dataset):
     """A view of an untransformed data set with its own transform: one parse of the metadata (one scan of
-    ImageNet's 1.28 M files) serves both the training and the evaluation view of the training split."""
+    ImageNet's 1.28 M files) serves both the training and the evaluation view of the training split.
+
+    A sample that cannot be read raises :class:`ImageReadError`, one line naming its file."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -211,8 +272,52 @@ class Transformed(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        img, y = self.base[i]
+        try:
+            img, y = self.base[i]
+        except Exception as e:
+            path = sample_path(self.base, i)
+            what = f"image {path}" if path else f"sample {i} of {type(self.base).__name__}"
+            raise ImageReadError(f"cannot read {what}: {_reason(e, path)}; run with dataset.verify=true to check "
+                                 f"every image of the data set before any work") from e
         return self.transform(img), y
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why PIL cannot open ``path`` as an image (its verify(): the header and, for PNG, the chunks' checksums),
+    or None when it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError (PIL's parsers), DecompressionBombError
+        return _reason(e, path)
+    return None
+
+
+def verify_images(spec: VisionSpec, folder: Path, datasets, workers: int = 4, show: int = 3) -> int:
+    """Open every image file of ``datasets`` (the set's splits) with PIL's verify(), in ``workers`` threads;
+    raise :class:`DataRootError` (one line: the first ``show`` bad files, why, and the count) if any fails.
+    Returns the number of files checked (0 for a set held in arrays, such as CIFAR)."""
+    lists = [image_paths(d) for d in datasets]
+    if any(p is None for p in lists):
+        log.info("dataset.verify: %s (%s) is stored as arrays, not image files: nothing to check", spec.title,
+                 spec.name)
+        return 0
+    paths = list(dict.fromkeys(p for ps in lists for p in ps))  # a file shared by two splits once
+    t0 = time.perf_counter()
+    chunks = [paths[i:i + 512] for i in range(0, len(paths), 512)]
+    with ThreadPoolExecutor(max(1, min(workers, 32))) as ex:
+        bad = [(p, r) for chunk, reasons in zip(chunks, ex.map(lambda c: [_unreadable(p) for p in c], chunks))
+               for p, r in zip(chunk, reasons) if r is not None]
+    if bad:
+        listed = ", ".join(f"{p} ({r})" for p, r in bad[:show])
+        more = f" and {len(bad) - show} more" if len(bad) > show else ""
+        raise DataRootError(f"dataset.verify=true: {len(bad)} of {len(paths)} image files of {spec.title} "
+                            f"({spec.name}) in {folder} cannot be read: {listed}{more}; remove or replace them")
+    log.info("dataset.verify: %d image files of %s (%s) read by PIL in %.1f s: all good", len(paths), spec.title,
+             spec.name, time.perf_counter() - t0)
+    return len(paths)
 
 
 def _remove(path: Path) -> None:
@@ -271,6 +376,8 @@ def build_vision(cfg: DatasetConfig, folder: Path, data_config: Optional[dict], 
     bad = [y for y in ytr + yte if not 0 <= y < n_classes]
     if bad:
         raise DataRootError(f"{spec.title} ({spec.name}) in {folder}: label {bad[0]} outside 0..{n_classes - 1}")
+    if cfg.verify:  # before any model is built or anything written
+        verify_images(spec, folder, [train, test], cfg.num_workers)
 
     mean, std = (T.CIFAR_MEAN, T.CIFAR_STD) if spec.small_images else (T.IMAGENET_MEAN, T.IMAGENET_STD)
     dc = T.resolve_data_config(data_config, cfg.img_size, fallback_size, mean, std)
