@@ -2,11 +2,13 @@
 
 BasePTQ (``search=cosine``, the default) is PTQ4ViT's ``configs/BasePTQ.py``: symmetric uniform,
 one weight scale per layer (q, k and v apart in a fused qkv Linear), one scale per input tensor
-and per head of each attention matmul operand, each searched for the highest cosine similarity of
-the op's output to the full-precision output (:mod:`craft_runner.compress.search`); the image
-input of the stem stays in float. ``search=none`` is the max-based variant: weight scales from
-max |w| (per output channel with ``weight_granularity=channel``), input scales from the largest |x|
-seen on calibration data by the model with quantized weights.
+and per head of each attention matmul operand, each searched (:mod:`craft_runner.compress.search`)
+for the best score of the op's output against the full-precision output — by default its cosine
+similarity, as configs/BasePTQ.py has it; ``metric=hessian`` is the Hessian-guided distance that
+the reference's driver example/test_all.py sets for BasePTQ as well. The image input of the stem
+stays in float. ``search=none`` is the max-based variant: weight scales from max |w| (per output
+channel with ``weight_granularity=channel``), input scales from the largest |x| seen on calibration
+data by the model with quantized weights.
 
 The quantizers themselves are in :mod:`craft_runner.compress.quantizers` (re-exported here).
 """
@@ -51,6 +53,9 @@ from craft_runner.compress.search import run_ptq, stem_layers, weight_groups
 from craft_runner.schema import _check, _check_choice
 
 log = logging.getLogger(__name__)
+
+# The search's scores (craft_runner.compress.search._Scorer).
+METRICS = ("cosine", "hessian", "mse")
 
 
 def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches) -> tuple[dict, dict]:
@@ -134,9 +139,9 @@ class PTQConfig(CompressConfig):
     qkv; PTQ4ViT: one per output channel for Conv2d), activations (the input of every quantized
     Conv2d/Linear except the stem's image input and, with ``quant_attention``, both operands of
     the attention matmuls q·kᵀ and attn·v of timm ViTs, per head) quantized statically, every
-    scale searched on full-precision calibration data — BasePTQ by cosine similarity of the op's
-    output, PTQ4ViT by the Hessian-guided metric (see :mod:`craft_runner.compress.search`,
-    :mod:`craft_runner.compress.ptq4vit`). ``search=none`` is BasePTQ with max-based scales
+    scale searched on full-precision calibration data for the best ``metric`` of the op's output —
+    by default BasePTQ's cosine similarity and PTQ4ViT's Hessian-guided distance (see
+    :mod:`craft_runner.compress.search`, :mod:`craft_runner.compress.ptq4vit`). ``search=none`` is BasePTQ with max-based scales
     (per output channel, per-tensor inputs including the stem's: the previous BasePTQ).
     ``finetune_epochs`` > 0 then fine-tunes the quantized model (SNT Table 3: W4 + one epoch) with
     straight-through fake quantization, so the weights are still on their grid afterwards.
@@ -154,7 +159,8 @@ class PTQConfig(CompressConfig):
     # Quantize q·kᵀ and attn·v of timm ViT attention too (when a_bits < 16).
     quant_attention: bool = True
     finetune_epochs: int = 0
-    # BasePTQ's scales: cosine (searched, the reference) or none (from max |x|, no search).
+    # BasePTQ's scales: cosine (searched, the reference; the score is ``metric``, cosine by default
+    # for BasePTQ — hence the name) or none (from max |x|, no search).
     search: str = "cosine"
     # Weight scales: tensor (one per layer; q, k, v apart in a fused qkv), channel (one per output
     # channel) or mixed (channel for Conv2d, tensor for Linear). null: tensor for BasePTQ, mixed
@@ -171,8 +177,11 @@ class PTQConfig(CompressConfig):
     scale_min: Optional[float] = None
     scale_max: float = 1.2
     scale_steps: int = 100
-    # PTQ4ViT only. hessian: mean[(dL/dO)^2 (O^ - O)^2]; mse: mean[(O^ - O)^2] (ablation).
-    metric: str = "hessian"
+    # The search's score of an op output O^ against the full-precision O: cosine (cosine similarity,
+    # configs/BasePTQ.py), hessian (mean[(dL/dO)^2 (O^ - O)^2], configs/PTQ4ViT.py, and what the
+    # reference's example/test_all.py sets for BasePTQ too) or mse (mean[(O^ - O)^2], an ablation).
+    # null: cosine for BasePTQ, hessian for PTQ4ViT; none with search=none (nothing is searched).
+    metric: Optional[str] = None
     # L of the hessian metric: kl (the reference code's: KL to the full-precision prediction, taken
     # at the full-precision model) or ce (the paper's: cross-entropy with the calibration labels).
     hessian_loss: str = "kl"
@@ -192,6 +201,12 @@ class PTQConfig(CompressConfig):
         _check(base or self.search == "cosine", "compress.search", self.search,
                "cosine with method=ptq4vit (search=none is BasePTQ's max-based variant)")
         maxed = base and self.search == "none"
+        _check(not maxed or self.metric is None, "compress.metric", self.metric,
+               "null with compress.search=none (max-based scales: nothing is searched)")
+        if self.metric is None and not maxed:
+            self.metric = "cosine" if base else "hessian"
+        if not maxed:
+            _check_choice("compress.metric", self.metric, METRICS)
         if self.weight_granularity is None:
             self.weight_granularity = "channel" if maxed else "tensor" if base else "mixed"
         if self.operand_granularity is None:
@@ -208,15 +223,15 @@ class PTQConfig(CompressConfig):
         _check(self.scale_max > self.scale_min, "compress.scale_max", self.scale_max,
                f"a number > compress.scale_min ({self.scale_min})")
         _check(self.scale_steps >= 1, "compress.scale_steps", self.scale_steps, "an integer >= 1")
-        _check_choice("compress.metric", self.metric, ("hessian", "mse"))
         _check_choice("compress.hessian_loss", self.hessian_loss, ("kl", "ce"))
         _check_choice("compress.twin_softmax", self.twin_softmax, ("reference", "paper"))
         _check(0 <= self.max_softmax_shift <= 30, "compress.max_softmax_shift", self.max_softmax_shift,
                "an integer in 0..30")
         _check_choice("compress.weight_granularity", self.weight_granularity, ("tensor", "channel", "mixed"))
-        # A cosine over one output channel is its sign: BasePTQ's search scores whole output vectors.
-        _check(not (base and self.search == "cosine") or self.weight_granularity == "tensor",
-               "compress.weight_granularity", self.weight_granularity, "tensor with method=base search=cosine")
+        # A cosine over one output channel is its sign: the cosine search scores whole output vectors.
+        _check(self.metric != "cosine" or self.weight_granularity == "tensor", "compress.weight_granularity",
+               self.weight_granularity, "tensor with compress.metric=cosine (a cosine over one output channel is "
+               "its sign)")
         _check_choice("compress.operand_granularity", self.operand_granularity, ("head", "tensor"))
 
 
@@ -224,7 +239,9 @@ def ptq_label(c: dict) -> str:
     method = "" if c.get("method", "base") == "base" else f"{c['method']} "
     ft = f" +ft{c['finetune_epochs']}" if c.get("finetune_epochs") else ""
     maxed = " max" if c.get("search") == "none" else ""  # max-based scales, not the searched ones
-    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{ft}"
+    default = "cosine" if c.get("method", "base") == "base" else "hessian"
+    metric = f" {c['metric']}" if c.get("metric") not in (None, default) else ""  # a search score not the method's
+    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{metric}{ft}"
 
 
 @register_compressor("ptq", PTQConfig, label=ptq_label)

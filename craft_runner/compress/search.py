@@ -503,8 +503,8 @@ def weight_groups(model: nn.Module, layers: list[tuple[str, nn.Module]], granula
 
 
 def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches, method: str):
-    """Searched PTQ in place: ``method`` base (cosine search, plain uniform quantizers) or ptq4vit
-    (``cfg.metric``, twin uniform post-softmax / post-GELU quantizers with ``cfg.twin``).
+    """Searched PTQ in place: ``method`` base (plain uniform quantizers) or ptq4vit (twin uniform
+    post-softmax / post-GELU quantizers with ``cfg.twin``), both scoring candidates by ``cfg.metric``.
     Returns (record, {layer: weight scale})."""
     if not calib_batches:
         raise ValueError(f"{method} PTQ needs calibration batches")
@@ -514,7 +514,7 @@ def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_ba
     is_ptq4vit = method == "ptq4vit"
     twin = is_ptq4vit and cfg.twin
     plan = SearchPlan(
-        w_bits=w_bits, a_bits=a_bits, metric=cfg.metric if is_ptq4vit else "cosine",
+        w_bits=w_bits, a_bits=a_bits, metric=cfg.metric,
         ratios=candidate_ratios(cfg.scale_min, cfg.scale_max, cfg.scale_steps), rounds=cfg.search_rounds,
         w_groups=weight_groups(model, layers, cfg.weight_granularity),
         float_input=set() if cfg.quant_stem_input else stem_layers(model, layers),
@@ -542,14 +542,14 @@ def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_ba
             "quantized_weights": n_w, "quantized_inputs": n_in, "quantized_matmuls": len(mm_q),
             "search_rounds": cfg.search_rounds, "scale_candidates": [cfg.scale_min, cfg.scale_max, cfg.scale_steps],
             "weight_granularity": cfg.weight_granularity, "operand_granularity": cfg.operand_granularity,
-            "calib_images": n_images}
+            "calib_images": n_images, "metric": cfg.metric,
+            "hessian_loss": cfg.hessian_loss if cfg.metric == "hessian" else None}
     if is_ptq4vit:
         shifts = {n: mm.quant_a.shift for n, mm in matmuls if hasattr(mm.quant_a, "shift")}
-        info.update(metric=cfg.metric, hessian_loss=cfg.hessian_loss if cfg.metric == "hessian" else None,
-                    twin_gelu_layers=n_gelu, twin_softmax_matmuls=len(shifts), softmax_shift=shifts,
+        info.update(twin_gelu_layers=n_gelu, twin_softmax_matmuls=len(shifts), softmax_shift=shifts,
                     twin_softmax=cfg.twin_softmax if twin else None)
     else:
-        info["search"] = "cosine"
+        info["search"] = "cosine"  # searched (compress.search), with the score in "metric"
     log.info("%s W%dA%d: %d weights, %d inputs, %d matmuls searched on %d calibration images", method, w_bits,
              a_bits, n_w, n_in, len(mm_q), n_images)
     return info, scales
