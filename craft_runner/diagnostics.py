@@ -264,8 +264,10 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
                     out_dir: Optional[Path] = None, *, tag: str = "", loss_fn: Optional[Callable] = None) -> dict:
     """Every diagnostic switched on in ``cfg``; returns a JSON-serialisable dict.
 
-    Keys (present when switched on): ``lambda_max`` (value = the largest eigenvalue, lambda_min, iterations,
-    converged, method, rel_residual, rel_change, seconds; see :class:`craft_runner.sharpness.EigResult`),
+    Keys (present when switched on): ``lambda_max`` (value = the largest eigenvalue, iterations, converged,
+    method, rel_residual, rel_change, seconds, and lambda_min with lambda_min_converged and
+    lambda_min_residual: λmin is null unless its own residual met the tolerance; see
+    :class:`craft_runner.sharpness.EigResult`),
     ``trace`` (value, stderr, probes, seconds),
     ``spectrum`` (see :func:`weight_spectrum`), ``act_ranges`` (see :func:`activation_ranges`), ``plots``
     (PNG paths, when ``cfg.plots`` and ``out_dir``; the file names end in ``-{tag}``), and always
@@ -283,8 +285,11 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
         out["lambda_max"] = d
         scalars.update(lambda_max=d["value"], lambda_max_iterations=d["iterations"],
                        lambda_max_rel_change=d["rel_change"])
-        if d["lambda_min"] is not None:
+        if d["lambda_min"] is not None:  # certified by its own residual only
             scalars["lambda_min"] = d["lambda_min"]
+        elif d["lambda_min_residual"] is not None:
+            log.info("λmin (%s) not recorded: its residual %.2g is above tol=%g", cfg.method,
+                     d["lambda_min_residual"], cfg.tol)
         if not res.converged:
             log.warning("λmax (%s) did not reach tol=%g in %d Hessian-vector products (residual %.2g)",
                         cfg.method, cfg.tol, res.iterations, res.rel_residual)

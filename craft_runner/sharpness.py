@@ -3,7 +3,8 @@
 λmax is the largest (algebraic) eigenvalue of the Hessian, as both papers define it ("the maximum
 eigenvalue"), not the one of largest magnitude: the two differ when the most negative curvature
 dominates. Both methods report it, with ``converged`` true only when a residual bound shows the
-tolerance met.
+tolerance met. λmin (the smallest eigenvalue) is reported beside it only when certified the same way by
+its own residual (``lambda_min_converged``), else None.
 
 Usable without Hydra: every function takes a model, a mean-reduced ``loss_fn`` and a list of
 ``(inputs, targets)`` batches. The Hessian is that of the mean loss over all the batches, with
@@ -238,9 +239,15 @@ class EigResult:
     method: str = "lanczos"
     # ‖H v − θ v‖ / |θ| of the reported estimate (power: the last iterate; Lanczos: the top Ritz pair).
     rel_residual: float | None = None
-    # Lanczos: the smallest Ritz value (λmin approached from above: the most negative curvature seen).
-    # Power: λmin when the dominant eigenvalue was negative (found on the way), else None.
+    # λmin, only when certified by its own residual: lambda_min_residual = ‖H v − θ v‖ / |θ| for the estimate θ
+    # and its unit vector v, below the same tol as λmax's (lambda_min_converged), else None.
+    # Lanczos: the smallest Ritz value (λmin approached from above: the most negative curvature seen), its
+    # residual from one extra Hessian-vector product on the Ritz vector (not counted in ``iterations``).
+    # Power: the dominant eigenvalue when it was negative (found on the way; its residual is the first
+    # run's), else None with no residual (power iteration does not estimate λmin then).
     lambda_min: float | None = None
+    lambda_min_converged: bool = False
+    lambda_min_residual: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,7 +286,8 @@ def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence
     λ_d < 0 it is λmin, and a second power iteration on H − λ_d·I (whose spectrum is λ_i − λ_d ≥ 0, so its
     dominant eigenvalue is λmax − λ_d) gives λmax. Each run stops once ‖H v − θ v‖ ≤ ``tol``·|θ| (an
     eigenvalue of H within tol·|θ| of θ), after at most ``max_iter`` products; ``converged`` says whether
-    that happened for λmax (and for λ_d first when it was negative). With two close top eigenvalues it
+    that happened for λmax (and for λ_d first when it was negative; λ_d is then λmin, reported only
+    when its own run converged). With two close top eigenvalues it
     needs many products, and the test may pass on the lower one (an eigenvalue is within tol, not
     necessarily the largest): Lanczos (the default method) needs far fewer products and separates them.
     """
@@ -288,13 +296,15 @@ def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence
         g = torch.Generator().manual_seed(seed)
         v0 = _normalize([torch.randn(p.shape, generator=g).to(p) for p in op.params])
         theta, v, it, rel, resid, ok = _power(op, v0, 0.0, max_iter, tol)
-        lam_min = None
+        lam_min = min_resid = None
+        min_ok = False
         if theta < 0:
-            lam_min = theta
+            lam_min, min_resid, min_ok = theta, resid, ok
             # start away from the λmin eigenvector, which the shifted operator maps to 0
             theta, v, it2, rel, resid, ok2 = _power(op, v0, lam_min, max_iter, tol)
             it, ok = it + it2, ok and ok2
-    res = EigResult(theta, it, rel, ok, "power", rel_residual=resid, lambda_min=lam_min)
+    res = EigResult(theta, it, rel, ok, "power", rel_residual=resid, lambda_min=lam_min if min_ok else None,
+                    lambda_min_converged=min_ok, lambda_min_residual=min_resid)
     log.debug("power iteration: λmax=%.4g after %d products (residual %.2g)", theta, it, resid)
     return res
 
@@ -305,7 +315,9 @@ def lanczos(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch],
 
     After m Hessian-vector products the m×m tridiagonal matrix T_m = Qᵀ H Q is formed and its
     eigenvalues (Ritz values) taken by ``torch.linalg.eigvalsh``; the top Ritz value θ is λmax's
-    estimate, from below, and the smallest one λmin's, from above. Every new Lanczos vector is
+    estimate, from below, and the smallest one λmin's, from above. λmin is reported only when its Ritz
+    vector y passes the same test on one more product, ‖H y − θ_min y‖ < ``tol``·|θ_min|; else None,
+    with ``lambda_min_converged`` false and the residual recorded. Every new Lanczos vector is
     orthogonalised against all previous ones twice ("twice is enough"), so no spurious copies appear.
     Stops when the top Ritz pair's residual ‖H y − θ y‖ = β_m |s_m| is below ``tol``·|θ| (an eigenvalue
     then lies within tol·|θ| of θ, and the error is usually far smaller), or after ``max_iter``
@@ -352,9 +364,17 @@ def lanczos(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch],
                 break
             betas.append(b)
             q = w / b
+        # λmin's own certificate: the residual of the bottom Ritz pair, from one more product
+        y = Q[:it].T @ evecs[:, 0].to(Q.dtype)
+        y = y / torch.linalg.vector_norm(y).clamp_min(1e-30)
+        r = op.flat_matvec(y).double() - lam_min * y.double()
+        min_resid = float(torch.linalg.vector_norm(r)) / max(abs(lam_min), 1e-12)
     converged = resid < tol or b <= 1e-10 * max(abs(theta), 1.0)
-    res = EigResult(theta, it, rel, converged, "lanczos", rel_residual=resid, lambda_min=lam_min)
-    log.debug("lanczos: λmax=%.4g λmin=%.4g after %d products (residual %.2g)", theta, lam_min, it, resid)
+    min_ok = min_resid < tol
+    res = EigResult(theta, it, rel, converged, "lanczos", rel_residual=resid, lambda_min=lam_min if min_ok else None,
+                    lambda_min_converged=min_ok, lambda_min_residual=min_resid)
+    log.debug("lanczos: λmax=%.4g λmin=%.4g (residual %.2g) after %d products (residual %.2g)", theta, lam_min,
+              min_resid, it, resid)
     return res
 
 

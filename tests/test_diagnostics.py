@@ -147,8 +147,11 @@ def test_run_diagnostics_does_only_what_is_switched_on(tmp_path):
     out = run_diagnostics(model, batches, SharpnessConfig(max_iter=5), tmp_path)
     assert set(out) == {"lambda_max", "scalars"} and out["lambda_max"]["method"] == "lanczos"
     lam = out["lambda_max"]
-    assert {"value", "lambda_min", "iterations", "converged", "method"} <= set(lam)
-    assert lam["lambda_min"] <= lam["value"] and out["scalars"]["lambda_min"] == lam["lambda_min"]
+    assert {"value", "lambda_min", "lambda_min_converged", "lambda_min_residual", "iterations", "converged",
+            "method"} <= set(lam)
+    # 5 products leave λmin uncertified: not recorded, its residual kept
+    assert lam["lambda_min"] is None and not lam["lambda_min_converged"] and lam["lambda_min_residual"] >= 1e-3
+    assert "lambda_min" not in out["scalars"]
     assert not lam["converged"]  # 5 products are too few for tol=1e-3 here
     full = run_diagnostics(model, batches, SharpnessConfig(max_iter=200, tol=1e-4), None)
     power = run_diagnostics(model, batches, SharpnessConfig(max_iter=200, tol=1e-4, method="power"), None)
