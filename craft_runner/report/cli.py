@@ -4,8 +4,15 @@ Every results.json under SWEEP_DIR is grouped by the experiment it recorded; eac
 its paper table (``<name>_small`` as ``<name>``), with mean ± std over seeds and n, the drop in parentheses,
 "—" where no seed finished (the reason listed under the table), and its figures as PNG. The tables (Markdown,
 CSV, LaTeX, and every cell as numbers in ``<experiment>-cells.csv``) and the PNGs are written to SWEEP_DIR, or
---out DIR; stdout shows the tables in --format. Exit status: 0 when every cell finished, 1 when a job failed,
-was killed or is missing (or a cell was never run), 2 when there are no results.
+--out DIR; stdout shows the tables in --format. Each compressed (and λmax, time) cell is compared with its
+baseline (ADAM's row; the base architecture for ARCH rows) by a 95 % Welch t interval over seeds (--test
+paired: over the common seeds): "†" marks a cell whose interval excludes 0, CSV gives diff_mean, diff_ci_low,
+diff_ci_high and separated. Exit status: 0 when every cell finished, 1 when a job failed, was killed or is
+missing (or a cell was never run), 2 when there are no results.
+
+--claims SWEEP_DIR...: instead of the tables, each claim of both papers that a table tests, with its verdict
+(holds / contrary / not separated / not measured) and the figures behind it, as Markdown (claims.md in --out
+when given); exit 0 whatever the verdicts, 2 when there are no results.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from craft_runner.report import claims as claims_mod
 from craft_runner.report.engine import build
 from craft_runner.report.papers import layout_for
 from craft_runner.report.records import collect
@@ -28,7 +36,8 @@ _EXT = {"md": "md", "csv": "csv", "latex": "tex"}
 
 
 def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: bool = False, figures: bool = True,
-           experiments: Optional[list] = None, stream=None, wandb: Optional[dict] = None) -> int:
+           experiments: Optional[list] = None, stream=None, wandb: Optional[dict] = None,
+           test: str = "welch") -> int:
     """Write every experiment's report; print them in ``fmt`` to ``stream``; return the exit status.
     ``wandb``: also log each experiment's table and figures as a W&B run in its runs' group (a dict of
     logger fields, e.g. ``{"mode": "offline"}``; the project defaults to the one the runs recorded)."""
@@ -47,7 +56,7 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
     for name in sorted(groups):
         if experiments and name not in experiments:
             continue
-        table = build(layout_for(name if name != "results" else None), groups[name])
+        table = build(layout_for(name if name != "results" else None), groups[name], test)
         title = f"{table.layout.title} ({name})"
         notes = list(table.notes)
         stale = [r for r in coll.stale if (r.experiment or "results") == name]
@@ -58,13 +67,18 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
         headers, rows = table_rows(table, published)
         # Rows the paper has get "(paper)" columns; otherwise (a _small run) the published table goes below.
         below = paper and not any(h.endswith(" (paper)") for h in headers)
+        as_csv = table_rows(table, published, verdicts=True)  # no marks; the verdicts as columns
+
+        def text_in(f, as_csv=as_csv, headers=headers, rows=rows, notes=notes, title=title):
+            return render(*(as_csv if f == "csv" else (headers, rows)), f, notes, title)
+
         for f in ("md", "csv", "latex"):
-            text = render(headers, rows, f, notes, title)
+            text = text_in(f)
             if f == "md" and below:
                 text += _published(table)
             (out_dir / f"{name}.{_EXT[f]}").write_text(text, encoding="utf-8")
         (out_dir / f"{name}-cells.csv").write_text(cells_csv(table), encoding="utf-8")
-        shown = render(headers, rows, fmt, notes, title)
+        shown = text_in(fmt)
         if fmt == "csv":  # notes go to stderr: stdout stays one CSV table per experiment
             for n in notes:
                 print(n, file=sys.stderr)
@@ -86,6 +100,27 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
         if table.incomplete:
             status = 1
     return status
+
+
+def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welch", stream=None) -> int:
+    """The claims list of the sweeps under ``roots`` (one table per experiment across them); 2: no results."""
+    stream = stream or sys.stdout
+    groups = defaultdict(list)
+    for root in roots:
+        for r in collect(Path(root)).records:
+            if r.experiment:
+                groups[r.experiment].append(r)
+    if not groups:
+        print(f"craft-report: error: no results.json of a known experiment under {', '.join(map(str, roots))}",
+              file=sys.stderr)
+        return 2
+    tables = {name: build(layout_for(name), recs, test) for name, recs in sorted(groups.items())}
+    text = claims_mod.render(tables, test)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "claims.md").write_text(text, encoding="utf-8")
+    print(text, file=stream, end="")
+    return 0
 
 
 def _log_wandb(name: str, records: list, headers: list, rows: list, pngs: list, options: dict, out_dir: Path) -> None:
@@ -119,7 +154,8 @@ def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="craft-report", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("root", help="a sweep directory (or a folder of them) holding results.json files")
+    ap.add_argument("root", nargs="+", help="a sweep directory (or a folder of them) holding results.json files; "
+                                            "several with --claims")
     ap.add_argument("--format", default="md", choices=FORMATS, help="what stdout shows (default md)")
     ap.add_argument("--out", help="where the tables and figures go (default: the sweep directory)")
     ap.add_argument("--paper", action="store_true", help="show the published numbers beside the measured ones")
@@ -130,14 +166,25 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--wandb-project", help="W&B project (default: the one the runs recorded, else craft-runner)")
     ap.add_argument("--wandb-mode", default="auto", choices=("auto", "online", "offline"),
                     help="auto (default): online only with a credential for the W&B host, as for the runs")
+    ap.add_argument("--test", default="welch", choices=("welch", "paired"),
+                    help="the interval of a cell's difference to its baseline: welch (default, independent seeds) "
+                         "or paired (per-seed differences over the common seeds)")
+    ap.add_argument("--claims", action="store_true",
+                    help="list each claim of the papers that the sweeps' tables test, with its verdict")
     ap.add_argument("--csv", help=argparse.SUPPRESS)  # craft-table's old option: also write the CSV here
     args = ap.parse_args(argv)
+    if len(args.root) > 1 and not args.claims:
+        print("craft-report: error: several sweep directories are read only with --claims", file=sys.stderr)
+        return 2
+    if args.claims:
+        return claims_report(args.root, Path(args.out) if args.out else None, args.test)
+    args.root = args.root[0]
     logging.basicConfig(level=logging.WARNING, format="craft-report: %(levelname)s: %(message)s")
     wandb = None
     if args.wandb:
         wandb = {"mode": args.wandb_mode, **({"project": args.wandb_project} if args.wandb_project else {})}
     status = report(Path(args.root), Path(args.out) if args.out else None, args.format, args.paper,
-                    not args.no_figures, args.experiment, wandb=wandb)
+                    not args.no_figures, args.experiment, wandb=wandb, test=args.test)
     if args.csv and status != 2:
         out = Path(args.out) if args.out else Path(args.root)
         parts = [p.read_text() for p in sorted(out.glob("*.csv")) if not p.name.endswith("-cells.csv")]

@@ -11,7 +11,10 @@ compression setting). :func:`build` then
   show (``[calib_size=128]`` is appended);
 - aggregates each cell over seeds: the mean, the sample standard deviation and n (a value that belongs to the
   training, such as the full-precision accuracy, counts once per training);
-- puts "—" where no seed finished and lists why under the table (failed: the error; unfinished; missing).
+- puts "—" where no seed finished and lists why under the table (failed: the error; unfinished; missing);
+- compares each compressed (and λmax, time, share) cell with its baseline — the same column in the row that
+  differs only in the layout's ``baseline`` fields and whose records are the reference (ADAM on the base
+  architecture), or the column a ``Col.versus`` names — by a 95 % t interval over seeds (:mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+from craft_runner.report import stats
 from craft_runner.report.records import Record
 
 DASH = "—"
@@ -64,6 +68,22 @@ class Col:
     kind: str = "acc"
     relative: Optional[tuple] = None
     paper: bool = True  # the published table has this column
+    # What the verdict against the baseline compares: "drop" (per-seed compressed − FP32), "value", None (no
+    # verdict); "auto": the drop where the column has one, the value for kinds lam/time/share, else none.
+    compare: Optional[str] = "auto"
+    versus: Optional[str] = None  # the baseline is this column of the same row (Table 5's CrAFT vs ADAM)
+
+    def compared(self) -> Optional[str]:
+        if self.compare != "auto":
+            return self.compare
+        if self.relative is not None:
+            return None
+        return "drop" if self.drop else "value" if self.kind in ("lam", "time", "share") else None
+
+
+def is_adam(r: Record) -> bool:
+    """The papers' baseline: Adam on the base architecture."""
+    return r.get("optimizer.name") == "adam" and not r.get("arch.preact") and not r.get("arch.rprelu")
 
 
 @dataclasses.dataclass
@@ -75,6 +95,9 @@ class Layout:
     figures: list = dataclasses.field(default_factory=list)  # fn(table, out_dir) -> [paths]
     paper_csv: Optional[str] = None
     note: str = ""
+    # The verdicts' baseline row: (is_reference(record), the config paths it differs in) and how to name it.
+    baseline: tuple = (is_adam, ("optimizer.", "arch."))
+    baseline_label: str = "ADAM's row (Adam on the base architecture)"
 
 
 @dataclasses.dataclass
@@ -83,6 +106,7 @@ class Stat:
     seeds: list
     drops: list = dataclasses.field(default_factory=list)
     text: Optional[str] = None
+    drop_seeds: list = dataclasses.field(default_factory=list)  # the seeds of ``drops``
 
     @property
     def n(self) -> int:
@@ -104,6 +128,12 @@ class Stat:
     def drop_std(self) -> float:
         return _std(self.drops)
 
+    def per_seed(self, metric: str) -> dict:
+        """{seed: value} of ``metric`` ("drop" or "value")."""
+        if metric == "drop":
+            return dict(zip(self.drop_seeds, self.drops))
+        return dict(zip(self.seeds, self.values))
+
 
 def _std(v: Sequence[float]) -> float:
     if len(v) < 2:
@@ -117,6 +147,8 @@ class Cell:
     stat: Optional[Stat]
     problems: list  # Record with status != ok
     notes: list = dataclasses.field(default_factory=list)  # footnote numbers
+    verdict: Optional[stats.Verdict] = None  # against ``baseline``
+    baseline: Optional[tuple] = None  # (row key, column label) of the cell it is compared with
 
 
 @dataclasses.dataclass
@@ -131,6 +163,7 @@ class Table:
     n: dict  # row key -> number of seeds with a finished training
     incomplete: bool
     experiment: Optional[str] = None
+    test: str = "welch"
 
     def cell(self, row, col) -> Optional[Cell]:
         return self.rows.get(row, {}).get(col)
@@ -201,7 +234,10 @@ def _natural(v):
 # ------------------------------------------------------------------------------------------------ build
 
 
-def build(layout: Layout, records: Sequence[Record]) -> Table:
+def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Table:
+    """The table of ``records``; ``test``: how cells are compared with their baseline (:data:`stats.TESTS`)."""
+    if test not in stats.TESTS:
+        raise ValueError(f"test {test!r} is not known: expected one of {', '.join(stats.TESTS)}")
     placed = [r for r in records if r.status != "missing"]
     missing = [r for r in records if r.status == "missing"]
     extra = _extra_fields(placed, layout)
@@ -244,6 +280,7 @@ def build(layout: Layout, records: Sequence[Record]) -> Table:
             cells[label] = _cell(spec, members)
         rows[key] = cells
     _relative(layout, rows, col_labels, col_specs, by_row)
+    _verdicts(layout, extra, rows, col_labels, col_specs, by_row, test)
 
     # Notes: one per run that did not finish (a failed training shows in every cell of its seed), in reading order.
     numbers: dict = {}
@@ -270,8 +307,24 @@ def build(layout: Layout, records: Sequence[Record]) -> Table:
         k += 1
         notes.append(f"[{k}] and {len(missing) - 5} more missing jobs")
     incomplete = k > 0
+    if any(c.verdict is not None for cells in rows.values() for c in cells.values()):
+        notes.append(legend(layout, test))
     return Table(layout, row_headers, col_labels, col_specs, rows, dict(by_row), notes, n_seeds, incomplete,
-                 experiment=next((r.experiment for r in records if r.experiment), None))
+                 experiment=next((r.experiment for r in records if r.experiment), None), test=test)
+
+
+MARK = "†"
+
+
+def legend(layout: Layout, test: str) -> str:
+    how = ("Welch's t interval (Welch–Satterthwaite df) over the seeds of both cells" if test == "welch"
+           else "paired t interval of the per-seed differences")
+    versus = [c.label for c in layout.cols if c.versus]
+    base = layout.baseline_label + (f"; {', '.join(versus)}: against the column named in the layout" if versus
+                                    else "")
+    return (f"{MARK}: the 95 % {how} of the difference to the baseline, {base}, excludes 0; compared: the drop "
+            f"(compressed − FP32) in compressed cells, the value in λmax / time / share columns; n<2 on a side: "
+            f"no verdict")
 
 
 def _order_index(order: Sequence[str], label: str) -> int:
@@ -317,8 +370,9 @@ def _cell(spec: Col, members: Sequence[Record]) -> Cell:
         texts = list(OrderedDict.fromkeys(str(per_seed[s][0]) for s in seeds))
         return Cell(Stat([], seeds, text=", ".join(texts)), problems)
     vals = [float(per_seed[s][0]) for s in seeds]
-    drops = [float(per_seed[s][1]) for s in seeds if per_seed[s][1] is not None]
-    return Cell(Stat(vals, seeds, drops), problems)
+    drop_seeds = [s for s in seeds if per_seed[s][1] is not None]
+    drops = [float(per_seed[s][1]) for s in drop_seeds]
+    return Cell(Stat(vals, seeds, drops, drop_seeds=drop_seeds), problems)
 
 
 def _relative(layout: Layout, rows: OrderedDict, labels: list, specs: list, by_row: dict) -> None:
@@ -360,3 +414,39 @@ def _apply(op: str, a: float, b: float) -> float:
     if op == "ratio":
         return a / b if b else float("nan")
     return a - b
+
+
+def _verdicts(layout: Layout, extra: list, rows: OrderedDict, labels: list, specs: list, by_row: dict,
+              test: str) -> None:
+    """Each comparable cell against its baseline cell: the same column of the reference row, or ``versus``."""
+    is_ref, context = layout.baseline
+    n_rows = len(layout.rows)
+    keep = [i for i, row in enumerate(layout.rows) if not any(_covered(p, context) for p in row.paths)]
+    keep += [n_rows + j for j, p in enumerate(extra) if not _covered(p, context)]
+
+    def ctx(key):
+        return tuple(key[i] for i in keep)
+
+    refs = defaultdict(list)
+    for key in rows:
+        done = [r for r in by_row[key] if r.ok]
+        if done and all(is_ref(r) for r in done):
+            refs[ctx(key)].append(key)
+    for label, spec in zip(labels, specs):
+        metric = spec.compared()
+        if metric is None:
+            continue
+        for key, cells in rows.items():
+            cell = cells[label]
+            if spec.versus is not None:
+                base_key, base_label = key, spec.versus
+            else:
+                ref = refs.get(ctx(key), [])
+                if len(ref) != 1 or ref[0] == key:
+                    continue
+                base_key, base_label = ref[0], label
+            base = rows[base_key].get(base_label)
+            if cell.stat is None or base is None or base.stat is None or cell.stat.text is not None:
+                continue
+            cell.baseline = (base_key, base_label)
+            cell.verdict = stats.compare(cell.stat.per_seed(metric), base.stat.per_seed(metric), test, metric)

@@ -2,7 +2,10 @@
 
 A cell reads ``mean ± std (drop mean ± std)`` over seeds; ``n`` (seeds) is a column of its own, and a cell
 with fewer seeds than its row says ``n=k``. "—" marks a cell no seed finished, ``[k]`` the note under the
-table that says why; "n/a" a value the runs did not record (e.g. λmax with the diagnostics off).
+table that says why; "n/a" a value the runs did not record (e.g. λmax with the diagnostics off); "†" a cell
+whose 95 % interval of the difference to its baseline excludes 0 (the legend under the table says which test
+and baseline). CSV has no mark but, after each column with verdicts, its ``diff_mean``, ``diff_ci_low``,
+``diff_ci_high`` and ``separated``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 from importlib import resources
 from typing import Optional
 
-from craft_runner.report.engine import DASH, Cell, Table
+from craft_runner.report.engine import DASH, MARK, Cell, Table
 
 FORMATS = ("md", "plain", "latex", "csv")
 
@@ -41,10 +44,12 @@ def _pm(mean: float, std: float, n: int, kind: str) -> str:
     return s
 
 
-def format_cell(cell: Optional[Cell], kind: str, row_n: int) -> str:
+def format_cell(cell: Optional[Cell], kind: str, row_n: int, mark: bool = True) -> str:
     if cell is None:
         return ""
     refs = f" [{','.join(map(str, cell.notes))}]" if cell.notes else ""
+    if mark and cell.verdict is not None and cell.verdict.separated:
+        refs += MARK
     st = cell.stat
     if st is None:
         return (DASH if cell.notes else "n/a") + refs
@@ -58,33 +63,53 @@ def format_cell(cell: Optional[Cell], kind: str, row_n: int) -> str:
     return s + refs
 
 
-def table_rows(table: Table, paper: Optional[dict] = None) -> tuple[list, list]:
-    """Headers and rows of strings; ``paper``: {row labels: {column: published}} adds "(paper)" columns."""
+VERDICT_COLS = ("diff_mean", "diff_ci_low", "diff_ci_high", "separated")
+
+
+def verdict_fields(cell: Optional[Cell]) -> list:
+    """diff_mean, diff_ci_low, diff_ci_high, separated of a cell ("" without a verdict; "n<2" without an interval)."""
+    v = cell.verdict if cell is not None else None
+    if v is None:
+        return ["", "", "", ""]
+    if v.separated is None:
+        return [_g(v.diff_mean), "", "", v.reason or "n<2"]
+    return [_g(v.diff_mean), _g(v.low), _g(v.high), str(v.separated).lower()]
+
+
+def table_rows(table: Table, paper: Optional[dict] = None, verdicts: bool = False) -> tuple[list, list]:
+    """Headers and rows of strings; ``paper``: {row labels: {column: published}} adds "(paper)" columns;
+    ``verdicts`` (CSV): no marks, and the four verdict columns after each column that has verdicts."""
     n_layout = len(table.layout.rows)
     paper_cols = []
     if paper:
         known = {c for v in paper.values() for c in v}
         paper_cols = [c for c in table.col_labels if c in known
                       and any(tuple(k[:n_layout]) in paper for k in table.rows)]
+    judged = {c for c in table.col_labels if verdicts
+              and any(cells.get(c) is not None and cells[c].verdict is not None for cells in table.rows.values())}
     headers = list(table.row_headers) + ["n"]
     for c in table.col_labels:
         headers.append(c)
         if c in paper_cols:
             headers.append(f"{c} (paper)")
+        if c in judged:
+            headers += [f"{c} {v}" for v in VERDICT_COLS]
     rows = []
     for key, cells in table.rows.items():
         row = list(key) + [str(table.n.get(key, 0))]
         for c, spec in zip(table.col_labels, table.col_specs):
-            row.append(format_cell(cells.get(c), spec.kind, table.n.get(key, 0)))
+            row.append(format_cell(cells.get(c), spec.kind, table.n.get(key, 0), mark=not verdicts))
             if c in paper_cols:
                 row.append((paper.get(tuple(key[:n_layout])) or {}).get(c, ""))
+            if c in judged:
+                row += verdict_fields(cells.get(c))
         rows.append(row)
     return headers, rows
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
           "}": r"\}", "±": r"$\pm$", "λ": r"$\lambda$", "—": "---", "↓": r"$\downarrow$", "×": r"$\times$",
-          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "†": r"$^\dagger$"}
 
 
 def _latex_escape(s: str) -> str:
@@ -141,21 +166,27 @@ def paper_lookup(table: Table) -> Optional[dict]:
 
 
 def cells_csv(table: Table) -> str:
-    """Every cell as numbers, one line each (for plotting elsewhere): row fields, column, n, mean, std, drops."""
+    """Every cell as numbers, one line each (for plotting elsewhere): row fields, column, n, mean, std, drops,
+    and the verdict against its baseline (which cell, what was compared, by which test, the difference, its
+    interval and whether it excludes 0)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(list(table.row_headers) + ["column", "n", "mean", "std", "drop_mean", "drop_std", "seeds", "values",
-                                          "text", "notes"])
+                                          "text", "notes", "baseline", "compared", "test", "n_baseline",
+                                          *VERDICT_COLS])
     for key, cells in table.rows.items():
         for c, cell in cells.items():
             st = cell.stat
+            v = cell.verdict
+            judged = ([" / ".join([*cell.baseline[0], cell.baseline[1]]), v.metric, v.test, v.n_base]
+                      if v is not None else ["", "", "", ""]) + verdict_fields(cell)
             if st is None:
-                w.writerow(list(key) + [c, 0, "", "", "", "", "", "", "", " ".join(map(str, cell.notes))])
+                w.writerow(list(key) + [c, 0, "", "", "", "", "", "", "", " ".join(map(str, cell.notes)), *judged])
                 continue
             w.writerow(list(key) + [c, st.n, _g(st.mean) if st.values else "", _g(st.std) if st.values else "",
                                     _g(st.drop_mean), _g(st.drop_std) if st.drops else "",
-                                    " ".join(map(str, st.seeds)), " ".join(_g(v) for v in st.values), st.text or "",
-                                    " ".join(map(str, cell.notes))])
+                                    " ".join(map(str, st.seeds)), " ".join(_g(x) for x in st.values), st.text or "",
+                                    " ".join(map(str, cell.notes)), *judged])
     return buf.getvalue()
 
 
