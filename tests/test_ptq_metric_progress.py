@@ -1,6 +1,5 @@
 """BasePTQ/PTQ4ViT search metric (issue 22 item 10) and the search's progress and batching (item 13)."""
 
-import logging
 
 import pytest
 import torch
@@ -90,10 +89,12 @@ def test_metric_defaults_and_choices():
                dict(method="ptq4vit", metric="cosine", weight_granularity="tensor"),
                dict(metric="hessian", weight_granularity="channel")]:
         assert PTQConfig(**kw).metric == kw["metric"]
-    for kw, match in [(dict(metric="l2"), r"^compress.metric='l2' is not allowed: expected one of cosine, hessian, mse$"),
+    for kw, match in [(dict(metric="l2"),
+                       r"^compress.metric='l2' is not allowed: expected one of cosine, hessian, mse$"),
                       (dict(method="ptq4vit", metric="hesian"), r"^compress.metric='hesian'"),
                       (dict(search="none", metric="hessian"), r"^compress.metric='hessian' .*search=none"),
-                      (dict(method="ptq4vit", metric="cosine"), r"^compress.weight_granularity='mixed' .*metric=cosine")]:
+                      (dict(method="ptq4vit", metric="cosine"),
+                       r"^compress.weight_granularity='mixed' .*metric=cosine")]:
         with pytest.raises(ValueError, match=match) as e:
             PTQConfig(**kw)
         assert "\n" not in str(e.value)

@@ -84,7 +84,8 @@ def default_sweep(tmp_path):
             if d is None:
                 write(path, cfg, status="failed", error="RuntimeError: boom")
             else:
-                write(path, cfg, 90.0 + s, 90.0 + s + d, lambda_max_after=LAM[opt][s], train_seconds=(10.0 + s) * (2 if opt == "sam" else 1))
+                write(path, cfg, 90.0 + s, 90.0 + s + d, lambda_max_after=LAM[opt][s],
+                      train_seconds=(10.0 + s) * (2 if opt == "sam" else 1))
     return root
 
 

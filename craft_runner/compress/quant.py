@@ -141,7 +141,8 @@ class PTQConfig(CompressConfig):
     the attention matmuls q·kᵀ and attn·v of timm ViTs, per head) quantized statically, every
     scale searched on full-precision calibration data for the best ``metric`` of the op's output —
     by default BasePTQ's cosine similarity and PTQ4ViT's Hessian-guided distance (see
-    :mod:`craft_runner.compress.search`, :mod:`craft_runner.compress.ptq4vit`). ``search=none`` is BasePTQ with max-based scales
+    :mod:`craft_runner.compress.search`, :mod:`craft_runner.compress.ptq4vit`). ``search=none`` is BasePTQ with
+    max-based scales
     (per output channel, per-tensor inputs including the stem's: the previous BasePTQ).
     ``finetune_epochs`` > 0 then fine-tunes the quantized model (SNT Table 3: W4 + one epoch) with
     straight-through fake quantization, so the weights are still on their grid afterwards.
