@@ -2,8 +2,9 @@
 
 Range checks run in ``__post_init__``, so a bad value raises :class:`ConfigError` (one line) when the
 config is built — by :func:`craft_runner.config.to_run_config` from Hydra, or directly in library code.
-Families own their schemas, beside their registries: ``compress`` (:mod:`craft_runner.compress`) and
-``optimizer`` (:class:`craft_runner.optim.registry.OptimizerConfig`); this module imports none of them.
+Families own their schemas, beside their registries: ``compress`` (:mod:`craft_runner.compress`),
+``optimizer`` (:class:`craft_runner.optim.registry.OptimizerConfig`) and ``export``
+(:class:`craft_runner.export.config.ExportConfig`); this module imports none of them.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ class RunConfig:
     # The compress group's schema, chosen by its YAML (see craft_runner.compress.registry).
     compress: Any = "???"
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # The export group's schema (craft_runner.export.config.ExportConfig); None: no export, as export=none.
+    export: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -208,3 +211,11 @@ class RunConfig:
     def __post_init__(self):
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
                "auto, cpu or cuda[:N]")
+        opt = self.optimizer
+        if getattr(opt, "name", None) in ("saf", "mesa") and isinstance(self.train, TrainConfig):
+            # the trajectory term is on in epochs start < epoch < end (0-based): a window past the run's end
+            # would train plain Adam under SAF's or MESA's name
+            start = opt.traj_start_epoch
+            _check(start + 1 < self.train.epochs, "optimizer.traj_start_epoch", start,
+                   f"an epoch below train.epochs - 1 = {self.train.epochs - 1} (the {opt.name} term is on from "
+                   f"epoch traj_start_epoch + 1, 0-based)")

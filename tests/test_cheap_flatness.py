@@ -208,6 +208,18 @@ def test_bad_values_raise_one_line():
         OptimizerConfig(name="rwp", rwp_gamma=-1.0)
 
 
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_a_trajectory_window_past_the_run_is_refused(name):
+    from craft_runner.schema import RunConfig
+
+    # on from epoch start + 1 (0-based): with 4 epochs, start 2 is the last that ever switches the term on
+    RunConfig(optimizer=OptimizerConfig(name=name, traj_start_epoch=2), train=TrainConfig(epochs=4))
+    with pytest.raises(ConfigError, match=rf"^optimizer.traj_start_epoch=3 is not allowed: .*below train.epochs - 1 "
+                                          rf"= 3 \(the {name} term"):
+        RunConfig(optimizer=OptimizerConfig(name=name, traj_start_epoch=3), train=TrainConfig(epochs=4))
+    RunConfig(optimizer=OptimizerConfig(name="adam", traj_start_epoch=3), train=TrainConfig(epochs=4))
+
+
 def test_saf_refuses_a_loader_without_indices():
     model = nn.Linear(3, 2)
     ds = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))

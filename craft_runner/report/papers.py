@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from craft_runner.report import figures
+from craft_runner.report import figures, pareto
 from craft_runner.report.engine import Col, Layout, Row, is_adam
 from craft_runner.report.records import Record
 
@@ -293,14 +293,14 @@ register(Layout(
 
 register(Layout(
     "cheap_sam", "Cheap SAM variants: training cost, λmax and compression drops",
-    rows=[Row("Optimizer", ("optimizer.name",), lambda o: str(o).upper(),
-              order=["ADAM", "SAM", "ASAM", "LOOKSAM", "RANDSAM"])],
+    rows=[Row("Optimizer", ("optimizer.name", "arch.preact", "arch.rprelu"), approach,
+              order=["ADAM", "SAM", "ASAM", "LOOKSAM", "RANDSAM", "MSAM", "SAF", "MESA", "SWA", "RWP", "ARCH"])],
     cols=[Col("cost vs Adam", m("train_seconds"), per="training", kind="ratio",
               relative=("ratio", is_adam, OVERHEAD_CONTEXT)),
           Col("2nd passes", m("second_pass_fraction"), per="training", kind="share"),
           LAMBDA, FP32,
           Col(None, acc, drop, pivot=compression, order=["W4A16", "W6A6", "magnitude 30%", "magnitude 50%"])],
-    figures=[figures.lambda_bars]))
+    figures=[figures.lambda_bars, pareto.figure]))
 
 register(Layout(
     "digits_default", "The default job: ResNet-20 trained on digits, BasePTQ and one-shot pruning",
