@@ -35,7 +35,7 @@ CELLS = {
     "snt_fig5": 2 * 2 * 3 * 9, "snt_fig5_small": 2 * 2 * 3 * 4 * SEEDS,
     "snt_fig6": 3 * 6, "snt_fig6_small": 3 * 4 * SEEDS,
     "snt_fig7": 2 * 2 * 9, "snt_fig7_small": 2 * 2 * 4 * SEEDS,
-    "cheap_sam": 10 * 4 * 2 * 5, "cheap_sam_small": 10 * 4 * 2 * 5,
+    "cheap_sam": 11 * 4 * 2 * 5, "cheap_sam_small": 11 * 4 * 2 * 5,
     "digits_default": 2 * 4 * SEEDS,
     "craft_pretrain_small": 1,
 }
