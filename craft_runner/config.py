@@ -26,14 +26,17 @@ from craft_runner.schema import (  # noqa: F401  (re-exported: the schemas' hist
 
 
 def register_configs() -> None:
-    """The run schema, and one ``<name>_schema`` per registered compressor in the ``compress`` group."""
+    """The run schema, one ``<name>_schema`` per registered compressor in the ``compress`` group, and the
+    ``export`` group's ``export_schema``."""
     from craft_runner.compress.registry import compressors
+    from craft_runner.export.config import ExportConfig
 
     cs = ConfigStore.instance()
     # Each family owns its schema; the run schema gets the optimizer block here, above the families.
     cs.store(name="run_schema", node=RunConfig(optimizer=OptimizerConfig()))
     for info in compressors().values():
         cs.store(group="compress", name=f"{info.name}_schema", node=info.schema)
+    cs.store(group="export", name="export_schema", node=ExportConfig)
 
 
 def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:

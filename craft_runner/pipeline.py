@@ -1,7 +1,7 @@
 """One run, one point of a paper table, as named stages:
 
 prepare ─► diagnostics before (cached) ─► train or load (cached) ─► diagnostics after (cached)
-        ─► evaluate ─► compress and evaluate ─► record
+        ─► evaluate ─► compress and evaluate ─► export (real artifact, when asked) ─► record
 
 Each stage is a function a test or a notebook can call; :func:`run` calls them in that order.
 """
@@ -30,7 +30,7 @@ from craft_runner import __version__
 from craft_runner.atomic import atomic_save, atomic_write_json
 from craft_runner.config import to_run_config
 from craft_runner.schema import ConfigError, RunConfig
-from craft_runner.tracking import make_tracker
+from craft_runner.tracking import export_scalars, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,9 @@ _NOT_COMPARED = ("rerun", "dry_run")
 
 def _comparable(config: dict) -> dict:
     c = json.loads(json.dumps(config, sort_keys=True, default=str))
+    # No export is the same cell whether or not the config knew the export group (results.json before it).
+    if (c.get("export") or {}).get("name", "none") == "none":
+        c.pop("export", None)
     return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
 
 
@@ -189,9 +192,12 @@ def plan_cell(cfg) -> dict:
     paths = cfg.get("paths") if hasattr(cfg, "get") else getattr(cfg, "paths", None)
     run_dir = paths.get("run_dir") if hasattr(paths, "get") else getattr(paths, "run_dir", None)
     from craft_runner.data import DataRootError, check_dataset
+    from craft_runner.export import check_export
 
     try:
         rc = to_run_config(cfg)
+        if rc.export is not None:
+            check_export(rc.export, rc.compress)  # against the model too once built (prepare)
     except (ConfigError, TypeError) as e:
         return {"run_dir": run_dir, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
     key = cache_key(rc)
@@ -251,6 +257,7 @@ def prepare(cfg) -> Prepared:
     from craft_runner import distributed
     from craft_runner.compress import check_compression
     from craft_runner.data import build_data
+    from craft_runner.export import check_export
     from craft_runner.models import check_model_name, create_model, model_data_config
     from craft_runner.train import seed_everything
 
@@ -277,6 +284,8 @@ def prepare(cfg) -> Prepared:
     # The SNT transform is applied inside, between pretrained weights and a full checkpoint.
     model = create_model(rc.model, num_classes=data.num_classes, in_chans=data.in_chans, arch=rc.arch)
     check_compression(model, rc.compress)
+    if rc.export is not None:
+        check_export(rc.export, rc.compress, model)
     model = model.to(device)
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -423,6 +432,12 @@ def evaluate(p: Prepared, model: Optional[nn.Module] = None) -> float:
 
 def compress_and_evaluate(p: Prepared) -> tuple[float, dict]:
     """Compress a copy of the trained model as ``rc.compress`` says; returns its accuracy and the record."""
+    model, info = compress(p)
+    return evaluate(p, model), info
+
+
+def compress(p: Prepared) -> tuple[nn.Module, dict]:
+    """A compressed (simulated) copy of the trained model, as ``rc.compress`` says, and the record."""
     from craft_runner import train
     from craft_runner.compress import CompressContext, apply_compression
     from craft_runner.optim import build_optimizer
@@ -446,7 +461,23 @@ def compress_and_evaluate(p: Prepared) -> tuple[float, dict]:
         info["bn_recalib"] = recalibrate_bn(model, itertools.islice(loader, rc.compress.bn_recalib))
     if rc.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return evaluate(p, model), info
+    return model, info
+
+
+def export(p: Prepared, model: nn.Module, simulated_accuracy: float, run_dir: Path) -> Optional[dict]:
+    """The real artifact of ``model`` (the compressed, simulated one) as ``rc.export`` says, under
+    ``run_dir/export``; returns results.json's ``export`` record (None: export=none). Nothing is retrained:
+    the calibration batches are the compression's, the test split the one every accuracy is measured on."""
+    from craft_runner.export import export_cell
+
+    rc = p.rc
+    if rc.export is None or rc.export.name == "none":
+        return None
+    calib = p.data.calib_batches(rc.compress.calib_size, rc.train.eval_batch_size, rc.compress.calib_seed,
+                                 p.device)
+    test = p.data.eval_loader(rc.train.eval_batch_size, p.device, rc.dataset)
+    return export_cell(model.eval(), rc.export, rc.compress, calib, test, simulated_accuracy, run_dir / "export",
+                       p.device)
 
 
 # --------------------------------------------------------------------------------------------- record
@@ -484,7 +515,7 @@ def record(results: dict, run_dir: Path, tracker) -> None:
     results["status"] = "ok"
     atomic_write_json(results, run_dir / "results.json")
     metrics = results["metrics"]
-    tracker.log({**metrics, "world_size": results.get("world_size", 1)})
+    tracker.log({**metrics, **export_scalars(results.get("export")), "world_size": results.get("world_size", 1)})
     log.info("%s: fp %.2f%%%s, λmax %s", results["config"]["name"], metrics["fp_acc"],
              f", compressed {metrics['compressed_acc']:.2f}% ({metrics['drop']:+.2f})"
              if "compressed_acc" in metrics else "",
@@ -556,10 +587,16 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
                    "trained": train_info["trained"], "second_pass_fraction": train_info.get("second_pass_fraction")}
         t0 = time.perf_counter()
         metrics["fp_acc"] = evaluate(p)
+        model = p.model
         if rc.compress.name != "none":
-            metrics["compressed_acc"], results["compression"] = compress_and_evaluate(p)
+            model, results["compression"] = compress(p)
+            metrics["compressed_acc"] = evaluate(p, model)
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]
         metrics["eval_seconds"] = time.perf_counter() - t0
+        if rc.export is not None and rc.export.name != "none":
+            t0 = time.perf_counter()
+            results["export"] = export(p, model, metrics.get("compressed_acc", metrics["fp_acc"]), run_dir)
+            metrics["export_seconds"] = time.perf_counter() - t0
         results.update(metrics=metrics, train=train_info, sharpness=diagnostics.record())
         results["wandb"] = tracker.info() or None
         record(results, run_dir, tracker)

@@ -8,7 +8,8 @@ host answers a short socket probe; otherwise offline (``wandb sync`` uploads lat
 A run's W&B record: group = the experiment (else the sweep directory), one tag per choice (model, dataset,
 optimizer, arch, compression, seed), a readable name unique per cell (``adam-base-W4A16-s0-1a2b``), per-epoch
 training curves logged as training goes (``train/loss``, ``train/lr``, ``train/epoch_seconds``,
-``train/second_pass_share`` against ``epoch``), the metrics in the summary, the diagnostics' figures as images.
+``train/second_pass_share`` against ``epoch``), the metrics in the summary (with ``export/*``, the real
+artifact's scalars, when the cell exports), the diagnostics' figures as images.
 Its id is kept in the run directory (``wandb_id``, and results.json) and in the training state, so a requeued or
 resumed run continues the same W&B run.
 """
@@ -159,11 +160,18 @@ _SHOWN = ("optimizer", "arch", "compress", "seed")
 _NOT_IDENTITY = ("paths", "logger", "rerun", "dry_run", "name", "optimized_metric")
 
 
+def _identity(config: dict) -> dict:
+    """``config`` without an export of none: such a cell keeps the name and digest it had before the group."""
+    if (config.get("export") or {}).get("name", "none") == "none":
+        return {k: v for k, v in config.items() if k != "export"}
+    return config
+
+
 def run_name(config: dict) -> str:
     """``<optimizer>-<arch>-<compression>-s<seed>-<4 hex>``: readable, and unique per cell — the digest covers
     every other setting (model, data set, schedule, learning rate, ...), so cells that differ elsewhere differ."""
     label = _compression(config).replace(" ", "").replace("/", "_")
-    rest = {k: v for k, v in config.items() if k not in _SHOWN + _NOT_IDENTITY}
+    rest = {k: v for k, v in _identity(config).items() if k not in _SHOWN + _NOT_IDENTITY}
     rest["optimizer"] = {k: v for k, v in config["optimizer"].items() if k != "name"}
     return (f"{config['optimizer']['name']}-{arch_label(config['arch'])}-{label}-s{config['seed']}-"
             f"{_short_digest(rest)}")
@@ -174,12 +182,26 @@ def run_tags(config: dict, extra=()) -> list[str]:
     tags = [f"model:{config['model']['name']}", f"dataset:{config['dataset']['name']}",
             f"optimizer:{config['optimizer']['name']}", f"arch:{arch_label(config['arch'])}",
             f"compress:{_compression(config)}", f"seed:{config['seed']}", *extra]
+    if (export := (config.get("export") or {}).get("name", "none")) != "none":
+        tags.append(f"export:{export}")
     return [t[:64] for t in tags]
 
 
 def cell_digest(config: dict) -> str:
     """What makes two runs the same cell wherever their run directory is (a resumed run in a new directory)."""
-    return _short_digest({k: v for k, v in config.items() if k not in ("paths", "logger", "rerun", "dry_run")}, 16)
+    return _short_digest({k: v for k, v in _identity(config).items()
+                          if k not in ("paths", "logger", "rerun", "dry_run")}, 16)
+
+
+# The export record's scalars a run logs beside its metrics, as ``export/<name>``.
+EXPORT_SCALARS = ("accuracy", "bytes_ratio", "latency_ratio_b1", "latency_ratio_b64", "max_logit_diff")
+
+
+def export_scalars(record: Optional[dict]) -> dict:
+    """``export/<name>`` of an ``export`` record with status ok (nothing for none or simulated only)."""
+    if not record or record.get("status") != "ok":
+        return {}
+    return {f"export/{k}": record[k] for k in EXPORT_SCALARS if k in record}
 
 
 # --------------------------------------------------------------------------------------------- W&B run

@@ -62,3 +62,18 @@ def test_bad_export_settings_are_one_line_errors():
 
     with pytest.raises(ConfigError, match="onnx_int8_searched"):
         check_export(ExportConfig(name="onnx_int8_searched"), CompressConfig())
+
+
+def test_an_untrained_model_with_equal_biases_still_gets_int8_convs(tmp_path):
+    """torch.onnx merges equal initializers (a fresh model's zero biases); each Conv must keep its own."""
+    torch.manual_seed(0)
+    m = timm.create_model("resnet20", num_classes=4).eval()  # BatchNorm as initialised: every bias 0
+    rec = export_cell(m, ExportConfig(name="onnx_int8", latency_warmup=0, latency_rounds=1), None, _batches(8, 1),
+                      _batches(8, 2), 50.0, tmp_path)
+    ops = [n.op_type for n in onnx.load(rec["optimized_artifact"]).graph.node]
+    assert "Conv" not in ops and ops.count("QLinearConv") == 21
+    sess = ort.InferenceSession(rec["fp32_artifact"], providers=["CPUExecutionProvider"])
+    x = _batches(8, 3)[0][0]
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -25,16 +25,31 @@ def onnx_fp32(job) -> dict:
     return {}
 
 
+# quantize_static's root-logger warnings that say nothing about this export: its advice to pre-process
+# (BatchNorm is folded before export; it infers shapes itself), and per-channel axis 1 on a 1-D LayerNorm
+# weight (that weight is then quantized per tensor, as intended).
+_BENIGN = ("pre-processing before quantization", "is out-of-range for weight")
+
+
+def _not_benign(record: logging.LogRecord) -> bool:
+    return not any(m in record.getMessage() for m in _BENIGN)
+
+
 def _quantize_int8(job, overrides: dict | None = None, op_types=None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if overrides:
         extra["TensorQuantOverrides"] = overrides
-    quantize_static(str(job.fp32_path), str(job.artifact), CalibrationReader(job.calib),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    op_types_to_quantize=op_types, extra_options=extra)
+    root = logging.getLogger()
+    root.addFilter(_not_benign)
+    try:
+        quantize_static(str(job.fp32_path), str(job.artifact), CalibrationReader(job.calib),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        op_types_to_quantize=op_types, extra_options=extra)
+    finally:
+        root.removeFilter(_not_benign)
 
 
 @register_format("onnx_int8")
@@ -128,7 +143,13 @@ def onnx_int4(job) -> dict:
         src = job.artifact
     job.artifact = job.out_dir / "model_int4.onnx"
     q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=job.cfg.block_size, is_symmetric=True)
-    q.process()
+    chatty = logging.getLogger(MatMulNBitsQuantizer.__module__)  # one INFO line per node it leaves alone
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        q.process()
+    finally:
+        chatty.setLevel(level)
     q.model.save_model_to_file(str(job.artifact), use_external_data_format=False)
     ops = [n.op_type for n in onnx.load(str(job.artifact)).graph.node]
     return {"weights": f"int4 MatMulNBits, blocks of {job.cfg.block_size}, symmetric", "activations": "float",

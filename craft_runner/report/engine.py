@@ -12,6 +12,7 @@ compression setting). :func:`build` then
 - aggregates each cell over seeds: the mean, the sample standard deviation and n (a value that belongs to the
   training, such as the full-precision accuracy, counts once per training);
 - puts "—" where no seed finished and lists why under the table (failed: the error; unfinished; missing);
+- adds the real artifact's columns (:mod:`.export_cols`) to any layout whose records exported one;
 - compares each compressed (and λmax, time, share) cell with its baseline — the same column in the row that
   differs only in the layout's ``baseline`` fields and whose records are the reference (ADAM on the base
   architecture), or the column a ``Col.versus`` names — by a 95 % t interval over seeds (:mod:`.stats`).
@@ -25,7 +26,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from craft_runner.report import stats
+from craft_runner.report import export_cols, stats
 from craft_runner.report.records import Record
 
 DASH = "—"
@@ -72,6 +73,8 @@ class Col:
     # verdict); "auto": the drop where the column has one, the value for kinds lam/time/share, else none.
     compare: Optional[str] = "auto"
     versus: Optional[str] = None  # the baseline is this column of the same row (Table 5's CrAFT vs ADAM)
+    # (mark, test(Stat) -> bool, legend): a cell whose stat passes the test gets the mark, the table the legend.
+    flag: Optional[tuple] = None
 
     def compared(self) -> Optional[str]:
         if self.compare != "auto":
@@ -149,6 +152,7 @@ class Cell:
     notes: list = dataclasses.field(default_factory=list)  # footnote numbers
     verdict: Optional[stats.Verdict] = None  # against ``baseline``
     baseline: Optional[tuple] = None  # (row key, column label) of the cell it is compared with
+    flags: list = dataclasses.field(default_factory=list)  # marks of the column's flag
 
 
 @dataclasses.dataclass
@@ -238,6 +242,7 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
     """The table of ``records``; ``test``: how cells are compared with their baseline (:data:`stats.TESTS`)."""
     if test not in stats.TESTS:
         raise ValueError(f"test {test!r} is not known: expected one of {', '.join(stats.TESTS)}")
+    layout, export_notes = _with_export(layout, records)
     placed = [r for r in records if r.status != "missing"]
     missing = [r for r in records if r.status == "missing"]
     extra = _extra_fields(placed, layout)
@@ -309,8 +314,34 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
     incomplete = k > 0
     if any(c.verdict is not None for cells in rows.values() for c in cells.values()):
         notes.append(legend(layout, test))
+    notes += export_notes + _flags(rows, col_labels, col_specs)
     return Table(layout, row_headers, col_labels, col_specs, rows, dict(by_row), notes, n_seeds, incomplete,
                  experiment=next((r.experiment for r in records if r.experiment), None), test=test)
+
+
+def _with_export(layout: Layout, records: Sequence[Record]) -> tuple[Layout, list]:
+    """``layout`` with the export columns when some record exported, split like its compression column."""
+    base = next((c for c in layout.cols if c.pivot is not None and c.drop is not None), None)
+    specs, notes = export_cols.columns(records, base.pivot if base else None, base.order if base else ())
+    if specs:
+        layout = dataclasses.replace(layout, cols=[*layout.cols, *(Col(**s) for s in specs)])
+    return layout, notes
+
+
+def _flags(rows: OrderedDict, labels: list, specs: list) -> list[str]:
+    """Marks the cells whose column flags them; returns the legends of the flags used."""
+    used = []
+    for label, spec in zip(labels, specs):
+        if spec.flag is None:
+            continue
+        mark, test, text = spec.flag
+        for cells in rows.values():
+            cell = cells[label]
+            if cell.stat is not None and cell.stat.text is None and test(cell.stat):
+                cell.flags.append(mark)
+                if text not in used:
+                    used.append(text)
+    return used
 
 
 MARK = "†"

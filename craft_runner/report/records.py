@@ -35,6 +35,7 @@ class Record:
     metrics: dict = dataclasses.field(default_factory=dict)
     compression: dict = dataclasses.field(default_factory=dict)
     sharpness: dict = dataclasses.field(default_factory=dict)
+    export: dict = dataclasses.field(default_factory=dict)  # results.json's real-artifact record, if any
     error: Optional[str] = None
     fields: dict = dataclasses.field(default_factory=dict)
     train_fields: frozenset = frozenset()
@@ -150,7 +151,7 @@ def load_results(path: Path) -> Record:
         status = "unfinished"
     return _record(Path(path).parent, status if status in ("ok", "failed", "unfinished") else "failed",
                    r.get("config") or {}, metrics=r.get("metrics") or {}, compression=r.get("compression") or {},
-                   sharpness=r.get("sharpness") or {}, error=r.get("error"),
+                   sharpness=r.get("sharpness") or {}, export=r.get("export") or {}, error=r.get("error"),
                    overrides=_read_overrides(Path(path).parent), mtime=Path(path).stat().st_mtime)
 
 
@@ -180,7 +181,8 @@ class Sweep:
 
             cfg = OmegaConf.load(multirun_yaml)
             hydra = cfg.hydra
-            params = OmegaConf.to_container(hydra.sweeper.get("params") or {}, resolve=False)
+            params = hydra.sweeper.get("params")  # None: a sweep given on the command line only
+            params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
             task = list(hydra.overrides.task)
             choices = OmegaConf.to_container(hydra.runtime.choices, resolve=False) if "runtime" in hydra else {}
             return cls(multirun_yaml.parent, (choices or {}).get("experiment"), sweep_jobs(params, task))

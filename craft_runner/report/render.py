@@ -4,8 +4,9 @@ A cell reads ``mean ± std (drop mean ± std)`` over seeds; ``n`` (seeds) is a c
 with fewer seeds than its row says ``n=k``. "—" marks a cell no seed finished, ``[k]`` the note under the
 table that says why; "n/a" a value the runs did not record (e.g. λmax with the diagnostics off); "†" a cell
 whose 95 % interval of the difference to its baseline excludes 0 (the legend under the table says which test
-and baseline). CSV has no mark but, after each column with verdicts, its ``diff_mean``, ``diff_ci_low``,
-``diff_ci_high`` and ``separated``.
+and baseline); a column's own flag (e.g. "‡", an exported model well below its simulation) adds its mark. CSV has
+no mark but, after each column with verdicts, its ``diff_mean``, ``diff_ci_low``, ``diff_ci_high`` and
+``separated``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def format_cell(cell: Optional[Cell], kind: str, row_n: int, mark: bool = True) 
     refs = f" [{','.join(map(str, cell.notes))}]" if cell.notes else ""
     if mark and cell.verdict is not None and cell.verdict.separated:
         refs += MARK
+    if mark:
+        refs += "".join(cell.flags)
     st = cell.stat
     if st is None:
         return (DASH if cell.notes else "n/a") + refs
@@ -109,7 +112,7 @@ def table_rows(table: Table, paper: Optional[dict] = None, verdicts: bool = Fals
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
           "}": r"\}", "±": r"$\pm$", "λ": r"$\lambda$", "—": "---", "↓": r"$\downarrow$", "×": r"$\times$",
-          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "†": r"$^\dagger$"}
+          "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "†": r"$^\dagger$", "‡": r"$^\ddagger$"}
 
 
 def _latex_escape(s: str) -> str:
