@@ -168,6 +168,16 @@ def hydra_refusal(e: BaseException) -> str | None:
     # Hydra's advice to append a key with + does not hold for the typed groups, where craft-run refuses it.
     first = [ln.strip() for ln in str(e).strip().splitlines()
              if ln.strip() and not ln.startswith(("To append", "See https://hydra"))][:1]
+    text = str(e)
+    if first and "Available options in" in text:  # an unknown option of a group: name the known ones
+        opts = []
+        for ln in text.split("Available options in", 1)[1].splitlines()[1:]:
+            if not ln[:1].isspace() or not ln.strip():  # the options are the indented lines
+                break
+            if not ln.strip().endswith("_schema"):  # the structured schemas the YAML files extend
+                opts.append(ln.strip())
+        if opts:
+            first[0] = f"{first[0].rstrip('.')}; expected one of {', '.join(opts)}"
     cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
     if cause is not None and str(cause).strip():
         first.append(str(cause).strip().splitlines()[0])

@@ -85,7 +85,9 @@ def test_dry_run_lists_a_cell_without_its_data_as_data_missing(tmp_path):
 @pytest.mark.parametrize("args,start", [
     (("optimizer.lrr=0.1",), "craft-run: error: Could not override 'optimizer.lrr': Key 'lrr' not in"),
     (("train.epochs=many",), "craft-run: error: Error merging override train.epochs=many"),
-    (("optimizer=nope",), "craft-run: error: In 'run': Could not find 'optimizer/nope'"),
+    (("optimizer=nope",), "craft-run: error: In 'run': Could not find 'optimizer/nope'; expected one of adam, adamw, "),
+    (("export=foo",), "craft-run: error: In 'run': Could not find 'export/foo'; expected one of none, onnx_int4, "
+                      "onnx_int8, onnx_int8_searched"),
     (("+newkey=1",), "craft-run: error: newkey is not allowed"),
     (("device=cuda",), "craft-run: error: device=cuda is not allowed"),
 ])

@@ -5,7 +5,7 @@ from helpers import CONF, compose_run
 
 from craft_runner.config import ConfigError, to_run_config
 
-GROUPS = ["model", "dataset", "optimizer", "arch", "compress", "logger", "experiment"]
+GROUPS = ["model", "dataset", "optimizer", "arch", "compress", "export", "logger", "experiment"]
 
 
 def options(group):
