@@ -453,7 +453,8 @@ def compress(p: Prepared) -> tuple[nn.Module, dict]:
         return train.fit(m, loader, build_optimizer(m, rc.optimizer), dataclasses.replace(rc.train, epochs=epochs),
                          p.device, desc="fine-tune")
 
-    info = apply_compression(model, rc.compress, CompressContext(p.device, calib, fine_tune))
+    info = apply_compression(model, rc.compress, CompressContext(p.device, calib, fine_tune,
+                                                                     progress=None if rc.train.progress else False))
     if rc.compress.bn_recalib:
         from craft_runner.compress.bn import recalibrate_bn
 

@@ -41,6 +41,8 @@ class CompressContext:
     calib_batches: list = field(default_factory=list)
     # Fine-tunes the model for a number of epochs with the run's optimizer and data.
     fine_tune: Optional[Callable[[nn.Module, int], None]] = None
+    # Long searches (PTQ) report each op: a bar on a terminal (None) or log lines only (False), as train.progress.
+    progress: Optional[bool] = None
 
 
 def _resolve(cfg: CompressConfig):

@@ -40,6 +40,8 @@ __all__ = ["GeluTwinQuantizer", "SoftmaxTwinQuantizer", "UniformQuantizer", "_fr
            "post_gelu_linears", "ptq4vit", "search_layer", "search_matmul"]
 
 
-def ptq4vit(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches) -> tuple[dict, dict]:
-    """PTQ4ViT in place on ``layers`` (and the attention matmuls); returns (record, {layer: weight scale})."""
-    return run_ptq(model, layers, cfg, calib_batches, "ptq4vit")
+def ptq4vit(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches,
+            progress: bool | None = None) -> tuple[dict, dict]:
+    """PTQ4ViT in place on ``layers`` (and the attention matmuls); returns (record, {layer: weight scale}).
+    ``progress``: the search's per-op report (see :class:`craft_runner.compress.search.SearchProgress`)."""
+    return run_ptq(model, layers, cfg, calib_batches, "ptq4vit", progress)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_runner.calibration import forward_with_hooks
+from craft_runner.compress.fold import fold_for_compression
 from craft_runner.compress.quant import FULL_PRECISION_BITS, WeightFakeQuant, attach_input_quantizer, round_ste
 from craft_runner.compress.registry import CompressConfig, parse_bits, register_compressor
 from craft_runner.schema import _check, _check_choice
@@ -376,6 +377,7 @@ def quantized_input_layers(model: nn.Module, layers: list[tuple[str, nn.Module]]
 
 def pact_qat(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx) -> dict:
     """PACT QAT in place: insert activation quantizers, train ``cfg.epochs`` with fake-quantized weights."""
+    folded = fold_for_compression(model, cfg.fold_bn, ctx.calib_batches)
     init = {}
     if cfg.a_bits < FULL_PRECISION_BITS:
         if cfg.act_quant == "distiller":
@@ -410,7 +412,7 @@ def pact_qat(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, ctx) ->
             "act_quantizers": n_act, "signed_act_quantizers": n_signed_act,
             "input_quantizers": len(own), "signed_input_quantizers": n_signed_own,
             "quantized_layers": len(layers), "quantized_inputs": len(covered), "quantized_weights": n_wq,
-            "float_inputs": float_inputs, "alpha_init": init, "alpha": final}
+            "float_inputs": float_inputs, "alpha_init": init, "alpha": final, **folded}
 
 
 # --------------------------------------------------------------------------------------------- the compressor
@@ -462,6 +464,9 @@ class QATConfig(CompressConfig):
     alpha_weight_decay: float = 0.0
     # PACT keeps the first and last layers (weights and inputs) in full precision.
     skip_first_last: bool = True
+    # Fold each BatchNorm into the Conv2d before it before QAT (BN removed: the trained grid is the one
+    # that deploys); false: BN trained as in the papers (craft_runner.compress.fold).
+    fold_bn: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -481,7 +486,8 @@ ACT_QUANT_LABELS = {"layer_inputs": "layer inputs", "activations": "all activati
 def qat_label(c: dict) -> str:
     # distiller's coverage (the default) unmarked; the options say which they are.
     extra = ACT_QUANT_LABELS.get(c.get("act_quant", "distiller"))
-    return f"QAT W{c['w_bits']}A{c['a_bits']}" + (f" ({extra})" if extra else "")
+    fold = " +foldBN" if c.get("fold_bn") else ""
+    return f"QAT W{c['w_bits']}A{c['a_bits']}{fold}" + (f" ({extra})" if extra else "")
 
 
 register_compressor("qat", QATConfig, label=qat_label)(pact_qat)

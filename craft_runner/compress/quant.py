@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from craft_runner.compress.attention import make_attention_explicit
+from craft_runner.compress.fold import fold_for_compression
 from craft_runner.compress.ptq4vit import ptq4vit
 from craft_runner.compress.quantizers import (  # noqa: F401  (re-exported: the quantizers' former home)
     FULL_PRECISION_BITS,
@@ -58,15 +59,17 @@ log = logging.getLogger(__name__)
 METRICS = ("cosine", "hessian", "mse")
 
 
-def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches) -> tuple[dict, dict]:
+def base_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches,
+             progress: bool | None = None) -> tuple[dict, dict]:
     """BasePTQ in place on ``layers`` (and, with ``cfg.quant_attention``, the operands of timm ViT
-    attention's q·kᵀ and attn·v, run as explicit matmuls). ``cfg``: a ``PTQConfig``.
+    attention's q·kᵀ and attn·v, run as explicit matmuls). ``cfg``: a ``PTQConfig``; ``progress``: the
+    search's per-op report (see :class:`craft_runner.compress.search.SearchProgress`).
 
     Returns (record, {layer: fixed weight scale}); layers with per-output-channel max-based scales
     are left out, so fine-tuning recomputes their scales from the current weight.
     """
     if cfg.search != "none":
-        return run_ptq(model, layers, cfg, calib_batches, "base")
+        return run_ptq(model, layers, cfg, calib_batches, "base", progress)
     w_bits, a_bits = cfg.w_bits, cfg.a_bits
     groups = weight_groups(model, layers, cfg.weight_granularity)
     float_in = set() if cfg.quant_stem_input else stem_layers(model, layers)
@@ -192,6 +195,9 @@ class PTQConfig(CompressConfig):
     twin_softmax: str = "reference"
     # Post-softmax twin ranges: Δ_R1 = Δ_R2 / 2^m (split 2^-m), m searched in 0..max_softmax_shift.
     max_softmax_shift: int = 19
+    # Fold each BatchNorm into the Conv2d before it first, so the searched grid is the one that deploys
+    # (craft_runner.compress.fold; the ONNX export folds them). false: the papers' unfolded weights.
+    fold_bn: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -242,19 +248,24 @@ def ptq_label(c: dict) -> str:
     maxed = " max" if c.get("search") == "none" else ""  # max-based scales, not the searched ones
     default = "cosine" if c.get("method", "base") == "base" else "hessian"
     metric = f" {c['metric']}" if c.get("metric") not in (None, default) else ""  # a search score not the method's
-    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{metric}{ft}"
+    fold = " +foldBN" if c.get("fold_bn") else ""
+    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{metric}{fold}{ft}"
 
 
 @register_compressor("ptq", PTQConfig, label=ptq_label)
 def ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: PTQConfig, ctx) -> dict:
     """BasePTQ or PTQ4ViT, then (``finetune_epochs`` > 0) fine-tuning with the weights kept quantized."""
+    # train.progress (None: tqdm's own rule, a bar only on a terminal; False: log lines only)
+    progress = ctx.progress
+    folded = fold_for_compression(model, cfg.fold_bn, ctx.calib_batches)
     if cfg.method == "ptq4vit":
-        info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches)
+        info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches, progress)
     else:
-        info, scales = base_ptq(model, layers, cfg, ctx.calib_batches)
+        info, scales = base_ptq(model, layers, cfg, ctx.calib_batches, progress)
     fits = []  # what ctx.fine_tune returns (train.fit's record): its per-epoch history goes to results.json
     if cfg.finetune_epochs:
         fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs,
                             ctx.fine_tune and (lambda m, e: fits.append(ctx.fine_tune(m, e))), scales)
     history = [h for f in fits if isinstance(f, dict) for h in f.get("history", [])]
-    return {**info, "finetune_epochs": cfg.finetune_epochs, **({"finetune_history": history} if history else {})}
+    return {**info, **folded, "finetune_epochs": cfg.finetune_epochs,
+            **({"finetune_history": history} if history else {})}

@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from craft_runner.compress.attention import make_attention_explicit
 from craft_runner.compress.quantizers import (
     FULL_PRECISION_BITS,
+    GELU_NEG_RANGE,
     GeluTwinQuantizer,
     SoftmaxTwinQuantizer,
     UniformQuantizer,
@@ -42,7 +45,6 @@ from craft_runner.compress.quantizers import (
     fake_quant,
     init_scale,
     twin_softmax,
-    twin_uniform_gelu,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 HESSIAN_BATCH = 4
 # Elements of the largest tensor one chunk of candidates may produce (bounds memory, keeps GEMMs large).
 CHUNK_ELEMENTS = {"cpu": 2 ** 24, "cuda": 2 ** 27}
+# Elements of candidate outputs scored per block (hessian, mse): small enough to stay in cache.
+SCORE_BLOCK = 2 ** 18
 # Bytes of calibration inputs/outputs/gradients captured in one pass over the calibration data.
 CAPTURE_BYTES = {"cpu": 2 ** 30, "cuda": 2 ** 32}
 
@@ -175,14 +179,29 @@ class _Scorer:
                 norm = torch.linalg.vector_norm(out, dim=-1).mul_(self.ref_norm.reshape(-1, 1))
                 # x·y / max(|x||y|, 1e-8): torch.cosine_similarity as the reference code used it
                 return dot.div_(norm.clamp_min_(1e-8)).mean(0).neg_().reshape(k, 1)
-            dot = (out * self.ref).sum(-1)
-            e = dot.div_((torch.linalg.vector_norm(out, dim=-1) * self.ref_norm).clamp_min_(1e-8)).neg_()
+            norm = torch.linalg.vector_norm(out, dim=-1).mul_(self.ref_norm)
+            e = out.mul_(self.ref).sum(-1).div_(norm.clamp_min_(1e-8)).neg_()
         else:
-            d = out - self.ref
-            if self.grad is not None:
-                d.mul_(self.grad)
-            e = d.pow_(2).mean(-1)
+            e = self._squared_error(out)
         return e.reshape(k, -1, self.groups).mean(1)
+
+    def _squared_error(self, out: torch.Tensor) -> torch.Tensor:
+        """mean over F of (grad ⊙ (out − ref))², (k, *positions, G), contiguous as a reduction gives it.
+
+        ``out`` is the candidates' fresh output: it is overwritten. Its elementwise passes go block by block
+        of the first position dim, so that each block stays in cache across them (the chunk is far larger)."""
+        e = out.new_empty(out.shape[:-1])
+        rows = out.shape[1] if out.dim() > 3 else 1
+        step = max(1, SCORE_BLOCK // max(out.numel() // rows, 1))
+        for i in range(0, rows, step):
+            blk = slice(i, i + step) if out.dim() > 3 else slice(None)
+            d = out[:, blk].sub_(self.ref[blk])
+            if self.grad is not None:
+                d.mul_(self.grad[blk])
+            d.pow_(2)
+            # A mean over one feature is the value itself (the size-1 reduction was a fifth of the per-channel search).
+            e[:, blk] = d.squeeze(-1) if self.feats == 1 else d.mean(-1)
+        return e
 
 
 def _chunks(n: int, per_candidate: int, device: torch.device) -> list[slice]:
@@ -215,6 +234,21 @@ def _rows(s: torch.Tensor, out_features: int, w_dim: int) -> torch.Tensor:
     return s.reshape(*s.shape, *([1] * (w_dim - 1)))
 
 
+def _gelu_twin_of(x: torch.Tensor, n_bits: int):
+    """twin_uniform_gelu(x, n_bits, Δ) as a function of Δ, for k candidates at once: the negative range
+    (fixed Δ_R1) and the sign are computed once, not once per candidate."""
+    levels = 2 ** (n_bits - 1)
+    delta_neg = GELU_NEG_RANGE / levels
+    neg = torch.clamp(torch.round(x / delta_neg), -levels, 0) * delta_neg
+    negative = x < 0
+
+    def act(t, s):  # t: x, or x with a leading candidate dim of 1
+        pos = torch.div(t, s).round_().clamp_(0, levels - 1).mul_(s)
+        return torch.where(negative, neg, pos)
+
+    return act
+
+
 def _conv(module: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, bias, groups: int) -> torch.Tensor:
     pad = module.padding
     if module.padding_mode != "zeros":
@@ -244,16 +278,8 @@ def search_layer(module: nn.Module, x: torch.Tensor, out: torch.Tensor, grad, w_
     qa = a_bits < FULL_PRECISION_BITS and quant_input
     w_s0 = init_scale(_group_max(w, w_groups), w_bits) if w_s0 is None else w_s0.float().reshape(-1).expand(w_groups)
 
-    if post_gelu:
-        a_s0 = init_scale(x.max().clamp_min(0), a_bits) if a_s0 is None else a_s0
-
-        def act(t, s):
-            return twin_uniform_gelu(t, a_bits, s)
-    else:
-        a_s0 = init_scale(x.abs().max(), a_bits) if a_s0 is None else a_s0
-
-        def act(t, s):
-            return _fq(t, a_bits, s)
+    if a_s0 is None:
+        a_s0 = init_scale(x.max().clamp_min(0) if post_gelu else x.abs().max(), a_bits)
     a_s0 = torch.as_tensor(a_s0, dtype=torch.float32, device=x.device).reshape(1)
 
     g_rows = n_out // w_groups
@@ -288,6 +314,11 @@ def search_layer(module: nn.Module, x: torch.Tensor, out: torch.Tensor, grad, w_
         def out_a(s, wq):
             return F.linear(act(x_flat.unsqueeze(0), s.reshape(-1, 1, 1)), wq, bias).unsqueeze(2)
 
+    if post_gelu:
+        act = _gelu_twin_of(x_flat, a_bits)
+    else:
+        def act(t, s):
+            return _fq(t, a_bits, s)
     grad_ref = None if grad is None else (grad.permute(0, 2, 3, 1) if is_conv else grad).reshape(ref.shape)
     score_w = _Scorer(ref.reshape(-1, w_groups, g_rows), _maybe(grad_ref, (-1, w_groups, g_rows)), metric)
     score_a = _Scorer(ref.reshape(-1, 1, n_out), _maybe(grad_ref, (-1, 1, n_out)), metric)
@@ -425,20 +456,54 @@ def _passes(model: nn.Module, ops: list, calib_batches, need_grad: bool) -> list
     return passes
 
 
+class SearchProgress:
+    """Op i/N with its name, the elapsed time and an ETA (mean time per op so far × ops left): a tqdm bar
+    on a terminal, one log line per op otherwise — train.fit's convention (``progress``: None or True
+    lets tqdm show the bar only on a terminal, False never)."""
+
+    def __init__(self, total: int, desc: str, progress: bool | None = None):
+        self.total, self.desc, self.done, self.t0 = total, desc, 0, time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit="op", leave=False,
+                        disable=None if progress in (None, True) else True)
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        if self.bar.disable:
+            log.info("%s %d/%d %s: elapsed %s, ETA %s", self.desc, self.done, self.total, name,
+                     _clock(elapsed), _clock(eta))
+        else:
+            self.bar.set_postfix_str(name, refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def search_model(model: nn.Module, layers: list[tuple[str, nn.Module]], matmuls: list[tuple[str, nn.Module]],
-                 plan: SearchPlan, calib_batches) -> tuple[dict, dict]:
-    """Search every op of ``layers`` and ``matmuls`` on the full-precision model. Returns
-    ({layer: (weight scale or None, input scale or None)}, {matmul: (quant_a, quant_b)})."""
+                 plan: SearchPlan, calib_batches, progress: bool | None = None,
+                 desc: str = "PTQ search") -> tuple[dict, dict]:
+    """Search every op of ``layers`` and ``matmuls`` on the full-precision model, reporting each op as
+    it is done (:class:`SearchProgress`). Returns ({layer: (weight scale or None, input scale or None)},
+    {matmul: (quant_a, quant_b)})."""
     need_grad = plan.metric == "hessian"
     order = {m: i for i, m in enumerate(model.modules())}
     ops = sorted([(n, m, 1) for n, m in layers] + [(n, m, 2) for n, m in matmuls], key=lambda t: order[t[1]])
     layer_q, mm_q = {}, {}
-    with frozen(model):
+    bar = SearchProgress(len(ops), desc, progress)
+    with frozen(model), contextlib.closing(bar):
         for group in _passes(model, ops, calib_batches, need_grad):
             data = capture(model, [(m, k) for _, m, k in group], calib_batches, need_grad, plan.loss)
             for name, m, k in group:
                 if m not in data:
                     log.warning("PTQ: %s is not used in the forward pass, left in float", name)
+                    bar.step(name)
                     continue
                 inputs, out, grad = data.pop(m)
                 if k == 1:
@@ -450,6 +515,7 @@ def search_model(model: nn.Module, layers: list[tuple[str, nn.Module]], matmuls:
                     mm_q[m] = search_matmul(*inputs, out, grad, plan.a_bits, plan.ratios, plan.rounds, plan.metric,
                                             softmax, plan.max_shift, plan.per_head)
                 del inputs, out, grad
+                bar.step(name)
     return layer_q, mm_q
 
 
@@ -502,10 +568,11 @@ def weight_groups(model: nn.Module, layers: list[tuple[str, nn.Module]], granula
 # --------------------------------------------------------------------------- BasePTQ / PTQ4ViT
 
 
-def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches, method: str):
+def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_batches, method: str,
+            progress: bool | None = None):
     """Searched PTQ in place: ``method`` base (plain uniform quantizers) or ptq4vit (twin uniform
-    post-softmax / post-GELU quantizers with ``cfg.twin``), both scoring candidates by ``cfg.metric``.
-    Returns (record, {layer: weight scale})."""
+    post-softmax / post-GELU quantizers with ``cfg.twin``), both scoring candidates by ``cfg.metric``;
+    ``progress`` as for :class:`SearchProgress`. Returns (record, {layer: weight scale})."""
     if not calib_batches:
         raise ValueError(f"{method} PTQ needs calibration batches")
     w_bits, a_bits = cfg.w_bits, cfg.a_bits
@@ -520,7 +587,8 @@ def run_ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg, calib_ba
         float_input=set() if cfg.quant_stem_input else stem_layers(model, layers),
         post_gelu=post_gelu_linears(model) if twin else set(), softmax=cfg.twin_softmax if twin else None,
         max_shift=cfg.max_softmax_shift, per_head=cfg.operand_granularity == "head", loss=cfg.hessian_loss)
-    layer_q, mm_q = search_model(model, layers, matmuls, plan, calib_batches)
+    layer_q, mm_q = search_model(model, layers, matmuls, plan, calib_batches, progress,
+                                 "BasePTQ search" if method == "base" else "PTQ4ViT search")
     scales, n_w, n_in, n_gelu = {}, 0, 0, 0
     for _, m in layers:
         w_s, a_s = layer_q.get(m, (None, None))
