@@ -28,6 +28,9 @@ craft_runner.models; a local equivalent if that import fails), 32x32 inputs, cha
   Lanczos) spends at tol=1e-3 (the runner's default) and 1e-2 against the power iteration the runner used
   before (PyHessian's rule: stop when the Rayleigh quotient changes by less than tol, relative), on the same
   batch, each from its seeded random start. A count, not a time: both spend their time in the same products.
+- BasePTQ / PTQ4ViT search / layer forward: the scale search of one ResNet-20 Conv2d (BasePTQ: cosine, one
+  round; PTQ4ViT: Hessian-guided, per output channel, three rounds; 100 candidates) over one forward of that layer
+  on the same 32 calibration images, one thread: the seconds a layer costs, in forwards of it.
 
     .venv/bin/python scripts/bench.py [--rounds 30] [--strict] [--tokens-only]
 """
@@ -386,6 +389,113 @@ def bench_tokens(batch: int = 8, reps: int = 5) -> list[Row]:
     return rows
 
 
+EXPORT_TARGETS = {"resnet_int8": 0.85, "vit_int8": 0.90, "vit_int4": 1.10}
+
+
+def bench_export(rounds: int = 20) -> list[Row]:
+    """Real artifacts (craft_runner.export): ONNX Runtime latency of the int8 / int4 file over the fp32 file of
+    the same BatchNorm-folded model, measured as export=... measures it (one thread, interleaved, medians):
+    ResNet-20 (32x32, 10 classes) int8 QDQ at batch 1 and 64; ViT-Ti/16 224 (random weights, 10 classes)
+    int8 QDQ and int4 MatMulNBits (Conv stem fp32) at batch 1. Calibration: 8 random images."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import timm
+
+    import craft_runner.models  # noqa: F401  (registers resnet20 in timm)
+    from craft_runner.export import ExportConfig, ExportJob
+    from craft_runner.export.onnx_io import deployable_copy, export_onnx, latency_ratio, session
+    from craft_runner.export.registry import get_format
+
+    def ratios(model, shape, fmt, batches, out):
+        g = torch.Generator().manual_seed(0)
+        calib = [torch.randn(8, *shape, generator=g).numpy()]
+        sample = torch.from_numpy(calib[0][:1].copy())
+        deploy, _ = deployable_copy(model.eval(), sample)
+        job = ExportJob(ExportConfig(name=fmt), model, out, calib)
+        job.fp32_path = export_onnx(deploy, out / "model_fp32.onnx", sample, "torchscript", 17)
+        get_format(fmt)(job)
+        real, fp32 = session(job.artifact, 1), session(job.fp32_path, 1)
+        nbytes = job.artifact.stat().st_size / job.fp32_path.stat().st_size
+        return {b: {**latency_ratio(real, fp32, np.concatenate([calib[0]] * (b // 8 + 1))[:b], 3,
+                                    rounds if b == 1 else max(5, rounds // 3)), "bytes": nbytes} for b in batches}
+
+    rows = []
+    torch.manual_seed(0)
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer warns per LayerNorm weight on the root logger
+    with tempfile.TemporaryDirectory() as d:
+        resnet = timm.create_model("resnet20", num_classes=10).eval()
+        r = ratios(resnet, (3, 32, 32), "onnx_int8", (1, 64), Path(d) / "r8")
+        for b in (1, 64):
+            rows.append(Row(f"ONNX int8 / fp32 ResNet-20, batch {b}", r[b]["ratio"], EXPORT_TARGETS["resnet_int8"],
+                            f"{r[b]['real_ms']:.2f} vs {r[b]['fp32_ms']:.2f} ms, 32x32, 1 thread, ONNX Runtime CPU; "
+                            f"{r[b]['bytes']:.2f}x the bytes"))
+        vit = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
+        for fmt, key in (("onnx_int8", "vit_int8"), ("onnx_int4", "vit_int4")):
+            v = ratios(vit, (3, 224, 224), fmt, (1,), Path(d) / fmt)[1]
+            rows.append(Row(f"ONNX {fmt[5:]} / fp32 ViT-Ti/16 224, batch 1", v["ratio"], EXPORT_TARGETS[key],
+                            f"{v['real_ms']:.1f} vs {v['fp32_ms']:.1f} ms, random weights, 1 thread; "
+                            f"{v['bytes']:.2f}x the bytes"))
+    logging.getLogger().setLevel(quiet)
+    return rows
+
+
+# Search seconds over one forward of the layer; 100 candidates x (weights + input) x rounds is the floor (200
+# BasePTQ, 600 PTQ4ViT), the quantizing and scoring of each candidate's output cost ~5x that. Measured (2 shared
+# cores): BasePTQ 1000-1200, PTQ4ViT 3200 (4200 before item 13's blocked scoring): ~1.2-1.4x headroom.
+PTQ_TARGETS = {"base": 1500.0, "ptq4vit": 3800.0}
+
+
+def bench_ptq_search(model, rounds: int = 3, n_images: int = 32) -> list[Row]:
+    """BasePTQ / PTQ4ViT scale search (craft_runner.compress.search.search_layer) of one 3x3 Conv2d of ResNet-20
+    (the 10th, stage 2) against one forward of that layer on the same calibration data (32 random 32x32 images:
+    compress.calib_size's default), one thread, interleaved, medians (a forward: the median of 20)."""
+    import functools
+
+    import torch.nn.functional as F
+
+    from craft_runner.compress import search as S
+
+    m = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
+    conv = [c for c in m.modules() if isinstance(c, nn.Conv2d)][9]
+    x = torch.randn(n_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for method, metric, lo, n_rounds, groups in (("base", "cosine", 0.5, 1, 1),
+                                                ("ptq4vit", "hessian", 0.01, 3, conv.out_channels)):
+        with S.frozen(m):
+            (xin,), out, grad = S.capture(m, [(conv, 1)], [(x, None)], metric == "hessian")[conv]
+        ratios = S.candidate_ratios(lo, 1.2, 100)
+
+        search = functools.partial(S.search_layer, conv, xin, out, grad, 8, 8, ratios, n_rounds, metric, groups)
+        forward = functools.partial(F.conv2d, xin, conv.weight.detach(), None if conv.bias is None else
+                                    conv.bias.detach(), conv.stride, conv.padding, conv.dilation, conv.groups)
+        ts, tf = [], []
+        for r in range(rounds):
+            for f in ((search, forward) if r % 2 == 0 else (forward, search)):
+                if f is search:
+                    t0 = _now()
+                    search()
+                    ts.append(_now() - t0)
+                else:
+                    reps = []
+                    for _ in range(20):
+                        t0 = _now()
+                        forward()
+                        reps.append(_now() - t0)
+                    tf.append(statistics.median(reps))
+        ratio = statistics.median(ts) / statistics.median(tf)
+        name = "BasePTQ" if method == "base" else "PTQ4ViT"
+        rows.append(Row(f"{name} search / layer forward", ratio, PTQ_TARGETS[method],
+                        f"{statistics.median(ts):.2f} s vs {1e3 * statistics.median(tf):.2f} ms, {metric}, "
+                        f"{n_rounds} round(s) x 100 candidates (floor {200 * n_rounds}), ResNet-20 "
+                        f"{conv.in_channels}->{conv.out_channels} 3x3 on {n_images} images, 1 thread, {rounds} pairs"))
+    torch.set_num_threads(threads)
+    return rows
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40, help="interleaved steps per optimizer (default 40)")
@@ -423,6 +533,8 @@ def main(argv=None) -> int:
         ex = torch.randn(6 * batch, 3, 32, 32, generator=g)
         ey = torch.randint(0, 10, (6 * batch,), generator=g)
         rows.append(bench_epoch(model, ex, ey, batch, rounds=6, deadline=start + args.budget))
+        rows += bench_export()
+        rows += bench_ptq_search(model)
     rows += bench_tokens()
 
     w = max(len(r.name) for r in rows)
