@@ -158,7 +158,7 @@ def test_base_ptq_quantizes_vit_attention_matmuls():
 
 def test_ptq_config_errors_are_one_line():
     for kwargs, key in [(dict(method="gptq"), "compress.method"), (dict(scale_min=0.5, scale_max=0.4), "scale_max"),
-                        (dict(metric="cosine"), "compress.metric"), (dict(finetune_epochs=-1), "finetune_epochs"),
+                        (dict(metric="l1"), "compress.metric"), (dict(finetune_epochs=-1), "finetune_epochs"),
                         (dict(weight_granularity="group"), "weight_granularity"),
                         (dict(max_softmax_shift=40), "max_softmax_shift")]:
         with pytest.raises(ConfigError, match=key) as e:
