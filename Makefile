@@ -9,7 +9,7 @@ DEFAULT_DIR ?= outputs/default
 THREADS ?=
 RUN := $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) )$(BIN)/craft-run
 
-.PHONY: help install run tables pretrained test test-full test-slow test-cuda lint bench clean
+.PHONY: help install run tables pretrained test test-full test-slow test-cuda lint bench smoke-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,10 @@ lint: $(STAMP)  ## ruff
 
 bench: $(STAMP)  ## speed ratios measured side by side
 	$(BIN)/python scripts/bench.py
+
+SMOKE ?= outputs/smoke
+smoke-paper: $(STAMP)  ## paper-scale dry run on CPU (ViT-B/16 224, SNT models), writes outputs/smoke/projection.json
+	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) )$(BIN)/python scripts/smoke_paper.py --out $(SMOKE)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs
