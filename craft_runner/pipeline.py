@@ -30,7 +30,7 @@ from craft_runner import __version__
 from craft_runner.atomic import atomic_save, atomic_write_json
 from craft_runner.config import to_run_config
 from craft_runner.schema import ConfigError, RunConfig
-from craft_runner.tracking import export_scalars, make_tracker
+from craft_runner.tracking import export_scalars, make_tracker, without_export_none
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,7 @@ _NOT_COMPARED = ("rerun", "dry_run")
 
 
 def _comparable(config: dict) -> dict:
-    c = json.loads(json.dumps(config, sort_keys=True, default=str))
-    # No export is the same cell whether or not the config knew the export group (results.json before it).
-    if (c.get("export") or {}).get("name", "none") == "none":
-        c.pop("export", None)
+    c = without_export_none(json.loads(json.dumps(config, sort_keys=True, default=str)))
     return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
 
 
@@ -292,6 +289,16 @@ def prepare(cfg) -> Prepared:
     return Prepared(rc, device, data, model)
 
 
+def _uncertified_lambda_min_dropped(results: dict) -> dict:
+    """Diagnostics cached before λmin needed its own certificate: their λmin is dropped, never reported."""
+    for d in results.values():
+        lam = d.get("lambda_max") if isinstance(d, dict) else None
+        if isinstance(lam, dict) and "lambda_min_converged" not in lam:
+            lam.update(lambda_min=None, lambda_min_converged=False, lambda_min_residual=None)
+            d.get("scalars", {}).pop("lambda_min", None)
+    return results
+
+
 class Diagnostics:
     """The diagnostics of the weights of one cache entry, measured once per key and kept beside them."""
 
@@ -302,7 +309,7 @@ class Diagnostics:
         self.dir = p.cache_dir / "diagnostics" / _digest(inputs)
         self._inputs = inputs
         self.path = self.dir / "diagnostics.json"
-        self.results: dict = _read_json(self.path) if self.path.exists() else {}
+        self.results: dict = _uncertified_lambda_min_dropped(_read_json(self.path)) if self.path.exists() else {}
         self._batches = None
         self.enabled = s.enabled
 

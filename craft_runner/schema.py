@@ -215,7 +215,13 @@ class RunConfig:
         if getattr(opt, "name", None) in ("saf", "mesa") and isinstance(self.train, TrainConfig):
             # the trajectory term is on in epochs start < epoch < end (0-based): a window past the run's end
             # would train plain Adam under SAF's or MESA's name
-            start = opt.traj_start_epoch
+            start, end = opt.traj_start_epoch, opt.traj_end_epoch
             _check(start + 1 < self.train.epochs, "optimizer.traj_start_epoch", start,
                    f"an epoch below train.epochs - 1 = {self.train.epochs - 1} (the {opt.name} term is on from "
                    f"epoch traj_start_epoch + 1, 0-based)")
+            _check(end is None or end > start + 1, "optimizer.traj_end_epoch", end,
+                   f"null or above traj_start_epoch + 1 = {start + 1} (the term is on in start < epoch < end)")
+            # SAF's first active epoch reads the logits of saf_epochs_ago epochs before it: they must exist
+            _check(opt.name != "saf" or start + 1 >= opt.saf_epochs_ago, "optimizer.traj_start_epoch", start,
+                   f"at least saf_epochs_ago - 1 = {opt.saf_epochs_ago - 1} (SAF compares with the logits of "
+                   f"{opt.saf_epochs_ago} epochs before its first active epoch)")

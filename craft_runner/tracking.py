@@ -160,8 +160,9 @@ _SHOWN = ("optimizer", "arch", "compress", "seed")
 _NOT_IDENTITY = ("paths", "logger", "rerun", "dry_run", "name", "optimized_metric")
 
 
-def _identity(config: dict) -> dict:
-    """``config`` without an export of none: such a cell keeps the name and digest it had before the group."""
+def without_export_none(config: dict) -> dict:
+    """``config`` without an export of none: such a cell is the one it was before the export group existed (its
+    name, digest and done-check unchanged)."""
     if (config.get("export") or {}).get("name", "none") == "none":
         return {k: v for k, v in config.items() if k != "export"}
     return config
@@ -171,7 +172,7 @@ def run_name(config: dict) -> str:
     """``<optimizer>-<arch>-<compression>-s<seed>-<4 hex>``: readable, and unique per cell — the digest covers
     every other setting (model, data set, schedule, learning rate, ...), so cells that differ elsewhere differ."""
     label = _compression(config).replace(" ", "").replace("/", "_")
-    rest = {k: v for k, v in _identity(config).items() if k not in _SHOWN + _NOT_IDENTITY}
+    rest = {k: v for k, v in without_export_none(config).items() if k not in _SHOWN + _NOT_IDENTITY}
     rest["optimizer"] = {k: v for k, v in config["optimizer"].items() if k != "name"}
     return (f"{config['optimizer']['name']}-{arch_label(config['arch'])}-{label}-s{config['seed']}-"
             f"{_short_digest(rest)}")
@@ -189,7 +190,7 @@ def run_tags(config: dict, extra=()) -> list[str]:
 
 def cell_digest(config: dict) -> str:
     """What makes two runs the same cell wherever their run directory is (a resumed run in a new directory)."""
-    return _short_digest({k: v for k, v in _identity(config).items()
+    return _short_digest({k: v for k, v in without_export_none(config).items()
                           if k not in ("paths", "logger", "rerun", "dry_run")}, 16)
 
 

@@ -218,6 +218,22 @@ def test_a_trajectory_window_past_the_run_is_refused(name):
                                           rf"= 3 \(the {name} term"):
         RunConfig(optimizer=OptimizerConfig(name=name, traj_start_epoch=3), train=TrainConfig(epochs=4))
     RunConfig(optimizer=OptimizerConfig(name="adam", traj_start_epoch=3), train=TrainConfig(epochs=4))
+    # an end that leaves no epoch strictly between start and end
+    with pytest.raises(ConfigError, match=r"^optimizer.traj_end_epoch=2 is not allowed: expected null or above "):
+        RunConfig(optimizer=OptimizerConfig(name=name, traj_start_epoch=1, traj_end_epoch=2),
+                  train=TrainConfig(epochs=6))
+
+
+def test_saf_needs_the_logits_its_first_active_epoch_compares_with():
+    from craft_runner.schema import RunConfig
+
+    # first active epoch 1 reads the logits of epoch 1 - 3 < 0: never written
+    with pytest.raises(ConfigError, match=r"^optimizer.traj_start_epoch=0 is not allowed: expected at least "
+                                          r"saf_epochs_ago - 1 = 2"):
+        RunConfig(optimizer=OptimizerConfig(name="saf", traj_start_epoch=0, saf_epochs_ago=3),
+                  train=TrainConfig(epochs=8))
+    RunConfig(optimizer=OptimizerConfig(name="saf", traj_start_epoch=2, saf_epochs_ago=3), train=TrainConfig(epochs=8))
+    RunConfig(optimizer=OptimizerConfig(name="mesa", traj_start_epoch=0, saf_epochs_ago=3), train=TrainConfig(epochs=8))
 
 
 def test_saf_refuses_a_loader_without_indices():

@@ -167,3 +167,16 @@ def test_sharpness_config_checks():
         SharpnessConfig(method="arnoldi")
     with pytest.raises(ConfigError, match="sharpness.spectrum_k"):
         SharpnessConfig(spectrum_k=0)
+
+
+def test_diagnostics_cached_before_certification_report_no_lambda_min():
+    from craft_runner.pipeline import _uncertified_lambda_min_dropped
+
+    old = {"after": {"lambda_max": {"value": 10.0, "lambda_min": -3.0}, "scalars": {"lambda_max": 10.0,
+                                                                                      "lambda_min": -3.0}}}
+    new = {"after": {"lambda_max": {"value": 10.0, "lambda_min": -3.0, "lambda_min_converged": True,
+                                    "lambda_min_residual": 1e-4}, "scalars": {"lambda_min": -3.0}}}
+    got = _uncertified_lambda_min_dropped(old)["after"]
+    assert got["lambda_max"]["lambda_min"] is None and not got["lambda_max"]["lambda_min_converged"]
+    assert "lambda_min" not in got["scalars"] and got["scalars"]["lambda_max"] == 10.0
+    assert _uncertified_lambda_min_dropped(new)["after"]["lambda_max"]["lambda_min"] == -3.0

@@ -53,6 +53,23 @@ def test_combinations_without_a_real_kernel_are_recorded_not_faked(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_int4_with_quantized_activations_is_simulated_only_and_a_float_file_off_torch_is_failed(tmp_path,
+                                                                                                  monkeypatch):
+    from craft_runner.export import simulated_only
+
+    # MatMulNBits runs float activations: an A8 cell is not what it would deploy
+    assert "A8" in simulated_only(ExportConfig(name="onnx_int4"), PTQConfig(bits="W4A8"))
+    assert simulated_only(ExportConfig(name="onnx_int4"), PTQConfig(bits="W4A16")) is None
+    # a parity bound no file can meet: the export is failed before anything is measured on it
+    import craft_runner.export as export
+
+    monkeypatch.setattr(export, "FP32_PARITY", -1.0)
+    rec = export_cell(_model(), ExportConfig(name="onnx_int8"), None, _batches(4, 1), _batches(4, 2), 50.0,
+                      tmp_path / "x")
+    assert rec["status"] == "failed" and "differs from the torch model" in rec["reason"]
+    assert "accuracy" not in rec and not list((tmp_path / "x").glob("*int8*"))
+
+
 def test_bad_export_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="export.block_size=24"):
         ExportConfig(name="onnx_int4", block_size=24)

@@ -152,3 +152,15 @@ def test_qat_with_fold_bn_removes_the_batchnorms_before_quantizing():
     s = wf[0].abs().max().item() / top
     q = torch.tensor([min(max(round(v / s), -8), top) * s for v in wf[0].flatten().tolist()])
     torch.testing.assert_close(conv.weight[0].detach().flatten(), q, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_bn_with_bn_recalibration_is_refused_in_one_line():
+    from craft_runner.compress.qat import QATConfig
+    from craft_runner.schema import ConfigError
+
+    for cls in (PTQConfig, QATConfig):
+        with pytest.raises(ConfigError, match=r"^compress.bn_recalib=8 is not allowed: expected 0 with "
+                                              r"compress.fold_bn=true"):
+            cls(fold_bn=True, bn_recalib=8)
+        cls(fold_bn=True)
+        cls(bn_recalib=8)

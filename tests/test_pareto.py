@@ -48,9 +48,12 @@ def cheap_sweep(tmp_path):
         for s in SEEDS:
             fp = 98.0
             for comp, drops in (("W4A16", r["w4"]), ("mag50", r["m50"])):
-                c = PruneConfig(sparsity=0.5) if comp == "mag50" else PTQConfig(bits=comp)
-                write(root / f"{opt}-{comp}-{s}", config("cheap_sam_small", opt, s, c), fp, fp + drops[s],
-                      lambda_max_after=float(r["lam"][s]), train_seconds=r["t"] * (1 + 0.01 * s))
+                for bn in (0, 8):  # BN re-calibration halves every drop: the same shares kept
+                    c = (PruneConfig(sparsity=0.5, bn_recalib=bn) if comp == "mag50"
+                         else PTQConfig(bits=comp, bn_recalib=bn))
+                    write(root / f"{opt}-{comp}-{bn}-{s}", config("cheap_sam_small", opt, s, c), fp,
+                          fp + drops[s] / (2 if bn else 1), lambda_max_after=float(r["lam"][s]),
+                          train_seconds=r["t"] * (1 + 0.01 * s))
     return root
 
 
@@ -59,8 +62,12 @@ def test_frontier_table_and_headline_from_a_sweep(cheap_sweep, tmp_path):
     assert main([str(cheap_sweep), "--out", str(out)]) == 0
     md = (out / "cheap_sam_small-pareto.md").read_text()
     assert (out / "cheap_sam_small-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    head = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert head[-2:] == ["headline met [bn_recalib=0]", "headline met [bn_recalib=8]"]
+    assert "W4A16 [bn_recalib=8]: kept of SAM's gain" in head and "λmax: kept of SAM's gain" == head[2]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines()
             if ln.startswith("| ") and not ln.startswith("| Row")}
+    assert rows["MSAM *"][-2] == "yes"
     assert rows["MSAM *"][-1] == "yes"  # cheap, and on the frontier
     assert rows["SWA *"][-1] == "no" and rows["LOOKSAM *"][-1] == "no"
     # LOOKSAM keeps all of SAM's cut at less cost: SAM is not on the frontier

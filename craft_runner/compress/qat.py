@@ -471,6 +471,8 @@ class QATConfig(CompressConfig):
     def __post_init__(self):
         super().__post_init__()
         parse_bits(self)
+        _check(not (self.fold_bn and self.bn_recalib), "compress.bn_recalib", self.bn_recalib,
+               "0 with compress.fold_bn=true (folding leaves no BatchNorm to re-calibrate)")
         _check_choice("compress.method", self.method, ("pact",))
         _check(self.epochs >= 0, "compress.epochs", self.epochs, "an integer >= 0")
         _check_choice("compress.weight_quant", self.weight_quant, ("dorefa", "symmetric"))

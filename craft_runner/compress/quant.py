@@ -202,6 +202,8 @@ class PTQConfig(CompressConfig):
     def __post_init__(self):
         super().__post_init__()
         parse_bits(self)
+        _check(not (self.fold_bn and self.bn_recalib), "compress.bn_recalib", self.bn_recalib,
+               "0 with compress.fold_bn=true (folding leaves no BatchNorm to re-calibrate)")
         _check_choice("compress.method", self.method, ("base", "ptq4vit"))
         _check_choice("compress.search", self.search, ("cosine", "none"))
         base = self.method == "base"

@@ -29,6 +29,8 @@ __all__ = ["ExportConfig", "ExportJob", "check_export", "export_cell", "format_n
 log = logging.getLogger(__name__)
 
 SPARSE_COMPRESSORS = ("prune",)
+# The fp32 file must reproduce the torch model to this relative difference before anything is measured on it.
+FP32_PARITY = 1e-3
 
 
 @dataclass
@@ -98,6 +100,12 @@ def export_cell(simulated: nn.Module, cfg: ExportConfig, compress, calib_batches
         ref = deploy(torch.from_numpy(calib[0]))
     got = torch.from_numpy(run(fp32, calib[0]))
     parity = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    if not parity <= FP32_PARITY:  # the float file already disagrees with torch: nothing it measures is trusted
+        reason = (f"the fp32 ONNX file differs from the torch model by {parity:.2e} (relative, max |logit|), above "
+                  f"{FP32_PARITY:g}")
+        log.warning("export=%s: failed: %s", cfg.name, reason)
+        return {"format": cfg.name, "status": "failed", "reason": reason, "fp32_parity_rel": parity,
+                "fp32_artifact": str(job.fp32_path)}
     info = get_format(cfg.name)(job)
     optimized = out_dir / (job.artifact.stem + ".optimized.onnx")
     real = session(job.artifact, cfg.threads, optimized)

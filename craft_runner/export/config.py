@@ -65,6 +65,8 @@ def simulated_only(export: ExportConfig, compress) -> Optional[str]:
         return "PTQ4ViT's twin-uniform grids (post-softmax / post-GELU) have no ONNX Runtime kernel"
     if a < FULL_PRECISION_BITS and a != 8:
         return f"{a}-bit activations have no ONNX Runtime kernel (uint8 only)"
+    if export.name == "onnx_int4" and a < FULL_PRECISION_BITS:
+        return f"MatMulNBits keeps activations in float: the A{a} cell has no int4 kernel (export=onnx_int8 for A8)"
     if export.name == "onnx_int4":
         if w < FULL_PRECISION_BITS and w != 4:
             return f"W{w} weights are not MatMulNBits' 4-bit ones"

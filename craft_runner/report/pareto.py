@@ -70,7 +70,7 @@ def frontier(table, targets: tuple = HEADLINE) -> list[dict]:
     """One dict per row: cost (mean, std, n) and, per target, kept (share, low, high) and the row's verdict."""
     names = _rows(table)
     adam, sam = names.get("ADAM"), names.get("SAM")
-    cols = [c for c in table.col_labels if c.split(" [", 1)[0] in targets or c == LAM]
+    cols = [c for c in table.col_labels if _base(c) in targets]
     rng = np.random.default_rng(0)
     out = []
     for name, key in names.items():
@@ -92,12 +92,25 @@ def frontier(table, targets: tuple = HEADLINE) -> list[dict]:
     return out
 
 
-def meets(entry: dict, targets: tuple = HEADLINE) -> Optional[bool]:
-    """Whether a row meets the headline (None: a figure it needs is missing)."""
+def _base(col: str) -> str:
+    """A column's label without the ``[field=value]`` that tells variants apart (e.g. ``[bn_recalib=8]``)."""
+    return col.split(" [", 1)[0]
+
+
+def variants(entries: list, targets: tuple = HEADLINE) -> list:
+    """The suffixes (``""``, ``"[bn_recalib=0]"``, ...) the headline's compression columns come in."""
+    cols = dict.fromkeys(c for e in entries for c in e["targets"] if _base(c) in targets and c != LAM)
+    return list(dict.fromkeys(c[len(_base(c)):].strip() for c in cols)) or [""]
+
+
+def meets(entry: dict, targets: tuple = HEADLINE, variant: str = "") -> Optional[bool]:
+    """Whether a row meets the headline with the compression columns of ``variant`` (None: a figure it needs is
+    missing)."""
     if entry["cost"] is None:
         return None
     ok = entry["cost"][0] <= COST_TARGET
     for t in targets:
+        t = t if t == LAM or not variant else f"{t} {variant}"
         got = entry["targets"].get(t)
         if got is None or got["verdict"] is None or math.isnan(got["kept"][0]):
             return None
@@ -128,12 +141,17 @@ def _fmt_share(k: tuple) -> str:
 def markdown(entries: list, targets: tuple = HEADLINE) -> str:
     """The table beside the figure: cost, per target the share kept and the verdict against Adam, headline."""
     front = on_front(entries)
-    head = ["Row", "cost vs Adam"] + [f"{t}: kept of SAM's gain" for t in targets] + ["headline met"]
+    cols = list(dict.fromkeys(c for e in entries for c in e["targets"]))
+    cols = [LAM] * (LAM in cols) + [c for c in cols if c != LAM]
+    vs = variants(entries, targets)
+    head = (["Row", "cost vs Adam"] + [f"{t}: kept of SAM's gain" for t in cols]
+            + [f"headline met {v}".strip() for v in vs])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
-        cost = "—" if e["cost"] is None else f"{e['cost'][0]:.2f}x ± {e['cost'][1]:.2f}"
+        cost = "—" if e["cost"] is None else f"{e['cost'][0]:.2f}x" + (
+            "" if math.isnan(e["cost"][1]) else f" ± {e['cost'][1]:.2f}")
         cells = []
-        for t in targets:
+        for t in cols:
             got = e["targets"].get(t)
             if got is None:
                 cells.append("—")
@@ -141,9 +159,10 @@ def markdown(entries: list, targets: tuple = HEADLINE) -> str:
             v = got["verdict"]
             mark = "" if v is None or not v.separated else " †"
             cells.append(_fmt_share(got["kept"]) + mark)
-        met = meets(e, targets)
+        met = [meets(e, targets, v) for v in vs]
         name = e["row"] + (" *" if e["row"] in front else "")
-        lines.append("| " + " | ".join([name, cost] + cells + ["—" if met is None else "yes" if met else "no"]) + " |")
+        lines.append("| " + " | ".join([name, cost] + cells + ["—" if m is None else "yes" if m else "no" for m in met])
+                     + " |")
     lines += ["",
               f"kept: the share of SAM's gain over Adam (λmax cut; smaller drop) the row keeps, on the means over "
               f"seeds, [95 % percentile bootstrap over seeds]; †: the row's own difference to Adam is separated (95 % "
@@ -166,7 +185,7 @@ def figure(table, out_dir: Path, stem: str) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{stem}-pareto.md"
     md.write_text(markdown(entries))
-    comp = [t for t in HEADLINE if t != LAM]
+    comp = [c for c in dict.fromkeys(c for e in entries for c in e["targets"]) if c != LAM]
     plt = _plt()
     fig, axes = _grid(plt, 1 + len(comp), w=4.6, h=3.6)
     names = _rows(table)
