@@ -354,3 +354,13 @@ def test_craft_small_end_to_end_as_a_transfer(tmp_path, capsys):
     assert rows[0] == ["Downstream Task", "n", "Before FT", "ADAM", "CrAFT"]
     assert rows[1][:2] == ["Digits 5-9", "3"] and all(" ± " in c for c in rows[1][2:])
     assert (sweep / "craft_table5_small-lambda.png").stat().st_size > 1000
+
+
+def test_paper_flag_without_a_published_table_says_so(tmp_path, capsys):
+    for s in range(2):
+        write(tmp_path / f"adam-{s}", config("cheap_sam_small", "adam", s, PTQConfig(bits="W4A16")), 98.0, 90.0 + s)
+    assert main([str(tmp_path), "--paper", "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert "--paper: no published table for cheap_sam_small" in out
+    main([str(tmp_path), "--no-figures"])
+    assert "no published table" not in capsys.readouterr().out

@@ -64,6 +64,9 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
             notes.append(f"set aside: {len(stale)} run directories that no job of the last sweep names "
                          f"(e.g. {stale[0].path})")
         published = paper_lookup(table) if paper else None
+        if paper and published is None:  # --paper asked for numbers that do not exist: say so, not nothing
+            notes.append(f"--paper: no published table for {name} (neither paper prints one; the layout names "
+                         f"no CSV in craft_runner/report/paper/)")
         headers, rows = table_rows(table, published)
         # Rows the paper has get "(paper)" columns; otherwise (a _small run) the published table goes below.
         below = paper and not any(h.endswith(" (paper)") for h in headers)
