@@ -66,7 +66,8 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check craft_runner tests scripts
 
 bench: $(STAMP)  ## speed ratios measured side by side
-	$(BIN)/python scripts/bench.py
+	@mkdir -p outputs
+	$(BIN)/python scripts/bench.py --json outputs/bench.json
 
 SMOKE ?= outputs/smoke
 smoke-paper: $(STAMP)  ## paper-scale dry run on CPU (ViT-B/16 224, SNT models), writes outputs/smoke/projection.json

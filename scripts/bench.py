@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -503,6 +504,8 @@ def main(argv=None) -> int:
                     help="seconds after which each part stops early (after a minimum number of samples)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--tokens-only", action="store_true", help="only the ToMe and token pruning rows")
+    ap.add_argument("--json", help="also write the rows here, and each optimizer's step / Adam step as "
+                                   "step_costs ({optimizer: ratio}; arch: SNT / base) for craft-report --step-costs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from craft_runner.runtime import keep_freed_memory
@@ -551,7 +554,26 @@ def main(argv=None) -> int:
         print(f"other processes used {100 * share:.0f}% of the machine's CPU time meanwhile"
               + ("; a busy machine makes these ratios noisy and usually inflates them: rerun when idle"
                  if share > 0.15 else ""))
+    if args.json:
+        from craft_runner.atomic import atomic_write_json
+
+        atomic_write_json({"rows": {r.name: {"ratio": r.ratio, "target": r.target, "ok": r.ok, "detail": r.detail}
+                                    for r in rows},
+                           "step_costs": step_costs(rows), "foreign_load": share}, Path(args.json))
     return 1 if failed and args.strict else 0
+
+
+def step_costs(rows) -> dict:
+    """{optimizer name: its step / Adam step} from the step rows (``arch``: SNT's step / the base model's)."""
+    out = {"adam": 1.0}
+    for r in rows:
+        name = r.name.split(" / ")[0]
+        if r.name.endswith("/ Adam step"):
+            key = {"SAM": "sam", "LookSAM": "looksam", "random SAM": "randsam"}.get(name.split(" (")[0], name)
+            out[key] = r.ratio
+        elif r.name == "SNT / base step":
+            out["arch"] = r.ratio
+    return out
 
 
 if __name__ == "__main__":

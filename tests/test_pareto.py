@@ -94,3 +94,21 @@ def test_meets_needs_every_target_separated():
     missing = entry(1.05)
     del missing["targets"]["W4A16"]
     assert pareto.meets(missing) is None
+
+
+def test_step_costs_from_make_bench_replace_the_sweeps_times(cheap_sweep, tmp_path):
+    import json
+
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": {}, "step_costs": {"adam": 1.0, "sam": 2.02, "msam": 1.31, "swa": 1.01}}))
+    out = tmp_path / "out"
+    assert main([str(cheap_sweep), "--out", str(out), "--step-costs", str(bench)]) == 0
+    md = (out / "cheap_sam_small-pareto.md").read_text()
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| Row")}
+    # MSAM at 1.31x Adam's step misses the cost target now; LOOKSAM, not benched, has no cost
+    assert rows["MSAM *"][1] == "1.31x" and rows["MSAM *"][-1] == "no"
+    assert rows["LOOKSAM"][1] == "—" and "make bench` measured side by side" in md
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert main([str(cheap_sweep), "--step-costs", str(bad)]) == 2

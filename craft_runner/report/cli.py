@@ -18,6 +18,7 @@ when given); exit 0 whatever the verdicts, 2 when there are no results.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import defaultdict
@@ -37,7 +38,7 @@ _EXT = {"md": "md", "csv": "csv", "latex": "tex"}
 
 def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: bool = False, figures: bool = True,
            experiments: Optional[list] = None, stream=None, wandb: Optional[dict] = None,
-           test: str = "welch") -> int:
+           test: str = "welch", step_costs: Optional[dict] = None) -> int:
     """Write every experiment's report; print them in ``fmt`` to ``stream``; return the exit status.
     ``wandb``: also log each experiment's table and figures as a W&B run in its runs' group (a dict of
     logger fields, e.g. ``{"mode": "offline"}``; the project defaults to the one the runs recorded)."""
@@ -57,6 +58,7 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
         if experiments and name not in experiments:
             continue
         table = build(layout_for(name if name != "results" else None), groups[name], test)
+        table.step_costs = step_costs
         title = f"{table.layout.title} ({name})"
         notes = list(table.notes)
         stale = [r for r in coll.stale if (r.experiment or "results") == name]
@@ -172,6 +174,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--test", default="welch", choices=("welch", "paired"),
                     help="the interval of a cell's difference to its baseline: welch (default, independent seeds) "
                          "or paired (per-seed differences over the common seeds)")
+    ap.add_argument("--step-costs", metavar="BENCH_JSON",
+                    help="cheap_sam's frontier: the cost of each optimizer's step against Adam's as `make bench` "
+                         "measured it side by side (scripts/bench.py --json), instead of the sweep's training times")
     ap.add_argument("--claims", action="store_true",
                     help="list each claim of the papers that the sweeps' tables test, with its verdict")
     ap.add_argument("--csv", help=argparse.SUPPRESS)  # craft-table's old option: also write the CSV here
@@ -186,8 +191,16 @@ def main(argv: Optional[list] = None) -> int:
     wandb = None
     if args.wandb:
         wandb = {"mode": args.wandb_mode, **({"project": args.wandb_project} if args.wandb_project else {})}
+    costs = None
+    if args.step_costs:
+        try:
+            costs = json.loads(Path(args.step_costs).read_text())["step_costs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"craft-report: error: --step-costs {args.step_costs}: not a bench --json file ({e})",
+                  file=sys.stderr)
+            return 2
     status = report(Path(args.root), Path(args.out) if args.out else None, args.format, args.paper,
-                    not args.no_figures, args.experiment, wandb=wandb, test=args.test)
+                    not args.no_figures, args.experiment, wandb=wandb, test=args.test, step_costs=costs)
     if args.csv and status != 2:
         out = Path(args.out) if args.out else Path(args.root)
         parts = [p.read_text() for p in sorted(out.glob("*.csv")) if not p.name.endswith("-cells.csv")]

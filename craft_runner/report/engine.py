@@ -168,6 +168,8 @@ class Table:
     incomplete: bool
     experiment: Optional[str] = None
     test: str = "welch"
+    # {row label: cost per step / Adam's} measured side by side by `make bench --json` (craft-report --step-costs)
+    step_costs: Optional[dict] = None
 
     def cell(self, row, col) -> Optional[Cell]:
         return self.rows.get(row, {}).get(col)

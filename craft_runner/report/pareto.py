@@ -77,7 +77,10 @@ def frontier(table, targets: tuple = HEADLINE) -> list[dict]:
         cells = table.rows[key]
         cost = cells.get(COST)
         entry = {"row": name, "cost": None, "targets": {}}
-        if cost is not None and cost.stat is not None and cost.stat.values:
+        if table.step_costs is not None:  # make bench's side-by-side step ratio: no spread, one measurement
+            c = table.step_costs.get(name.lower())
+            entry["cost"] = None if c is None else (float(c), math.nan, 1)
+        elif cost is not None and cost.stat is not None and cost.stat.values:
             entry["cost"] = (cost.stat.mean, cost.stat.std, cost.stat.n)
         for col in cols:
             metric = "value" if col == LAM else "drop"
@@ -138,7 +141,7 @@ def _fmt_share(k: tuple) -> str:
     return f(p) + ("" if math.isnan(lo) else f" [{f(lo)}, {f(hi)}]")
 
 
-def markdown(entries: list, targets: tuple = HEADLINE) -> str:
+def markdown(entries: list, targets: tuple = HEADLINE, bench: bool = False) -> str:
     """The table beside the figure: cost, per target the share kept and the verdict against Adam, headline."""
     front = on_front(entries)
     cols = list(dict.fromkeys(c for e in entries for c in e["targets"]))
@@ -168,8 +171,11 @@ def markdown(entries: list, targets: tuple = HEADLINE) -> str:
               f"seeds, [95 % percentile bootstrap over seeds]; †: the row's own difference to Adam is separated (95 % "
               f"t interval excludes 0, either side); *: on the cost / λmax-kept frontier. Headline: cost ≤ "
               f"{COST_TARGET:.2f}x Adam's and ≥ {KEEP_TARGET:.0%} of SAM's gain kept in each of {', '.join(targets)}, "
-              f"each gain separated from Adam's. The cost is the sweep's measured training time (its machine's load "
-              f"included); `make bench` measures the step ratios side by side."]
+              f"each gain separated from Adam's. "
+              + ("The cost is the step / Adam step that `make bench` measured side by side (craft-report "
+                 "--step-costs); a row it does not measure has none." if bench else
+                 "The cost is the sweep's measured training time (its machine's load included); `make bench "
+                 "--json` measures the step ratios side by side (craft-report --step-costs).")]
     return "\n".join(lines) + "\n"
 
 
@@ -178,13 +184,14 @@ def figure(table, out_dir: Path, stem: str) -> list:
     error bars over seeds, one marker per row; the table beside it as ``<stem>-pareto.md``."""
     from craft_runner.report.figures import _grid, _plt, _save, _wrap
 
-    entries = [e for e in frontier(table) if e["cost"] is not None]
+    every = frontier(table)
+    entries = [e for e in every if e["cost"] is not None]
     if not entries or not any(e["targets"] for e in entries):
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{stem}-pareto.md"
-    md.write_text(markdown(entries))
+    md.write_text(markdown(every, bench=table.step_costs is not None))
     comp = [c for c in dict.fromkeys(c for e in entries for c in e["targets"]) if c != LAM]
     plt = _plt()
     fig, axes = _grid(plt, 1 + len(comp), w=4.6, h=3.6)
@@ -212,7 +219,8 @@ def figure(table, out_dir: Path, stem: str) -> list:
             ax.set_ylabel("share of SAM's λmax cut kept")
         else:
             ax.set_ylabel(f"{target} accuracy (%)")
-        ax.set_xlabel("training cost vs Adam (x)")
+        ax.set_xlabel("step cost vs Adam's (make bench)" if table.step_costs is not None
+                      else "training time vs Adam's (x)")
         ax.set_title(_wrap(f"{'λmax' if target == LAM else target}: cost against what is kept", 45), fontsize=8)
     axes[0].legend(fontsize=6, loc="best")
     return [_save(plt, fig, out_dir / f"{stem}-pareto.png"), md]
