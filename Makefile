@@ -40,7 +40,7 @@ $(PRETRAINED)/%.pt: | $(STAMP)
 
 pretrained: $(TINY:%=$(PRETRAINED)/%.pt)  ## pretrain the tiny backbones of the _small CrAFT experiments
 
-tables: $(STAMP) pretrained  ## every _small table and figure (3 seeds each) into outputs/tables/
+tables: $(STAMP) pretrained  ## every _small table and figure (5 seeds each) into outputs/tables/
 	@mkdir -p $(TABLES); status=0; start=$$(date +%s); \
 	for e in $(SMALL); do \
 		t0=$$(date +%s); rm -rf outputs/sweeps/$${e}_small; \

@@ -316,7 +316,8 @@ FAST = ["train.epochs=1", "train.progress=false", "sharpness.max_iter=5"]
 @pytest.mark.slow
 def test_snt_small_end_to_end(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    p = _python("-m", "craft_runner.run", "-m", "experiment=snt_table4_small", *FAST, f"hydra.sweep.dir={sweep}",
+    p = _python("-m", "craft_runner.run", "-m", "experiment=snt_table4_small", *FAST, "seed=0,1,2",
+                f"hydra.sweep.dir={sweep}",
                 f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert main([str(sweep), "--paper"]) == 0
@@ -345,7 +346,8 @@ def test_craft_small_end_to_end_as_a_transfer(tmp_path, capsys):
                 str(tmp_path / "pretrained" / "test_vit.pt"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     sweep = tmp_path / "sweep"
-    p = _python("-m", "craft_runner.run", "-m", "experiment=craft_table5_small", *FAST, f"hydra.sweep.dir={sweep}",
+    p = _python("-m", "craft_runner.run", "-m", "experiment=craft_table5_small", *FAST, "seed=0,1,2",
+                f"hydra.sweep.dir={sweep}",
                 cache, cwd=tmp_path, env={"CRAFT_PRETRAINED_DIR": str(tmp_path / "pretrained")})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Loaded pretrained test_vit" in p.stdout + p.stderr
