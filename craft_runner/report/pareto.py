@@ -21,8 +21,6 @@ from typing import Optional
 
 import numpy as np
 
-from craft_runner.report import stats
-
 COST = "cost vs Adam"
 LAM = "λmax"
 # The targets of the headline: λmax and these compression columns (exact labels: no BN re-calibration).
@@ -88,7 +86,8 @@ def frontier(table, targets: tuple = HEADLINE) -> list[dict]:
             a = _per_seed(table.rows[adam].get(col), metric) if adam else {}
             s = _per_seed(table.rows[sam].get(col), metric) if sam else {}
             share = kept_share(list(mine.values()), list(a.values()), list(s.values()), rng)
-            verdict = None if key == adam or not mine or not a else stats.compare(mine, a, table.test, metric)
+            cell = cells.get(col)  # the table already compared it with ADAM's row: reuse that verdict
+            verdict = cell.verdict if cell is not None and cell.baseline == (adam, col) else None
             entry["targets"][col] = {"kept": share, "verdict": verdict,
                                      "mean": float(np.mean(list(mine.values()))) if mine else math.nan}
         out.append(entry)
