@@ -27,12 +27,15 @@ run: $(STAMP)  ## the default job: ResNet-20 on digits, Adam vs SAM, PTQ and pru
 	$(BIN)/craft-report $(DEFAULT_DIR)
 
 # The _small variant of every paper table and figure (conf/experiment/*_small.yaml), and the tiny backbones the
-# CrAFT ones fine-tune (pretrained once on digits 0-4, experiment craft_pretrain_small).
-SMALL := craft_table1 craft_table2 craft_table3 craft_table4 craft_table5 craft_fig1 craft_fig2 craft_fig4 \
-	snt_table3_ptq snt_table3_qat snt_table4 snt_fig5 snt_fig6 snt_fig7 cheap_sam
+# CrAFT ones fine-tune (pretrained once on digits 0-4, experiment craft_pretrain_small). The order matters:
+# an experiment reuses the trainings an earlier one in its lane cached (scripts/make_tables.py).
+SMALL := craft_table2 craft_table4 craft_fig1 craft_fig2 craft_fig4 craft_table5 craft_table3 craft_table1 \
+	snt_table3_ptq snt_table3_qat snt_fig5 snt_fig6 snt_table4 snt_fig7 cheap_sam
 TINY := test_vit resnet20 test_efficientnet
 PRETRAINED ?= outputs/pretrained
 TABLES ?= outputs/tables
+# Lanes side by side in make tables (2: the from-scratch SNT lane beside the rest, one thread per craft-run).
+JOBS ?= 2
 
 $(PRETRAINED)/%.pt: | $(STAMP)
 	$(RUN) experiment=craft_pretrain_small +shared/tiny=$* hydra.run.dir=outputs/pretrain/$*
@@ -40,15 +43,9 @@ $(PRETRAINED)/%.pt: | $(STAMP)
 
 pretrained: $(TINY:%=$(PRETRAINED)/%.pt)  ## pretrain the tiny backbones of the _small CrAFT experiments
 
-tables: $(STAMP) pretrained  ## every _small table and figure (5 seeds each) into outputs/tables/
-	@mkdir -p $(TABLES); status=0; start=$$(date +%s); \
-	for e in $(SMALL); do \
-		t0=$$(date +%s); rm -rf outputs/sweeps/$${e}_small; \
-		CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(RUN) -m experiment=$${e}_small train.progress=false \
-			> $(TABLES)/$${e}_small.log 2>&1 || { status=1; echo "$${e}_small: craft-run failed, see $(TABLES)/$${e}_small.log"; }; \
-		$(BIN)/craft-report outputs/sweeps/$${e}_small --out $(TABLES) --paper || status=1; \
-		echo "$${e}_small: $$(( $$(date +%s) - t0 )) s (load $$(cut -d' ' -f1-3 /proc/loadavg))"; \
-	done; echo "make tables: $$(( $$(date +%s) - start )) s"; exit $$status
+tables: $(STAMP) pretrained  ## every _small table and figure (5 seeds each) and the claims list into outputs/tables/
+	CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/python scripts/make_tables.py $(SMALL) --jobs $(JOBS) \
+		--out $(TABLES) $(if $(THREADS),--threads $(THREADS))
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest -q -m "not slow"
