@@ -177,6 +177,16 @@ def test_claims_verdicts(default_sweep, tmp_path, capsys):
     # the figures behind a verdict: both sides' means, the difference and its interval
     mean_sam = statistics.mean(LAM["sam"])
     assert f"value {mean_sam:.3g} ± " in out and "vs ADAM " in out and "Δ " in out
+    # the summary (the README's paragraph): one line per claim, the same verdicts, the separated comparisons
+    brief = (tmp_path / "out" / "claims-summary.md").read_text().splitlines()
+    lines = [ln for ln in brief if ln.startswith("- ")]
+    assert len(lines) == len(claims.CLAIMS)
+    lam = next(ln for ln in lines if "Table 1, SAM lowers λmax" in ln)
+    assert "**holds** (1 of 1 comparisons separated: " in lam and "λmax" in lam and "[" in lam
+    a8 = next(ln for ln in lines if "Table 1, SAM keeps more accuracy under A8W8" in ln)
+    assert "**not separated** (0 of 1 comparisons separated)" in a8
+    assert "**not measured** (no craft_table3 results)" in next(ln for ln in lines if "Table 3, CrAFT's" in ln)
+    assert brief[-1].startswith(f"Verdicts over the {len(claims.CLAIMS)} claims: ")
 
 
 def test_claims_with_too_few_seeds_and_no_results(tmp_path, capsys):

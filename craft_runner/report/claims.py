@@ -241,3 +241,33 @@ def render(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS) 
         lines.append("")
     lines.append("Verdicts: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     return "\n".join(lines) + "\n"
+
+
+def _short(c: Comparison) -> str:
+    v = c.verdict
+    return f"{c.experiment} {' / '.join(c.row)} / {c.col} {_f(v.diff_mean)} [{_f(v.low)}, {_f(v.high)}]"
+
+
+def summary(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS, shown: int = 3) -> str:
+    """The claims list in brief (the README's paragraph on what the small tables show): per claim its verdict,
+    the tally, and up to ``shown`` separated comparisons as difference [95 % interval]."""
+    lines, counts = [], {}
+    for claim in claims:
+        found, why = evaluate(claim, tables)
+        outs = [outcome(c.verdict, claim.direction) for c in found]
+        verdict = overall(outs)
+        counts[verdict] = counts.get(verdict, 0) + 1
+        sep = [c for c, o in zip(found, outs) if o in ("holds", "contrary")]
+        line = f"- {claim.paper} {claim.where}, {claim.text}: **{verdict}**"
+        if found:
+            line += f" ({len(sep)} of {len(found)} comparisons separated"
+            line += (": " + "; ".join(_short(c) for c in sep[:shown]) + (f"; {len(sep) - shown} more"
+                                                                        if len(sep) > shown else "")
+                     if sep else "") + ")"
+        elif why:
+            line += f" ({why})"
+        lines.append(line + ".")
+    lines.append("")
+    lines.append("Verdicts over the " + str(len(claims)) + " claims: "
+                 + ", ".join(f"{n} {k}" for k, n in counts.items()) + ".")
+    return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@ missing (or a cell was never run), 2 when there are no results.
 
 --claims SWEEP_DIR...: instead of the tables, each claim of both papers that a table tests, with its verdict
 (holds / contrary / not separated / not measured) and the figures behind it, as Markdown (claims.md in --out
-when given); exit 0 whatever the verdicts, 2 when there are no results.
+when given, with claims-summary.md: a line per claim, the README's summary); exit 0 whatever the verdicts, 2
+when there are no results.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welc
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "claims.md").write_text(text, encoding="utf-8")
+        (Path(out_dir) / "claims-summary.md").write_text(claims_mod.summary(tables, test), encoding="utf-8")
     print(text, file=stream, end="")
     return 0
 
