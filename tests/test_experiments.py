@@ -22,7 +22,7 @@ TASKS2, BITS = 7, 5  # CrAFT Table 2: seven tasks, five bit widths
 
 CELLS = {
     "craft_table1": 2 * 4, "craft_table1_small": 2 * 4 * SEEDS,
-    "craft_table2": TASKS2 * 2 * 2 * BITS, "craft_table2_small": 2 * 2 * BITS * SEEDS,
+    "craft_table2": TASKS2 * 2 * 2 * BITS, "craft_table2_small": 2 * 2 * (BITS + 1) * SEEDS,
     "craft_table3": 4 * 2 * 2, "craft_table3_small": 3 * 2 * 4 * SEEDS,
     "craft_table4": 6 * 2, "craft_table4_small": 2 * SEEDS,
     "craft_table5": 3 * 2, "craft_table5_small": 2 * SEEDS,

@@ -28,7 +28,7 @@ BACKBONES = {
 }
 BACKBONE_ORDER = ["ViT-B@IMNET-21k", "EfficientNet-B0@IMNET-1k", "ResNet101@IMNET-1k", "MobileNet-V2@IMNET-1k",
                   "tiny ViT", "tiny EfficientNet", "ResNet-20", "ResNet-18", "Mixer-S", "MobileNet-V1"]
-BITS_ORDER = ["W8A8", "W6A6", "W6A16", "W5A16", "W4A16", "W4A8", "W4A4", "W3A16"]
+BITS_ORDER = ["W8A8", "W6A6", "W6A16", "W5A16", "W4A16", "W4A8", "W4A4", "W3A16", "W2A16"]
 
 
 def task(name, classes=None) -> str:
