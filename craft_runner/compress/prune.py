@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 from craft_runner.calibration import forward_with_hooks
-from craft_runner.compress.registry import CompressConfig, register_compressor, target_layers
+from craft_runner.compress.registry import Capabilities, CompressConfig, register_compressor, target_layers
 from craft_runner.schema import ConfigError, _check, _check_choice
 
 log = logging.getLogger(__name__)
@@ -408,4 +408,5 @@ def check_prune(model: nn.Module, cfg: PruneConfig) -> None:
         _nm_prunable(target_layers(model, cfg.skip_first_last), cfg)
 
 
-register_compressor("prune", PruneConfig, label=prune_label, check=check_prune)(prune_model)
+register_compressor("prune", PruneConfig, label=prune_label, check=check_prune, caps=Capabilities(sparse=True))(
+    prune_model)

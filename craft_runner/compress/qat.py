@@ -37,8 +37,9 @@ from torch.nn.utils import parametrize
 from craft_runner.calibration import forward_with_hooks
 from craft_runner.compress.fold import fold_for_compression
 from craft_runner.compress.quant import FULL_PRECISION_BITS, WeightFakeQuant, attach_input_quantizer, round_ste
-from craft_runner.compress.registry import CompressConfig, parse_bits, register_compressor
+from craft_runner.compress.registry import Capabilities, CompressConfig, parse_bits, register_compressor
 from craft_runner.schema import _check, _check_choice
+from craft_runner.train import float32_fine_tune
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ def _weight_quantizer(kind: str, n_bits: int) -> nn.Module:
 def train_with_quantized_weights(model: nn.Module, layers: list[tuple[str, nn.Module]], n_bits: int, kind: str,
                                  epochs: int, fine_tune) -> None:
     """Fine-tune ``epochs`` with every layer's weight fake-quantized (STE), then keep the quantized weights
-    (with ``epochs`` = 0 the weights are only quantized)."""
+    (with ``epochs`` = 0 the weights are only quantized). The fine-tuning runs with autocast off, whatever
+    ``train.amp`` says (:func:`craft_runner.train.float32_fine_tune`)."""
     if epochs and fine_tune is None:
         raise ValueError("QAT needs CompressContext.fine_tune")
     if n_bits < FULL_PRECISION_BITS:
@@ -195,7 +197,8 @@ def train_with_quantized_weights(model: nn.Module, layers: list[tuple[str, nn.Mo
             parametrize.register_parametrization(m, "weight", _weight_quantizer(kind, n_bits))
     try:
         if epochs:
-            fine_tune(model, epochs)
+            with float32_fine_tune():  # bf16 autocast would round the fake-quantized values off their grid
+                fine_tune(model, epochs)
     finally:
         for _, m in layers:
             if parametrize.is_parametrized(m, "weight"):
@@ -492,4 +495,4 @@ def qat_label(c: dict) -> str:
     return f"QAT W{c['w_bits']}A{c['a_bits']}{fold}" + (f" ({extra})" if extra else "")
 
 
-register_compressor("qat", QATConfig, label=qat_label)(pact_qat)
+register_compressor("qat", QATConfig, label=qat_label, caps=Capabilities(quantizes=True, injects_scales=True))(pact_qat)

@@ -49,9 +49,11 @@ from craft_runner.compress.quantizers import (  # noqa: F401  (re-exported: the 
     twin_uniform_gelu,
     twin_uniform_softmax,
 )
-from craft_runner.compress.registry import CompressConfig, parse_bits, register_compressor
+from craft_runner.compress.registry import Capabilities, CompressConfig, parse_bits, register_compressor
 from craft_runner.compress.search import run_ptq, stem_layers, weight_groups
+from craft_runner.compress.smooth import check_smooth, check_smooth_alpha, smooth_model
 from craft_runner.schema import _check, _check_choice
+from craft_runner.train import float32_fine_tune
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ def fine_tune_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], w
 
     ``scales`` maps a layer to a fixed weight scale (PTQ4ViT's searched ones); other layers use
     the per-channel max scale of their current weight. Activation quantizers stay as calibrated.
+    Autocast is off for the whole fine-tuning, whatever ``train.amp`` says
+    (:func:`craft_runner.train.float32_fine_tune`).
     """
     if fine_tune is None:
         raise ValueError("fine-tuning needs CompressContext.fine_tune")
@@ -123,7 +127,8 @@ def fine_tune_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], w
             s = (scales or {}).get(m)
             parametrize.register_parametrization(m, "weight", WeightFakeQuant(w_bits, s))
     try:
-        fine_tune(model, epochs)
+        with float32_fine_tune():  # bf16 autocast would round the fake-quantized values off their grid
+            fine_tune(model, epochs)
     finally:
         for _, m in layers:
             if parametrize.is_parametrized(m, "weight"):
@@ -198,10 +203,13 @@ class PTQConfig(CompressConfig):
     # Fold each BatchNorm into the Conv2d before it first, so the searched grid is the one that deploys
     # (craft_runner.compress.fold; the ONNX export folds them). false: the papers' unfolded weights.
     fold_bn: bool = False
+    # SmoothQuant's migration strength α before quantizing (craft_runner.compress.smooth); null: off, 0.5 its own.
+    smooth_alpha: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
         parse_bits(self)
+        check_smooth_alpha(self.smooth_alpha)
         _check(not (self.fold_bn and self.bn_recalib), "compress.bn_recalib", self.bn_recalib,
                "0 with compress.fold_bn=true (folding leaves no BatchNorm to re-calibrate)")
         _check_choice("compress.method", self.method, ("base", "ptq4vit"))
@@ -251,14 +259,23 @@ def ptq_label(c: dict) -> str:
     default = "cosine" if c.get("method", "base") == "base" else "hessian"
     metric = f" {c['metric']}" if c.get("metric") not in (None, default) else ""  # a search score not the method's
     fold = " +foldBN" if c.get("fold_bn") else ""
-    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{metric}{fold}{ft}"
+    sq = f" +SQ{c['smooth_alpha']:g}" if c.get("smooth_alpha") is not None else ""
+    return f"{method}W{c['w_bits']}A{c['a_bits']}{maxed}{metric}{sq}{fold}{ft}"
 
 
-@register_compressor("ptq", PTQConfig, label=ptq_label)
+def ptq_no_kernel(cfg) -> Optional[str]:
+    if cfg.method == "ptq4vit" and cfg.twin and cfg.a_bits < FULL_PRECISION_BITS:
+        return "PTQ4ViT's twin-uniform grids (post-softmax / post-GELU) have no ONNX Runtime kernel"
+    return None
+
+
+@register_compressor("ptq", PTQConfig, label=ptq_label, check=check_smooth,
+                     caps=Capabilities(quantizes=True, injects_scales=True, no_kernel=ptq_no_kernel))
 def ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: PTQConfig, ctx) -> dict:
     """BasePTQ or PTQ4ViT, then (``finetune_epochs`` > 0) fine-tuning with the weights kept quantized."""
     # train.progress (None: tqdm's own rule, a bar only on a terminal; False: log lines only)
     progress = ctx.progress
+    smoothed = smooth_model(model, cfg.smooth_alpha, ctx.calib_batches) if cfg.smooth_alpha is not None else {}
     folded = fold_for_compression(model, cfg.fold_bn, ctx.calib_batches)
     if cfg.method == "ptq4vit":
         info, scales = ptq4vit(model, layers, cfg, ctx.calib_batches, progress)
@@ -269,5 +286,5 @@ def ptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: PTQConfig, c
         fine_tune_quantized(model, layers, cfg.w_bits, cfg.finetune_epochs,
                             ctx.fine_tune and (lambda m, e: fits.append(ctx.fine_tune(m, e))), scales)
     history = [h for f in fits if isinstance(f, dict) for h in f.get("history", [])]
-    return {**info, **folded, "finetune_epochs": cfg.finetune_epochs,
+    return {**info, **folded, **smoothed, "finetune_epochs": cfg.finetune_epochs,
             **({"finetune_history": history} if history else {})}

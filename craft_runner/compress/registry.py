@@ -8,6 +8,9 @@ A compressor is ``fn(model, layers, cfg, ctx) -> dict``: it changes ``model`` in
 Conv2d/Linear layers it may touch, see :func:`target_layers`) and returns what it
 did, JSON-serialisable. ``label(cfg_dict) -> str`` names a configuration in tables ("W4A16", "wanda 50%").
 ``check(model, cfg)``, optional, runs against the built model before any training.
+``caps`` (:class:`Capabilities`) says what the report and the export need to know of the method — its bits,
+whether it zeroes weights, whether it changes the token count, what it can export — so that no code outside
+this registry tests a compressor's name.
 """
 
 from __future__ import annotations
@@ -56,27 +59,50 @@ def parse_bits(cfg) -> None:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a compressor is, as the report and the export read it (declared at registration)."""
+
+    # Its config carries w_bits / a_bits (compress.bits=WxAy): a bit-width column of Tables 2/3, the export's
+    # checks of which widths have a kernel.
+    quantizes: bool = False
+    # It zeroes weights: a sparsity column (Figure 4, SNT Figures 5/7), the artifact stored deflate-compressed.
+    sparse: bool = False
+    # It changes the number of tokens inside the graph (token pruning / merging): nothing exports it.
+    changes_tokens: bool = False
+    # Its activation quantizers hold one scale per tensor that export=onnx_int8_searched can inject.
+    injects_scales: bool = False
+    # The export formats it can produce; None: every registered one.
+    exports: Optional[tuple] = None
+    # Prefix of its columns in the papers' tables ("GPTQ" → "GPTQ W4A16"); "" for the papers' own methods.
+    tag: str = ""
+    # fn(cfg) → why this configuration has no real kernel in any export format (None: it has one).
+    no_kernel: Optional[Callable] = None
+
+
+@dataclass(frozen=True)
 class CompressorInfo:
     name: str
     schema: type
     fn: Callable
     label: Callable[[dict], str]
     check: Optional[Callable] = None
+    caps: Capabilities = Capabilities()
 
 
 _REGISTRY: dict[str, CompressorInfo] = {}
 _discovered = False
 
 
-def register_compressor(name: str, schema: type, label: Callable[[dict], str], check: Optional[Callable] = None):
-    """Decorator: register ``fn(model, layers, cfg, ctx) -> dict`` under ``name``."""
+def register_compressor(name: str, schema: type, label: Callable[[dict], str], check: Optional[Callable] = None,
+                        caps: Capabilities = Capabilities()):
+    """Decorator: register ``fn(model, layers, cfg, ctx) -> dict`` under ``name`` with its capabilities."""
     if not (isinstance(schema, type) and issubclass(schema, CompressConfig)):
         raise TypeError(f"compressor {name!r}: its schema must subclass CompressConfig, got {schema!r}")
 
     def deco(fn: Callable) -> Callable:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"compressor {name!r} is registered twice")
-        _REGISTRY[name] = CompressorInfo(name, schema, fn, label, check)
+        _REGISTRY[name] = CompressorInfo(name, schema, fn, label, check, caps)
         return fn
 
     return deco
@@ -101,6 +127,13 @@ def get_compressor(name: str) -> CompressorInfo:
     if name not in known:
         raise ConfigError(f"compress.name={name!r} is not allowed: expected one of {', '.join(sorted(known))}")
     return known[name]
+
+
+def capabilities(name: Optional[str]) -> Capabilities:
+    """A compressor's capabilities; a name nothing is registered under (results from another installation,
+    ``none``) has none."""
+    info = compressors().get(name or "none")
+    return info.caps if info is not None else Capabilities()
 
 
 def target_layers(model: nn.Module, skip_first_last: bool) -> list[tuple[str, nn.Module]]:

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from craft_runner.compress.registry import CompressConfig, register_compressor
+from craft_runner.compress.registry import Capabilities, CompressConfig, register_compressor
 from craft_runner.schema import _check, _check_choice
 from craft_runner.timing import PairedTiming, interleaved_ratio
 
@@ -488,7 +488,8 @@ def _record(model: nn.Module, st: _TokenState, cfg, ctx) -> dict:
 # ------------------------------------------------------------------------------------------- compressors
 
 
-@register_compressor("tome", ToMeConfig, label=tome_label, check=lambda model, cfg: _check_vit(model, "tome"))
+@register_compressor("tome", ToMeConfig, label=tome_label, check=lambda model, cfg: _check_vit(model, "tome"),
+                     caps=Capabilities(changes_tokens=True))
 def tome(model: nn.Module, layers, cfg: ToMeConfig, ctx) -> dict:
     """Token merging in every block of a timm ViT (in place); returns tokens per block and the speed-up.
     ``layers`` is unused (the method acts on tokens, not on weights)."""
@@ -501,7 +502,7 @@ def tome(model: nn.Module, layers, cfg: ToMeConfig, ctx) -> dict:
 
 
 @register_compressor("token_prune", TokenPruneConfig, label=token_prune_label,
-                     check=lambda model, cfg: _check_vit(model, "token_prune"))
+                     check=lambda model, cfg: _check_vit(model, "token_prune"), caps=Capabilities(changes_tokens=True))
 def token_prune(model: nn.Module, layers, cfg: TokenPruneConfig, ctx) -> dict:
     """EViT token pruning in the configured blocks of a timm ViT (in place); returns tokens per block
     and the speed-up. ``layers`` is unused."""
