@@ -10,6 +10,10 @@ paired: over the common seeds): "†" marks a cell whose interval excludes 0, CS
 diff_ci_high and separated. Exit status: 0 when every cell finished, 1 when a job failed, was killed or is
 missing (or a cell was never run), 2 when there are no results.
 
+--thesis SWEEP_DIR...: instead of the tables, Spearman's ρ between log λmax and each compression drop over
+every training of the sweeps (one point per training), pooled and within each optimizer, with bootstrap 95 %
+intervals and a verdict per setting (thesis.md, thesis.csv, thesis-scatter.png in --out when given).
+
 --claims SWEEP_DIR...: instead of the tables, each claim of both papers that a table tests, with its verdict
 (holds / contrary / not separated / not measured) and the figures behind it, as Markdown (claims.md in --out
 when given, with claims-summary.md: a line per claim, the README's summary); exit 0 whatever the verdicts, 2
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from craft_runner.report import claims as claims_mod
+from craft_runner.report import thesis as thesis_mod
 from craft_runner.report.engine import build
 from craft_runner.report.papers import layout_for
 from craft_runner.report.records import collect
@@ -130,6 +135,16 @@ def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welc
     return 0
 
 
+def thesis_report(roots: list, out_dir: Optional[Path] = None, figures: bool = True, stream=None) -> int:
+    """The λmax-vs-drop correlations over every training under ``roots`` (:mod:`.thesis`); 2: nothing to correlate."""
+    missing = [str(r) for r in roots if not Path(r).exists()]
+    if missing:
+        print(f"craft-report: error: --thesis: no such directory: {missing[0]}", file=sys.stderr)
+        return 2
+    records = [r for root in roots for r in collect(Path(root)).records]
+    return thesis_mod.report(records, out_dir, stream, figure=figures)
+
+
 def _log_wandb(name: str, records: list, headers: list, rows: list, pngs: list, options: dict, out_dir: Path) -> None:
     """The table and figures as one W&B run in the group the experiment's runs logged to (their recorded
     logger.group, else the experiment's name); offline files under ``out_dir`` unless a key says online."""
@@ -181,11 +196,21 @@ def main(argv: Optional[list] = None) -> int:
                          "measured it side by side (scripts/bench.py --json), instead of the sweep's training times")
     ap.add_argument("--claims", action="store_true",
                     help="list each claim of the papers that the sweeps' tables test, with its verdict")
+    ap.add_argument("--thesis", action="store_true",
+                    help="Spearman's ρ between log λmax and each compression drop over every training of the "
+                         "sweeps, pooled and per optimizer, with bootstrap intervals (thesis.md, thesis.csv and "
+                         "thesis-scatter.png in --out)")
     ap.add_argument("--csv", help=argparse.SUPPRESS)  # craft-table's old option: also write the CSV here
     args = ap.parse_args(argv)
-    if len(args.root) > 1 and not args.claims:
-        print("craft-report: error: several sweep directories are read only with --claims", file=sys.stderr)
+    if len(args.root) > 1 and not (args.claims or args.thesis):
+        print("craft-report: error: several sweep directories are read only with --claims or --thesis",
+              file=sys.stderr)
         return 2
+    if args.claims and args.thesis:
+        print("craft-report: error: --claims and --thesis are separate reports: ask for one", file=sys.stderr)
+        return 2
+    if args.thesis:
+        return thesis_report(args.root, Path(args.out) if args.out else None, not args.no_figures)
     if args.claims:
         return claims_report(args.root, Path(args.out) if args.out else None, args.test)
     args.root = args.root[0]

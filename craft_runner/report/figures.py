@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from craft_runner.atomic import atomic_path
+
 
 def _plt():
     import matplotlib
@@ -26,9 +28,11 @@ def _plt():
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a reader never sees half a PNG
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -313,3 +317,36 @@ def finetune_curves(table, out_dir: Path, stem: str):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(_wrap(table.layout.title, 100), fontsize=10)
     return [_save(plt, fig, out_dir / f"{stem}.png")]
+
+
+# ------------------------------------------------------------------------------------------------ thesis
+
+
+def thesis_scatter(points: dict, verdicts, out_dir: Path, stem: str = "thesis-scatter"):
+    """λmax (log axis) against the drop, one panel per compression setting, one colour per optimizer; each
+    panel's title gives the pooled Spearman ρ and its interval (:mod:`craft_runner.report.thesis`)."""
+    points = {s: [p for p in pts if p.lam > 0] for s, pts in points.items()}  # a log axis: λmax > 0 only
+    points = {s: pts for s, pts in points.items() if pts}
+    if not points:
+        return []
+    plt = _plt()
+    by_setting = {v["setting"]: v for v in verdicts}
+    opts = sorted({p.optimizer for pts in points.values() for p in pts})
+    colour = {o: plt.get_cmap("tab10")(i % 10) for i, o in enumerate(opts)}
+    fig, axes = _grid(plt, len(points), 4.2, 3.4)
+    for ax, (setting, pts) in zip(axes, points.items()):
+        for o in opts:
+            mine = [p for p in pts if p.optimizer == o]
+            if mine:
+                ax.scatter([p.lam for p in mine], [p.drop for p in mine], s=14, color=colour[o], label=o, alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("λmax after training (log)")
+        ax.set_ylabel("drop (compressed − FP32, points)")
+        v = by_setting.get(setting)
+        rho = "" if v is None or v["rho"] != v["rho"] else f"\nρ = {v['rho']:.2f}"
+        if rho and v["ci_low"] is not None:
+            rho += f" [{v['ci_low']:.2f}, {v['ci_high']:.2f}], n = {v['n']}"
+        ax.set_title(_wrap(setting, 45) + rho, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return [_save(plt, fig, Path(out_dir) / f"{stem}.png")]
