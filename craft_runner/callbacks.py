@@ -18,6 +18,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from craft_runner import results
+
 log = logging.getLogger("craft_runner")
 
 
@@ -54,18 +56,6 @@ def sweep_cells(config: DictConfig) -> Optional[list[DictConfig]]:
         job.hydra.job.name = " ".join(o for o in cell if o.split("=", 1)[0] in swept) or run_dir.name
         jobs.append(job)
     return jobs
-
-
-def _status(run_dir: Path) -> tuple[str, str]:
-    from craft_runner.pipeline import read_results
-
-    r = read_results(run_dir / "results.json")
-    if r is None:
-        return "missing", "no results.json (the job did not start or was killed before it could write one)"
-    status = r.get("status", "missing")
-    if status == "running":
-        return status, "results.json still says running (the job was killed or is still running)"
-    return status, str(r.get("error", ""))
 
 
 def _check_places(config: DictConfig, run_key: str) -> None:
@@ -118,7 +108,7 @@ class SweepCallback(Callback):
         else:  # another sweeper: the results.json files this multirun wrote
             cells = [(p.parent, p.parent.name) for p in Path(str(config.hydra.sweep.dir)).rglob("results.json")
                      if p.stat().st_mtime >= self._start - 1]
-        outcomes = [(label, *_status(d)) for d, label in cells]
+        outcomes = [(label, *results.status(d)) for d, label in cells]
         bad = [(d, s, why) for d, s, why in outcomes if s != "ok"]
         log.info("sweep %s: %d cells, %d ok, %d failed or unfinished", config.hydra.sweep.dir, len(outcomes),
                  len(outcomes) - len(bad), len(bad))

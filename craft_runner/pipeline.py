@@ -29,6 +29,9 @@ from torch import nn
 from craft_runner import __version__
 from craft_runner.atomic import atomic_save, atomic_write_json
 from craft_runner.config import to_run_config
+from craft_runner.fingerprint import environment
+from craft_runner.results import read_results, write_failed
+from craft_runner.results import write as write_results
 from craft_runner.schema import ConfigError, RunConfig
 from craft_runner.tracking import export_scalars, make_tracker, without_export_none
 
@@ -140,10 +143,10 @@ def locked(directory: Path):
             t0 = time.perf_counter()
             fcntl.flock(f, fcntl.LOCK_EX)
             log.info("got the lock %s after %.0f s", path, time.perf_counter() - t0)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {platform.node()}\n")
-        f.flush()
+        with contextlib.suppress(OSError):  # the holder's name only informs; a full disk fails at a real write
+            f.seek(0)
+            f.truncate()
+            os.write(f.fileno(), f"pid {os.getpid()} on {platform.node()}\n".encode())  # unbuffered
         try:
             yield
         finally:
@@ -159,15 +162,6 @@ _NOT_COMPARED = ("rerun", "dry_run")
 def _comparable(config: dict) -> dict:
     c = without_export_none(json.loads(json.dumps(config, sort_keys=True, default=str)))
     return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
-
-
-def read_results(path: Path) -> Optional[dict]:
-    """A results.json as a dict; None when it is absent, unreadable, not JSON or not a JSON object."""
-    try:
-        r = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return r if isinstance(r, dict) else None
 
 
 def previous_result(rc: RunConfig) -> Optional[dict]:
@@ -504,6 +498,14 @@ def _scheduler_job() -> dict:
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 
+def _autocast(p: Prepared) -> Optional[str]:
+    """The autocast dtype training runs under on this device (train.amp resolved), None for float32."""
+    from craft_runner.train import amp_dtype
+
+    dtype = amp_dtype(p.device, p.rc.train.amp)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -521,7 +523,7 @@ def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
 def record(results: dict, run_dir: Path, tracker) -> None:
     """A finished run: results.json (atomically, whatever W&B does), then the tracker's summary."""
     results["status"] = "ok"
-    atomic_write_json(results, run_dir / "results.json")
+    write_results(results, run_dir)
     metrics = results["metrics"]
     tracker.log({**metrics, **export_scalars(results.get("export")), "world_size": results.get("world_size", 1)})
     log.info("%s: fp %.2f%%%s, λmax %s", results["config"]["name"], metrics["fp_acc"],
@@ -581,9 +583,10 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
     tracker = make_tracker(rc.logger, config_dict, run_dir, reuse_run_dir_id=_previous_status(run_dir) != "ok")
     results = {"config": config_dict, "cache_key": cache_dir.name, "versions": _versions(),
                "device": _device_name(p.device), "world_size": distributed.world_size(), "status": "running",
+               "environment": environment(p.device, _autocast(p)),
                **({"slurm": job} if (job := _scheduler_job()) else {})}
     status = "failed"
-    atomic_write_json(results, run_dir / "results.json")  # a run that dies hard stays "running", never "ok"
+    write_results(results, run_dir)  # a run that dies hard stays "running", never "ok"
     try:
         diagnostics = Diagnostics(p)
         with locked(cache_dir):
@@ -612,8 +615,8 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
         status = "ok"
         return metrics
     except BaseException as e:
-        results.update(status="failed", error=f"{type(e).__name__}: {e}", wandb=tracker.info() or None)
-        atomic_write_json(results, run_dir / "results.json")
+        results["wandb"] = tracker.info() or None
+        write_failed(results, run_dir, f"{type(e).__name__}: {e}")  # if it cannot, stderr says why
         raise
     finally:
         tracker.finish(status)

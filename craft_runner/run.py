@@ -14,7 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from craft_runner.atomic import atomic_write_text, disk_full
 from craft_runner.config import register_configs
+from craft_runner.results import record_failure
 
 log = logging.getLogger("craft_runner")
 CONF_DIR = os.environ.get("CRAFT_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
@@ -38,16 +40,29 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def record_failure(run_dir: Path, error: str, overrides: list[str]) -> None:
-    """A cell that failed before the pipeline could write its results.json (e.g. a bad value): a results.json
-    with status failed and the reason, so the sweep's summary and a rerun see it."""
-    from craft_runner.atomic import atomic_write_json
-    from craft_runner.pipeline import read_results
+class RunLog(logging.FileHandler):
+    """The run directory's run.log. A write that fails (a full disk) stops it with one line on stderr instead
+    of logging's traceback per message; the run goes on (its results.json says how it ends)."""
 
-    path = run_dir / "results.json"
-    if (read_results(path) or {}).get("status") == "failed":
-        return  # the pipeline recorded it, with its config
-    atomic_write_json({"status": "failed", "error": error, "overrides": overrides}, path)
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        e = sys.exc_info()[1]
+        print(f"craft-run: warning: {self.baseFilename}: {disk_full(e, self.baseFilename) or e}; the run goes on "
+              f"without its log file", file=sys.stderr)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # flushing the last lines on a full disk: never raised out of the job
+            self.handleError(logging.LogRecord("craft_runner", logging.ERROR, "", 0, str(e), None, None))
 
 
 def fill_from_hydra(cfg: DictConfig, hc: DictConfig, run_dir: Path) -> None:
@@ -93,9 +108,10 @@ def task_wrapper(task):
             if not main:
                 return
             run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, run_dir / "config.yaml")
-            OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), run_dir / "overrides.yaml")
-            handler = logging.FileHandler(run_dir / "run.log")
+            # Atomic: a full disk leaves no empty config.yaml that the report would read as the job's config.
+            atomic_write_text(OmegaConf.to_yaml(cfg), run_dir / "config.yaml")
+            atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))), run_dir / "overrides.yaml")
+            handler = RunLog(run_dir / "run.log")
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             logging.getLogger().addHandler(handler)
 
@@ -104,6 +120,17 @@ def task_wrapper(task):
         except (ValueError, TypeError, RunError) as e:  # bad input, a non-finite or unreadable run: one line
             log.debug("error", exc_info=True)
             failure, code = _one_line(e), (1 if isinstance(e, RunError) else 2)
+        except OSError as e:
+            full = disk_full(e)
+            if full is None:
+                if not multirun:
+                    e.craft_run_crash = True
+                    raise
+                log.exception("%s failed", run_dir)
+                failure, code = f"{type(e).__name__}: {_one_line(e)}", 1
+            else:  # a full disk: one line naming the file and the free space; the run directory stays
+                log.debug("error", exc_info=True)
+                failure, code = str(full), 1
         except Exception as e:
             if not multirun:
                 e.craft_run_crash = True  # main(): a crash of the run, never reported as bad input
@@ -113,7 +140,7 @@ def task_wrapper(task):
         finally:
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
-                handler.close()
+                handler.close()  # never raises (RunLog)
             distributed.shutdown()
         prefix = f"craft-run: error: {run_dir.name}: " if multirun else "craft-run: error: "
         if main:
@@ -122,7 +149,7 @@ def task_wrapper(task):
             _remove_if_empty(run_dir)
             sys.exit(code)
         if main:
-            record_failure(run_dir, failure, list(hc.overrides.task))
+            record_failure(run_dir, failure, list(hc.overrides.task))  # stderr says so if it cannot
         return None
 
     return wrapped
