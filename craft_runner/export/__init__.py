@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from craft_runner.atomic import atomic_path
 from craft_runner.export.config import ExportConfig, check_export, simulated_only
+from craft_runner.export.formats import NOTHING_TO_PACK
 from craft_runner.export.onnx_io import deployable_copy, export_onnx, latency_ratio, op_counts, run, session
 from craft_runner.export.registry import format_names, get_format, register_format
 
@@ -51,7 +53,8 @@ def _stored_bytes(path: Path, compressed: bool) -> tuple[int, Optional[Path]]:
     if not compressed:
         return path.stat().st_size, None
     zpath = path.with_suffix(".onnx.zip")
-    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+    with atomic_path(zpath) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
+                                                    compresslevel=9) as z:
         z.write(path, arcname=path.name)
     return zpath.stat().st_size, zpath
 
@@ -107,6 +110,11 @@ def export_cell(simulated: nn.Module, cfg: ExportConfig, compress, calib_batches
         return {"format": cfg.name, "status": "failed", "reason": reason, "fp32_parity_rel": parity,
                 "fp32_artifact": str(job.fp32_path)}
     info = get_format(cfg.name)(job)
+    if info.get("status") == NOTHING_TO_PACK:  # the artifact would be the fp32 file: nothing to measure
+        log.warning("export=%s: %s", cfg.name, info["reason"])
+        if job.artifact is not None and job.artifact != job.fp32_path:
+            job.artifact.unlink(missing_ok=True)
+        return {"format": cfg.name, **info, "fp32_parity_rel": parity, "fp32_artifact": str(job.fp32_path)}
     optimized = out_dir / (job.artifact.stem + ".optimized.onnx")
     real = session(job.artifact, cfg.threads, optimized)
     accuracy, max_diff = _evaluate(real, simulated, test_batches, device)

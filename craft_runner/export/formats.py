@@ -13,10 +13,14 @@ import logging
 import numpy as np
 from torch import nn
 
+from craft_runner.atomic import atomic_path
 from craft_runner.export.onnx_io import CalibrationReader, module_scope
 from craft_runner.export.registry import register_format
 
 log = logging.getLogger(__name__)
+
+# A format's status when the model has no layer it converts: the artifact would be the fp32 file again.
+NOTHING_TO_PACK = "nothing to pack"
 
 
 @register_format("onnx_fp32")
@@ -44,10 +48,11 @@ def _quantize_int8(job, overrides: dict | None = None, op_types=None) -> None:
     root = logging.getLogger()
     root.addFilter(_not_benign)
     try:
-        quantize_static(str(job.fp32_path), str(job.artifact), CalibrationReader(job.calib),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        op_types_to_quantize=op_types, extra_options=extra)
+        with atomic_path(job.artifact) as tmp:
+            quantize_static(str(job.fp32_path), str(tmp), CalibrationReader(job.calib),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            op_types_to_quantize=op_types, extra_options=extra)
     finally:
         root.removeFilter(_not_benign)
 
@@ -150,8 +155,13 @@ def onnx_int4(job) -> dict:
         q.process()
     finally:
         chatty.setLevel(level)
-    q.model.save_model_to_file(str(job.artifact), use_external_data_format=False)
+    with atomic_path(job.artifact) as tmp:
+        q.model.save_model_to_file(str(tmp), use_external_data_format=False)
     ops = [n.op_type for n in onnx.load(str(job.artifact)).graph.node]
+    if ops.count("MatMulNBits") == 0 and job.cfg.int4_conv != "int8":
+        return {"status": NOTHING_TO_PACK,
+                "reason": "nothing to pack: every layer stayed fp32 (no MatMul/Gemm with a constant 2-D weight "
+                          "for MatMulNBits, and export.int4_conv=fp32 keeps the Conv layers float)"}
     return {"weights": f"int4 MatMulNBits, blocks of {job.cfg.block_size}, symmetric", "activations": "float",
             "block_size": job.cfg.block_size, "conv": job.cfg.int4_conv, "matmul_nbits": ops.count("MatMulNBits"),
             "float_matmul_left": ops.count("MatMul") + ops.count("Gemm")}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from craft_runner.atomic import atomic_path
 from craft_runner.compress.fold import fold_bn
 
 log = logging.getLogger(__name__)
@@ -74,19 +75,19 @@ def deployable_copy(model: nn.Module, sample: torch.Tensor) -> tuple[nn.Module, 
 
 
 def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, exporter: str, opset: int) -> Path:
-    """``model`` as ONNX with a dynamic batch dimension (input ``input``, output ``logits``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    """``model`` as ONNX with a dynamic batch dimension (input ``input``, output ``logits``), written to a
+    temporary file renamed once whole (a failed export leaves no truncated ``path``)."""
+    with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch")
-            torch.onnx.export(model, (sample,), str(path), input_names=["input"], output_names=["logits"],
+            torch.onnx.export(model, (sample,), str(tmp), input_names=["input"], output_names=["logits"],
                               dynamo=True, opset_version=max(opset, 18), dynamic_shapes=({0: batch},),
                               verbose=False)
         else:
-            torch.onnx.export(model, (sample,), str(path), input_names=["input"], output_names=["logits"],
+            torch.onnx.export(model, (sample,), str(tmp), input_names=["input"], output_names=["logits"],
                               dynamo=False, opset_version=opset, dynamic_axes={"input": {0: "batch"}})
-    _unshare_vectors(path)
+        _unshare_vectors(tmp)
     return path
 
 
@@ -125,10 +126,12 @@ def session(path: Path, threads: int, optimized_path: Path | None = None):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if optimized_path is None:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    with atomic_path(optimized_path) as tmp:  # ORT writes the optimised graph while it builds the session
+        so.optimized_model_filepath = str(tmp)
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def run(sess, x: np.ndarray) -> np.ndarray:

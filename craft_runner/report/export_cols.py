@@ -74,7 +74,7 @@ def columns(records: Sequence[Record], pivot: Optional[Callable] = None, order: 
     skipped = {}
     for r in records:
         e = r.export or {}
-        if r.ok and e.get("status") in ("simulated only", "failed"):
+        if r.ok and e.get("status") in ("simulated only", "failed", "nothing to pack"):
             skipped.setdefault((base(r), e.get("format"), e["status"]), e.get("reason"))
     notes += [f"{b}: export={fmt} {status}: {why}" for (b, fmt, status), why in sorted(skipped.items(), key=str)]
     return (specs if done else []), notes
