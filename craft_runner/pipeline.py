@@ -93,6 +93,8 @@ def weights_key(rc: RunConfig) -> dict:
 
     parts = {name: {k: v for k, v in dataclasses.asdict(getattr(rc, name)).items() if k not in _NOT_IN_KEY}
              for name in ("model", "dataset", "arch", "train")}
+    if not rc.dataset.val_fraction:  # no validation split: the keys cached before the field existed still hold
+        parts["dataset"].pop("val_fraction", None)
     # Several processes train differently (per-process BatchNorm statistics, SAM's per-process perturbation).
     world = {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
     return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION, **world}
@@ -422,11 +424,12 @@ def train_or_load(p: Prepared, tracker=None) -> dict:
     return {**meta, "trained": True, "resumed_from": info["resumed_from"]}
 
 
-def evaluate(p: Prepared, model: Optional[nn.Module] = None) -> float:
-    """Top-1 accuracy (%) on the test split, in float32 (bf16 would round quantized values again)."""
+def evaluate(p: Prepared, model: Optional[nn.Module] = None, split: str = "test") -> float:
+    """Top-1 accuracy (%) on the test split (or the validation one, ``split="val"``), in float32 (bf16 would
+    round quantized values again)."""
     from craft_runner import train
 
-    loader = p.data.eval_loader(p.rc.train.eval_batch_size, p.device, p.rc.dataset)
+    loader = p.data.eval_loader(p.rc.train.eval_batch_size, p.device, p.rc.dataset, split)
     return train.evaluate(model if model is not None else p.model, loader, p.data.num_classes, p.device, "off",
                           p.rc.train.channels_last)
 
@@ -513,8 +516,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
-    """The metric ``optimized_metric`` names (null: compressed_acc when compressing, else fp_acc)."""
-    name = name or ("compressed_acc" if "compressed_acc" in metrics else "fp_acc")
+    """The metric ``optimized_metric`` names (null: compressed_acc when compressing, else fp_acc; their val_
+    versions when there is a validation split, so that a sweeper never tunes on the test split by default)."""
+    name = name or (("val_" if "val_fp_acc" in metrics else "")
+                    + ("compressed_acc" if "compressed_acc" in metrics else "fp_acc"))
     if name not in metrics:
         raise ConfigError(f"optimized_metric={name!r} is not allowed: expected one of {', '.join(sorted(metrics))}")
     return metrics[name]
@@ -583,6 +588,7 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
     tracker = make_tracker(rc.logger, config_dict, run_dir, reuse_run_dir_id=_previous_status(run_dir) != "ok")
     results = {"config": config_dict, "cache_key": cache_dir.name, "versions": _versions(),
                "device": _device_name(p.device), "world_size": distributed.world_size(), "status": "running",
+               "splits": p.data.splits(),  # val_* metrics: the validation split, held out of train
                "environment": environment(p.device, _autocast(p)),
                **({"slurm": job} if (job := _scheduler_job()) else {})}
     status = "failed"
@@ -598,11 +604,15 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
                    "trained": train_info["trained"], "second_pass_fraction": train_info.get("second_pass_fraction")}
         t0 = time.perf_counter()
         metrics["fp_acc"] = evaluate(p)
+        if p.data.n_val:
+            metrics["val_fp_acc"] = evaluate(p, split="val")
         model = p.model
         if rc.compress.name != "none":
             model, results["compression"] = compress(p)
             metrics["compressed_acc"] = evaluate(p, model)
             metrics["drop"] = metrics["compressed_acc"] - metrics["fp_acc"]
+            if p.data.n_val:
+                metrics["val_compressed_acc"] = evaluate(p, model, split="val")
         metrics["eval_seconds"] = time.perf_counter() - t0
         if rc.export is not None and rc.export.name != "none":
             t0 = time.perf_counter()

@@ -62,7 +62,10 @@ class DatasetConfig:
     n_train: int = 256
     n_test: int = 128
     test_fraction: float = 0.2  # digits: held-out share of the stratified split
+    # Seeds digits' train/test split and the validation hold-out.
     split_seed: int = 0
+    # A stratified validation split held out of the TRAINING split (never the test split), for tuning; 0: none.
+    val_fraction: float = 0.0
     # digits only: keep these classes, relabelled 0..len-1 in this order (a transfer task, e.g. 0-4 then 5-9).
     classes: Optional[list] = None
     augment: bool = False
@@ -74,6 +77,8 @@ class DatasetConfig:
 
     def __post_init__(self):
         _check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", self.test_fraction, "a value in (0, 1)")
+        _check(isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0,
+               "dataset.val_fraction", self.val_fraction, "a value in [0, 1) (0: no validation split)")
         _check(self.num_classes >= 2, "dataset.num_classes", self.num_classes, "an integer >= 2")
         _check(self.n_train >= 1 and self.n_test >= 1, "dataset.n_train", self.n_train, "positive sizes")
         _check(self.num_workers >= 0, "dataset.num_workers", self.num_workers, "an integer >= 0")

@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from craft_runner.data.core import DataBundle, ImageReadError, TensorLoader, _torch_loader, calib_indices
+from craft_runner.data.split import hold_out_val, stratified_holdout
 from craft_runner.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchPadCropFlip, pad_for
 from craft_runner.data.vision import SPECS, DataRootError, VisionSpec, check_root, dataset_folder
 from craft_runner.schema import ConfigError, DatasetConfig
 
 __all__ = ["DataBundle", "TensorLoader", "DataRootError", "ImageReadError", "DatasetInfo", "VisionSpec", "SPECS",
            "BUILDERS", "build_data", "build_digits", "build_synthetic", "calib_indices", "check_dataset",
-           "dataset_names", "dataset_root", "IMAGENET_MEAN", "IMAGENET_STD", "_torch_loader"]
+           "dataset_names", "dataset_root", "hold_out_val", "stratified_holdout", "IMAGENET_MEAN", "IMAGENET_STD",
+           "_torch_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,10 @@ def build_data(cfg: DatasetConfig, img_size: int = 32, data_dir: str = "data", d
 
         folder = dataset_folder(SPECS[cfg.name], cfg.root, data_dir)
         bundle = build_vision(cfg, folder, data_config, img_size, torch.device(device) if device else None)
+    # Before any model is built: a fraction that empties a class is refused here.
+    bundle = hold_out_val(bundle, cfg.val_fraction, cfg.split_seed)
     where = f"tensors on {bundle.train_x.device}" if bundle.train_x is not None else f"{cfg.num_workers} workers"
-    log.info("data %s: %d train, %d test, %d classes, %dx%d, %s", bundle.name, bundle.n_train, bundle.n_test,
+    val = f", {bundle.n_val} validation (held out of train)" if bundle.n_val else ""
+    log.info("data %s: %d train%s, %d test, %d classes, %dx%d, %s", bundle.name, bundle.n_train, val, bundle.n_test,
              bundle.num_classes, bundle.img_size, bundle.img_size, where)
     return bundle

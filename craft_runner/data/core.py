@@ -121,6 +121,13 @@ class DataBundle:
     classes: Optional[list] = None
     data_config: Optional[dict] = None  # the resolved timm data config the transforms follow
     root: Optional[str] = None  # the folder read, for on-disk sets
+    # A validation split held out of the training one (dataset.val_fraction, craft_runner.data.split), read
+    # with the evaluation transforms; None: no validation split.
+    val_x: Optional[torch.Tensor] = None
+    val_y: Optional[torch.Tensor] = None
+    val_dataset: object = None
+    # The labels of train_dataset's samples (on-disk sets), for a stratified hold-out without reading images.
+    train_targets: Optional[list] = None
 
     @property
     def n_train(self) -> int:
@@ -130,9 +137,19 @@ class DataBundle:
     def n_test(self) -> int:
         return len(self.test_y) if self.test_y is not None else len(self.test_dataset)
 
+    @property
+    def n_val(self) -> int:
+        if self.val_y is not None:
+            return len(self.val_y)
+        return len(self.val_dataset) if self.val_dataset is not None else 0
+
+    def splits(self) -> dict:
+        """How many samples each split holds (results.json's ``splits``); val is carved out of train."""
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
     def _on(self, device: torch.device) -> None:
         # Copied once and kept, so a loader made every epoch costs no new host-to-device copy.
-        for k in ("train_x", "train_y", "test_x", "test_y"):
+        for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
             t = getattr(self, k)
             if t is not None and t.device != torch.device(device):
                 setattr(self, k, t.to(device))
@@ -146,11 +163,19 @@ class DataBundle:
                                 augment=self.augment, transform=self.transform, rank=rank, world=world)
         return _torch_loader(self.train_dataset, batch_size, True, seed, cfg, device, rank, world)
 
-    def eval_loader(self, batch_size: int, device: torch.device, cfg: DatasetConfig):
-        if self.test_x is not None:
+    def eval_loader(self, batch_size: int, device: torch.device, cfg: DatasetConfig, split: str = "test"):
+        """Batches of the test split, or of the validation split (``split="val"``), in order."""
+        if split not in ("test", "val"):
+            raise ValueError(f"eval_loader: split={split!r} is not allowed: expected test or val")
+        if split == "val" and not self.n_val:
+            raise ValueError("eval_loader: no validation split (dataset.val_fraction=0)")
+        x, y, ds = (self.val_x, self.val_y, self.val_dataset) if split == "val" else \
+            (self.test_x, self.test_y, self.test_dataset)
+        if x is not None:
             self._on(device)
-            return TensorLoader(self.test_x, self.test_y, batch_size, transform=self.transform)
-        return _torch_loader(self.test_dataset, batch_size, False, 0, cfg, device)
+            x, y = (self.val_x, self.val_y) if split == "val" else (self.test_x, self.test_y)
+            return TensorLoader(x, y, batch_size, transform=self.transform)
+        return _torch_loader(ds, batch_size, False, 0, cfg, device)
 
     def calib_batches(self, n: int, batch_size: int, seed: int, device: torch.device):
         """A fixed, seeded subset of the training split (evaluation transforms), as a list of batches."""

@@ -409,4 +409,4 @@ def build_vision(cfg: DatasetConfig, folder: Path, data_config: Optional[dict], 
     return DataBundle(train_x=None, train_y=None, test_x=None, test_y=None,
                       train_dataset=Transformed(train, train_tf if cfg.augment else eval_tf),
                       train_eval_dataset=Transformed(train, eval_tf), test_dataset=Transformed(test, eval_tf),
-                      **common)
+                      train_targets=list(ytr), **common)
