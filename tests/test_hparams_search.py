@@ -36,6 +36,16 @@ def test_code_recipe_gives_the_released_scripts_values(optimizer):
         assert (rc.optimizer.rho, rc.optimizer.adaptive) == (CODE["rho"], CODE["adaptive"])
 
 
+@pytest.mark.parametrize("overrides,name", [(("optimizer=sgd",), "sgd"), (("optimizer=sam", "optimizer.base=sgd"), "sam")])
+def test_code_recipe_with_sgd_gives_the_last_revision_that_runs(overrides, name):
+    # 7d096f4 (2023-08-19): torch.optim.SGD(lr, momentum=0.9, weight_decay), --SAM wrapping it; documented command
+    rc = _rc("experiment=craft_table2", "+shared/task=oxford_pets", *overrides, "optimizer.lr=1e-4",
+             "+shared=craft_code_recipe")
+    o = rc.optimizer
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay) == (name, 1e-4, 0.9, False, 0.01)
+    assert name == "sgd" or (o.base, o.rho, o.adaptive) == ("sgd", 0.05, False)
+
+
 def test_paper_recipe_stays_the_default():
     rc = _rc("experiment=craft_table2", "+shared/task=oxford_pets", "optimizer=adam")
     assert (rc.train.epochs, rc.optimizer.name, rc.optimizer.weight_decay, rc.optimizer.lr) == (5, "adam", 0.0, 1e-4)
