@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from craft_runner.report import export_cols, stats
-from craft_runner.report.records import Record
+from craft_runner.report.records import Record, environment_note
 
 DASH = "—"
 
@@ -297,8 +297,9 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
                 if r.path not in numbers:
                     numbers[r.path] = len(numbers) + 1
                     what = " ".join(r.overrides) if r.overrides else str(r.path)
-                    notes.append(f"[{numbers[r.path]}] {' / '.join(key)}, seed {r.seed}: {r.status}"
-                                 f"{': ' + r.error if r.error else ''} ({what})")
+                    why = r.error if (r.error or "").startswith(r.status) else \
+                        f"{r.status}{': ' + r.error if r.error else ''}"  # "unreadable results.json: ..."
+                    notes.append(f"[{numbers[r.path]}] {' / '.join(key)}, seed {r.seed}: {why} ({what})")
                 if numbers[r.path] not in cell.notes:
                     cell.notes.append(numbers[r.path])
             spec = col_specs[col_labels.index(label)]
@@ -309,7 +310,7 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
     k = len(numbers)
     for r in missing[:5]:
         k += 1
-        notes.append(f"[{k}] missing job: {' '.join(r.overrides)}: {r.error}")
+        notes.append(f"[{k}] missing job: {' '.join(r.overrides) or r.path}: {r.error}")
     if len(missing) > 5:
         k += 1
         notes.append(f"[{k}] and {len(missing) - 5} more missing jobs")
@@ -317,6 +318,8 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
     if any(c.verdict is not None for cells in rows.values() for c in cells.values()):
         notes.append(legend(layout, test))
     notes += export_notes + _flags(rows, col_labels, col_specs)
+    if (mixed := environment_note(placed)) is not None:
+        notes.append(mixed)
     return Table(layout, row_headers, col_labels, col_specs, rows, dict(by_row), notes, n_seeds, incomplete,
                  experiment=next((r.experiment for r in records if r.experiment), None), test=test)
 

@@ -3,6 +3,9 @@
 - ``results.json`` (status ``ok`` or ``failed``) gives a :class:`Record` with its config and metrics;
 - a run directory with ``config.yaml`` but no ``results.json`` (killed, or still running) gives one with
   status ``unfinished``;
+- a ``results.json`` that cannot be read (truncated, not JSON, JSON but not an object) gives one with status
+  ``unreadable`` and the reason, placed by the job's ``config.yaml`` (normalised as the runner records a
+  config, so that it lands in the cell it belongs to); without one it is listed under the table, unplaced;
 - a sweep's ``multirun.yaml`` names every job Hydra's basic sweeper expands it to: a job with no run
   directory is ``missing`` (its input was refused, or the sweep stopped first), a run directory that no job of
   the last sweep names is ``stale`` (left by an earlier sweep into the same directory) and is set aside.
@@ -21,6 +24,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from craft_runner.fingerprint import COMPARED, differences
+
 log = logging.getLogger(__name__)
 
 # Fields that name a run rather than determine it.
@@ -30,7 +35,7 @@ _IGNORED = {"version"}
 @dataclasses.dataclass
 class Record:
     path: Path
-    status: str  # ok | failed | unfinished | missing
+    status: str  # ok | failed | unfinished | unreadable | missing
     config: dict
     metrics: dict = dataclasses.field(default_factory=dict)
     compression: dict = dataclasses.field(default_factory=dict)
@@ -41,6 +46,7 @@ class Record:
     train_fields: frozenset = frozenset()
     overrides: tuple = ()
     mtime: float = 0.0
+    environment: dict = dataclasses.field(default_factory=dict)  # results.json's fingerprint, if recorded
 
     @property
     def ok(self) -> bool:
@@ -128,8 +134,25 @@ def _read_overrides(run_dir: Path) -> tuple:
     return tuple(str(x) for x in (yaml.safe_load(f.read_text()) or []))
 
 
+def _normalised(cfg: dict) -> dict:
+    """A config.yaml as results.json records a config: the compression block through its schema, which
+    fills the fields its method derives (None in the YAML), so that the record keys the same row and column."""
+    comp = cfg.get("compress")
+    if not isinstance(comp, dict) or not comp.get("name"):
+        return cfg
+    from craft_runner.compress.registry import compressors
+
+    info = compressors().get(comp["name"])
+    if info is None:
+        return cfg
+    names = {f.name for f in dataclasses.fields(info.schema)}
+    return {**cfg, "compress": json.loads(json.dumps(dataclasses.asdict(
+        info.schema(**{k: v for k, v in comp.items() if k in names})), default=str))}
+
+
 def _config_yaml(run_dir: Path) -> Optional[dict]:
-    """The job's config as Hydra saved it (interpolations resolved), for a run that wrote no results.json."""
+    """The job's config as Hydra saved it (interpolations resolved, normalised), for a run without a
+    readable results.json; None when it is absent, empty or unreadable."""
     f = run_dir / "config.yaml"
     if not f.exists():
         return None
@@ -137,22 +160,40 @@ def _config_yaml(run_dir: Path) -> Optional[dict]:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+        if not isinstance(cfg, dict) or not cfg:
+            raise ValueError("empty, or not a mapping")
         cfg.pop("hydra", None)
-        return cfg
+        return _normalised(cfg)
     except Exception as e:
         log.warning("%s: unreadable (%s)", f, e)
         return None
 
 
 def load_results(path: Path) -> Record:
+    """The record of a results.json; ValueError (or OSError) when it cannot be read as one."""
     r = json.loads(Path(path).read_text())
+    if not isinstance(r, dict):
+        raise ValueError(f"valid JSON but {type(r).__name__}, not an object")
     status = r.get("status", "failed")
     if status == "running":  # written by an older runner before it finished
         status = "unfinished"
     return _record(Path(path).parent, status if status in ("ok", "failed", "unfinished") else "failed",
                    r.get("config") or {}, metrics=r.get("metrics") or {}, compression=r.get("compression") or {},
                    sharpness=r.get("sharpness") or {}, export=r.get("export") or {}, error=r.get("error"),
-                   overrides=_read_overrides(Path(path).parent), mtime=Path(path).stat().st_mtime)
+                   overrides=_read_overrides(Path(path).parent), mtime=Path(path).stat().st_mtime,
+                   environment=r.get("environment") if isinstance(r.get("environment"), dict) else {})
+
+
+def environment_note(records) -> Optional[str]:
+    """One line when the finished records of a table were computed in different environments (library
+    versions, CPU or GPU model, CUDA, driver, TF32 / deterministic flags, autocast); thread counts, hosts and
+    Python patch levels are not compared."""
+    diff = differences([r.environment for r in records if r.ok and r.environment])
+    if not diff:
+        return None
+    shown = "; ".join(f"{k}: {' vs '.join(v)}" for k, v in diff.items())
+    return (f"warning: the cells of this table were computed in different environments ({shown}); compared: "
+            f"{', '.join(COMPARED)} (not the thread count)")
 
 
 # ---------------------------------------------------------------------------------------------- sweeps
@@ -206,12 +247,20 @@ def collect(root: Path) -> Collection:
     """Every record under ``root`` (a sweep directory, or a folder of them)."""
     root = Path(root)
     records: list[Record] = []
+    unplaced: list[Record] = []
     for f in sorted(root.rglob("results.json")):
         try:
             records.append(load_results(f))
         except (OSError, ValueError) as e:
-            log.warning("%s: unreadable (%s)", f, e)
-    seen = {r.path for r in records}
+            why = f"unreadable results.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            log.warning("%s: %s", f, why)
+            cfg, overrides = _config_yaml(f.parent), _read_overrides(f.parent)
+            if cfg is not None:
+                records.append(_record(f.parent, "unreadable", cfg, error=why, overrides=overrides,
+                                       mtime=f.stat().st_mtime))
+            else:  # nothing says which cell it is: listed under the table, never guessed into one
+                unplaced.append(Record(path=f.parent, status="missing", config={}, overrides=overrides, error=why))
+    seen = {r.path for r in records} | {r.path for r in unplaced}
     for f in sorted(root.rglob("config.yaml")):
         if f.parent in seen or not (f.parent / "overrides.yaml").exists():
             continue
@@ -225,6 +274,10 @@ def collect(root: Path) -> Collection:
         inside = [r for r in records if sweep.dir in r.path.parents]
         expected = {_norm(j): j for j in sweep.jobs}
         found = set()
+        for r in unplaced:
+            if sweep.dir in r.path.parents:
+                r.config.setdefault("experiment", sweep.experiment)
+                found.add(_norm(r.overrides))
         for r in inside:
             key = _norm(r.overrides)
             if r.overrides and key not in expected:
@@ -236,4 +289,9 @@ def collect(root: Path) -> Collection:
                 records.append(Record(path=sweep.dir, status="missing", config=cfg, overrides=job,
                                       error="no run directory: its input was refused, or the sweep stopped before it"))
     stale_paths = {r.path for r in stale}
-    return Collection([r for r in records if r.path not in stale_paths or r.status == "missing"], stale, sweeps)
+    if unplaced and not sweeps:  # a lone run directory: the experiment its neighbours recorded, if one
+        known = {r.experiment for r in records if r.experiment}
+        for r in unplaced:
+            r.config.setdefault("experiment", next(iter(known)) if len(known) == 1 else None)
+    kept = [r for r in records if r.path not in stale_paths or r.status == "missing"]
+    return Collection(kept + unplaced, stale, sweeps)
