@@ -143,7 +143,7 @@ def compress_in_blocks(model: nn.Module, groups: list[list[tuple[str, nn.Module]
     for group in groups:
         acc = {m: HessianAccumulator(m) for _, m in group}
 
-        def hook(mod, args, _out):
+        def hook(mod, args, _out, acc=acc):
             acc[mod].add(args[0])
 
         forward_with_hooks(model, batches, forward_hooks=[(m, hook) for _, m in group])

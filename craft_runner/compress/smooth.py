@@ -87,7 +87,7 @@ def smooth_model(model: nn.Module, alpha: float, batches) -> dict:
         raise ValueError("SmoothQuant needs calibration batches")
     act = input_channel_max(model, [fc for _, _, fc in pairs], batches)
     before, after = [], []
-    for name, norm, fc in pairs:
+    for _, norm, fc in pairs:
         a = act[fc].clamp_min(CLAMP)
         w = fc.weight.detach().abs().amax(0).float().clamp_min(CLAMP)
         s = (a.pow(alpha) / w.pow(1 - alpha)).clamp_min(CLAMP)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from craft_runner.atomic import atomic_path
+from craft_runner.compress.registry import capabilities
+from craft_runner.device import full_fp32
 from craft_runner.export.config import ExportConfig, check_export, simulated_only
 from craft_runner.export.formats import NOTHING_TO_PACK
 from craft_runner.export.onnx_io import deployable_copy, export_onnx, latency_ratio, op_counts, run, session
@@ -30,7 +32,6 @@ __all__ = ["ExportConfig", "ExportJob", "check_export", "export_cell", "format_n
 
 log = logging.getLogger(__name__)
 
-SPARSE_COMPRESSORS = ("prune",)
 # The fp32 file must reproduce the torch model to this relative difference before anything is measured on it.
 FP32_PARITY = 1e-3
 
@@ -78,6 +79,7 @@ def _evaluate(sess, simulated: nn.Module, test_batches, device) -> tuple[float, 
     return 100.0 * correct / max(total, 1), diff
 
 
+@full_fp32()  # the torch side of every comparison in float32, TF32 off, as ONNX Runtime's CPU
 def export_cell(simulated: nn.Module, cfg: ExportConfig, compress, calib_batches, test_batches,
                 simulated_accuracy: float, out_dir: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Export ``simulated`` as ``cfg.name`` says into ``out_dir``; returns results.json's ``export`` record.
@@ -119,7 +121,7 @@ def export_cell(simulated: nn.Module, cfg: ExportConfig, compress, calib_batches
     real = session(job.artifact, cfg.threads, optimized)
     accuracy, max_diff = _evaluate(real, simulated, test_batches, device)
     compressed = cfg.compressed_storage == "true" or (cfg.compressed_storage == "auto"
-                                                      and getattr(compress, "name", "none") in SPARSE_COMPRESSORS)
+                                                      and capabilities(getattr(compress, "name", "none")).sparse)
     nbytes, zpath = _stored_bytes(job.artifact, compressed)
     fp32_bytes, _ = _stored_bytes(job.fp32_path, False)
     x1 = calib[0][:1]

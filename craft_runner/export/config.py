@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from craft_runner.compress.registry import capabilities
 from craft_runner.schema import ConfigError, _check, _check_choice
 
 FULL_PRECISION_BITS = 16
@@ -58,11 +59,11 @@ def simulated_only(export: ExportConfig, compress) -> Optional[str]:
     """Why the cell's compression has no real kernel in ``export``'s format (None: it has one)."""
     if export.name == "none":
         return None
-    name = getattr(compress, "name", "none")
+    caps = capabilities(getattr(compress, "name", "none"))
     w, a = _bits(compress)
-    if name == "ptq" and getattr(compress, "method", "base") == "ptq4vit" and getattr(compress, "twin", False) \
-            and a < FULL_PRECISION_BITS:
-        return "PTQ4ViT's twin-uniform grids (post-softmax / post-GELU) have no ONNX Runtime kernel"
+    reason = caps.no_kernel(compress) if caps.no_kernel is not None else None
+    if reason is not None:
+        return reason
     if a < FULL_PRECISION_BITS and a != 8:
         return f"{a}-bit activations have no ONNX Runtime kernel (uint8 only)"
     if export.name == "onnx_int4" and a < FULL_PRECISION_BITS:
@@ -70,6 +71,11 @@ def simulated_only(export: ExportConfig, compress) -> Optional[str]:
     if export.name == "onnx_int4":
         if w < FULL_PRECISION_BITS and w != 4:
             return f"W{w} weights are not MatMulNBits' 4-bit ones"
+        group = getattr(compress, "group_size", None)
+        if caps.quantizes and group is not None and w < FULL_PRECISION_BITS and group != export.block_size:
+            return (f"the weights' grids are per {'output channel' if not group else f'{group} columns'}, not "
+                    f"MatMulNBits' blocks of export.block_size={export.block_size} (set compress.group_size="
+                    f"{export.block_size})")
         return None
     if w < FULL_PRECISION_BITS and w != 8:
         return f"W{w} weights have no int8 ONNX Runtime kernel of that width (export=onnx_int4 for W4)"
@@ -81,13 +87,18 @@ def check_export(export: ExportConfig, compress, model=None) -> None:
     if export.name == "none":
         return
     name = getattr(compress, "name", "none")
-    if name in ("tome", "token_prune"):
-        raise ConfigError(f"export={export.name} is not allowed with compress={name}: token merging and pruning "
-                          f"change the sequence length inside the graph, which the exported model does not")
+    caps = capabilities(name)
+    if caps.changes_tokens:
+        raise ConfigError(f"export={export.name} is not allowed with compress={name}: it changes the number of "
+                          f"tokens inside the graph, which the exported model does not")
+    if caps.exports is not None and export.name not in caps.exports:
+        raise ConfigError(f"export={export.name} is not allowed with compress={name}: it exports to "
+                          f"{', '.join(caps.exports) or 'no format'}")
     if export.name == "onnx_int8_searched":
-        _check(name in ("ptq", "qat") and _bits(compress)[1] < FULL_PRECISION_BITS, "export", export.name,
-               "a quantizer with quantized activations (compress=ptq or qat): onnx_int8_searched injects its "
-               "activation scales; onnx_int8 calibrates its own")
+        _check(caps.injects_scales and _bits(compress)[1] < FULL_PRECISION_BITS, "export", export.name,
+               "a quantizer with quantized activations (a compressor that declares injectable scales, e.g. "
+               "compress=ptq or qat): onnx_int8_searched injects its activation scales; onnx_int8 calibrates its "
+               "own")
     if export.name == "onnx_int4" and model is not None:
         from torch import nn
 

@@ -29,6 +29,25 @@ BACKBONES = {
 BACKBONE_ORDER = ["ViT-B@IMNET-21k", "EfficientNet-B0@IMNET-1k", "ResNet101@IMNET-1k", "MobileNet-V2@IMNET-1k",
                   "tiny ViT", "tiny EfficientNet", "ResNet-20", "ResNet-18", "Mixer-S", "MobileNet-V1"]
 BITS_ORDER = ["W8A8", "W6A6", "W6A16", "W5A16", "W4A16", "W4A8", "W4A4", "W3A16", "W2A16"]
+SHAPE_ORDER = [f"{s}%" for s in range(10, 100, 10)] + ["32:64", "16:32", "8:16", "4:8", "2:4"]
+
+
+def caps(c: dict):
+    """The capabilities the compressor of a compress config declares (none for a name this install lacks)."""
+    # local: the compressors import torch, which reading results does not need until a label is asked for
+    from craft_runner.compress.registry import capabilities
+
+    return capabilities(c.get("name", "none"))
+
+
+def tagged(c: dict, label: str) -> str:
+    """A column label with the compressor's tag in front (GPTQ W4A16, SparseGPT 2:4); the papers' own bare."""
+    tag = caps(c).tag
+    return f"{tag} {label}" if tag else label
+
+
+def tagged_order(order: list) -> list:
+    return list(order) + [f"GPTQ {x}" for x in order]
 
 
 def task(name, classes=None) -> str:
@@ -63,10 +82,17 @@ def ablation(preact, rprelu) -> str:
 
 
 def bits(r: Record) -> Optional[str]:
+    """The bit widths of any compressor that declares it quantizes (``Capabilities.quantizes``); its row names it."""
     c = r.config.get("compress") or {}
-    if c.get("name") not in ("ptq", "qat") or "w_bits" not in c:
+    if not caps(c).quantizes or "w_bits" not in c:
         return None
     return f"W{c['w_bits']}A{c['a_bits']}"
+
+
+def tagged_bits(r: Record) -> Optional[str]:
+    """:func:`bits` with the compressor's tag in front (GPTQ W4A16), for tables whose rows do not name it."""
+    b = bits(r)
+    return None if b is None else tagged(r.config.get("compress") or {}, b)
 
 
 def bitwidth(r: Record) -> Optional[str]:
@@ -81,16 +107,29 @@ def bitwidth(r: Record) -> Optional[str]:
 
 def sparsity(r: Record) -> Optional[str]:
     c = r.config.get("compress") or {}
-    if c.get("name") != "prune" or c.get("pattern") == "nm":
+    if not caps(c).sparse or c.get("pattern") == "nm" or "sparsity" not in c:
         return None
     return f"{100 * c['sparsity']:.0f}%"
 
 
 def prune_shape(r: Record) -> Optional[str]:
+    """Any sparse compressor's (``Capabilities.sparse``) sparsity or N:M; its row names the criterion."""
     c = r.config.get("compress") or {}
-    if c.get("name") != "prune":
+    if not caps(c).sparse or "sparsity" not in c:
         return None
     return f"{c['n']}:{c['m']}" if c.get("pattern") == "nm" else f"{100 * c['sparsity']:.0f}%"
+
+
+def quant_method(name, method, smooth_alpha) -> str:
+    """Table 2's Method: BasePTQ / PTQ4ViT, another quantizer by its tag; "+SmoothQuant" when smoothed first."""
+    tag = caps({"name": name}).tag
+    label = tag or {"base": "BasePTQ", "ptq4vit": "PTQ4ViT"}.get(method, str(method))
+    return label + (" +SmoothQuant" if smooth_alpha is not None else "")
+
+
+def prune_criterion(name, criterion) -> str:
+    """Figure 4's Criterion: Magnitude / Wanda, another pruner by its tag."""
+    return caps({"name": name}).tag or str(criterion).capitalize()
 
 
 def compression(r: Record) -> Optional[str]:
@@ -181,20 +220,23 @@ register(Layout(
 register(Layout(
     "craft_table2", "CrAFT Table 2: PTQ after task adaptation (accuracy, drop from FP32 in parentheses)",
     rows=[Row("Downstream Task", ("dataset.name", "dataset.classes"), task, order=TASK_ORDER),
-          Row("Method", ("compress.method",), lambda x: {"base": "BasePTQ", "ptq4vit": "PTQ4ViT"}.get(x, str(x)),
-              order=["BasePTQ", "PTQ4ViT"]),
+          Row("Method", ("compress.name", "compress.method", "compress.smooth_alpha"), quant_method,
+              order=["BasePTQ", "BasePTQ +SmoothQuant", "PTQ4ViT", "PTQ4ViT +SmoothQuant", "GPTQ",
+                     "GPTQ +SmoothQuant"]),
           Row("Fine-tuning", ("optimizer.name",), craft_method, order=["ADAM", "CrAFT"])],
     cols=[FP32, Col(None, acc, drop, pivot=bits, order=BITS_ORDER)],
     figures=[figures.drop_bars],
-    paper_csv="craft_table2.csv"))
+    paper_csv="craft_table2.csv",
+    note="GPTQ and +SmoothQuant rows: this runner's extension (issue 31), not the paper's"))
 
 register(Layout(
     "craft_table3", "CrAFT Table 3: various foundation models fine-tuned, BasePTQ",
     rows=[Row("Backbone", ("model.name",), backbone, order=BACKBONE_ORDER),
           Row("Method", ("optimizer.name",), craft_method, order=["ADAM", "CrAFT"])],
-    cols=[FP32, Col(None, acc, drop, pivot=bits, order=BITS_ORDER)],
+    cols=[FP32, Col(None, acc, drop, pivot=tagged_bits, order=tagged_order(BITS_ORDER))],
     figures=[figures.drop_bars],
-    paper_csv="craft_table3.csv"))
+    paper_csv="craft_table3.csv",
+    note="GPTQ columns: this runner's extension (issue 31), not the paper's"))
 
 register(Layout(
     "craft_table4", "CrAFT Table 4: end-to-end fine-tuning time and overhead",
@@ -235,11 +277,12 @@ register(Layout(
 
 register(Layout(
     "craft_fig4", "CrAFT Figure 4: one-shot pruning, (a) unstructured and (b) N:M at 50 %",
-    rows=[Row("Criterion", ("compress.criterion",), lambda c: str(c).capitalize(), order=["Magnitude", "Wanda"]),
+    rows=[Row("Criterion", ("compress.name", "compress.criterion"), prune_criterion,
+              order=["Magnitude", "Wanda", "SparseGPT"]),
           Row("Fine-tuning", ("optimizer.name",), craft_method, order=["ADAM", "CrAFT"])],
-    cols=[FP32, Col(None, acc, drop, pivot=prune_shape,
-                    order=[f"{s}%" for s in range(10, 100, 10)] + ["32:64", "16:32", "8:16", "4:8", "2:4"])],
-    figures=[figures.sparsity_curves_craft, figures.nm_bars]))
+    cols=[FP32, Col(None, acc, drop, pivot=prune_shape, order=SHAPE_ORDER)],
+    figures=[figures.sparsity_curves_craft, figures.nm_bars],
+    note="SparseGPT rows and columns: this runner's extension (issue 31), not the paper's"))
 
 def _snt_table3(kind: str, title: str, backbones: list) -> Layout:
     """SNT Table 3, either half: the same rows and columns, PTQ and QAT differ in title and backbones."""
