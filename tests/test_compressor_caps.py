@@ -118,7 +118,8 @@ def test_gptq_and_sparsegpt_columns_and_export_capabilities():
     assert rows["Method"].fmt("ptq", "base", 0.5) == "BasePTQ +SmoothQuant"
     assert {r.label: r for r in LAYOUTS["craft_fig4"].rows}["Criterion"].fmt("sparsegpt", None) == "SparseGPT"
     assert registry.capabilities("sparsegpt").sparse and not registry.capabilities("gptq").sparse
-    assert registry.capabilities("tome").changes_tokens and registry.capabilities("unknown_x") == registry.Capabilities()
+    assert registry.capabilities("tome").changes_tokens
+    assert registry.capabilities("unknown_x") == registry.Capabilities()
     # GPTQ's grouped int4 goes to MatMulNBits only when its groups are the export's blocks
     assert simulated_only(ExportConfig(name="onnx_int4", block_size=32), GPTQConfig(group_size=32)) is None
     assert "compress.group_size=32" in simulated_only(ExportConfig(name="onnx_int4", block_size=32), GPTQConfig())
