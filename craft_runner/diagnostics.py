@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from craft_runner.calibration import forward_with_hooks
+from craft_runner.device import full_fp32
 from craft_runner.schema import SharpnessConfig
 from craft_runner.sharpness import Batch, hutchinson_trace, lanczos, power_iteration
 
@@ -86,9 +87,8 @@ def explained_variance(weight: torch.Tensor) -> torch.Tensor:
     w = w - w.mean(dim=0, keepdim=True)
     var = torch.linalg.svdvals(w) ** 2
     total = var.sum()
-    if total <= 0:
-        return torch.ones(len(var), dtype=torch.float64)
-    return torch.cumsum(var, 0) / total
+    # no host branch on the total: the result stays on w's device without a sync
+    return torch.where(total > 0, torch.cumsum(var, 0) / total, torch.ones_like(var))
 
 
 def _components(k: float, n: int) -> int:
@@ -122,7 +122,7 @@ def weight_spectrum(model: nn.Module, k: float = 0.25) -> dict:
 def _mean_curve(curves: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean cumulative share per number of components; a layer with n components counts as 1 beyond n."""
     n = max(len(c) for c in curves)
-    padded = [torch.cat([c, torch.ones(n - len(c), dtype=c.dtype)]) for c in curves]
+    padded = [torch.cat([c, torch.ones(n - len(c), dtype=c.dtype, device=c.device)]) for c in curves]
     return torch.stack(padded).mean(0)
 
 
@@ -260,6 +260,7 @@ def plot_activation_ranges(ranges: dict, path: Path, title: str = "", max_blocks
 # --------------------------------------------------------------------------------------------- entry
 
 
+@full_fp32()
 def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessConfig,
                     out_dir: Optional[Path] = None, *, tag: str = "", loss_fn: Optional[Callable] = None) -> dict:
     """Every diagnostic switched on in ``cfg``; returns a JSON-serialisable dict.
@@ -272,6 +273,7 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
     ``spectrum`` (see :func:`weight_spectrum`), ``act_ranges`` (see :func:`activation_ranges`), ``plots``
     (PNG paths, when ``cfg.plots`` and ``out_dir``; the file names end in ``-{tag}``), and always
     ``scalars``: a flat dict of numbers for a tracker. ``loss_fn`` defaults to mean cross-entropy.
+    Everything is measured in full float32 (TF32 off, :func:`craft_runner.device.full_fp32`).
     """
     loss_fn = loss_fn or F.cross_entropy
     out: dict = {}

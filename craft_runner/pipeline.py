@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from craft_runner import __version__
+from craft_runner import device as device_module
 from craft_runner.atomic import atomic_save, atomic_write_json
 from craft_runner.config import to_run_config
 from craft_runner.fingerprint import environment
@@ -40,16 +41,16 @@ log = logging.getLogger(__name__)
 # Bumped whenever what a key hashes changes meaning (2: only the fields that apply; key.json).
 CACHE_VERSION = 2
 # Settings that change how fast a run is, not what it computes.
-_NOT_IN_KEY = {"progress", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "root",
+# train.tf32 as the device: a GPU's float32 rounding, not what is computed (neither is in the key).
+_NOT_IN_KEY = {"tf32", "progress", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "root",
                "download", "on_device"}
 # Diagnostics switches that decide when and how results are shown, not what is measured.
 _NOT_IN_DIAGNOSTICS_KEY = {"enabled", "before", "after", "plots"}
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    # auto on a CUDA build without a usable GPU says so in one line (craft_runner.device)
+    return device_module.resolve_device(name)
 
 
 def check_device(name: str) -> None:

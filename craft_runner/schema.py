@@ -105,6 +105,10 @@ class TrainConfig:
     # Mixed precision: auto = bf16 autocast on CUDA with compute capability >= 8.0, else float32;
     # bf16 = bf16 autocast on any device.
     amp: str = "auto"
+    # TF32 (10-bit mantissa) for float32 matmuls and cuDNN convolutions while training on an Ampere+ GPU.
+    # false: training in float32 is float32 (CPU-comparable); amp=auto already trains in bf16 on those GPUs.
+    # Measuring, searching and evaluating always run with TF32 off (craft_runner.device.full_fp32).
+    tf32: bool = False
     # NHWC activations: faster convolutions on CPU and on tensor cores.
     channels_last: bool = True
     progress: bool = True

@@ -9,7 +9,14 @@ its own residual (``lambda_min_converged``), else None.
 Usable without Hydra: every function takes a model, a mean-reduced ``loss_fn`` and a list of
 ``(inputs, targets)`` batches. The Hessian is that of the mean loss over all the batches, with
 respect to every trainable parameter (``requires_grad``), with the model in eval mode (BatchNorm uses
-running stats, dropout off) and fused attention switched off while measuring (:func:`measuring_mode`).
+running stats, dropout off) and fused attention switched off while measuring (:func:`measuring_mode`), in
+full float32 (TF32 off on a GPU).
+
+Memory: with ``reuse_graph`` every batch's gradient graph is kept; Lanczos also keeps up to ``max_iter``
+model-sized vectors. Before iterating, :class:`HessianOperator` measures the first batch's graph (the bytes
+autograd saves for it) and compares graphs + vectors with the free memory of the device: when only one
+batch's graph fits beside the vectors it switches to ``reuse_graph=False`` (same values, each product rebuilds
+the graphs) with one warning line; when not even that fits it refuses in one line (:class:`MemoryBudgetError`).
 
 The weight spectrum, the activation ranges and :func:`craft_runner.diagnostics.run_diagnostics`, the one
 entry the pipeline calls, live in :mod:`craft_runner.diagnostics`.
@@ -22,8 +29,12 @@ import logging
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
+
+from craft_runner.device import available_memory, full_fp32
+from craft_runner.train import RunError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +134,8 @@ _PLAIN_CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 def measuring_mode(model: torch.nn.Module) -> Iterator[None]:
     """The state in which curvature is measured; everything restored afterwards, also on error.
 
-    Eval mode; fused attention off (it has no double backward); and two substitutions that compute the
+    Eval mode; fused attention off (it has no double backward); TF32 off (:func:`craft_runner.device.full_fp32`:
+    a certificate at tol=1e-3 must not sit in TF32's rounding); and two substitutions that compute the
     same function with a much cheaper double backward, hence cheaper Hessian-vector products: plain
     BatchNorm layers as the per-channel affine map they are in eval mode, and plain convolutions with the
     double backward of :class:`_ConvGrads`.
@@ -144,7 +156,8 @@ def measuring_mode(model: torch.nn.Module) -> Iterator[None]:
     for m in convs:
         m.forward = types.MethodType(_conv_for_hvp, m)
     try:
-        yield
+        with full_fp32():
+            yield
     finally:
         for m in bns + convs:
             del m.forward
@@ -157,26 +170,81 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class MemoryBudgetError(RunError):
+    """A curvature measurement that cannot fit in the device's free memory (one line, before iterating)."""
+
+
+GiB = 2 ** 30
+
+
 class HessianOperator:
     """v ↦ H v for the mean loss over ``batches`` (a reverse-over-reverse Hessian-vector product).
 
     With ``reuse_graph`` the first-order gradient graph of every batch is built once and
     differentiated again for each product (fast; memory grows with the number of samples).
     Vectors are lists of tensors shaped like ``params``; :meth:`flat_matvec` takes a flat vector.
+
+    Memory check (before any product): ``extra_bytes`` (what the caller keeps beside: Lanczos's basis) plus the
+    graphs must fit in ``max_bytes`` (None: the device's free memory, :func:`craft_runner.device.available_memory`).
+    The graphs are estimated from the first batch's (the bytes autograd saves for it, scaled by batch size).
+    If they do not fit but one batch's graph does, ``reuse_graph`` is switched off with a warning (the attribute
+    says which was used); if not even that fits, :class:`MemoryBudgetError`. ``what`` names the measurement.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch],
-                 reuse_graph: bool = True):
+                 reuse_graph: bool = True, max_bytes: Optional[int] = None, extra_bytes: int = 0,
+                 what: str = "the Hessian"):
         self.model, self.loss_fn, self.batches = model, loss_fn, list(batches)
         self.params = trainable_params(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        if not self.batches:
+            raise ValueError("no batches to measure the Hessian on")
         self.n_total = sum(len(y) for _, y in self.batches)
         self.reuse_graph = reuse_graph
         self.products = 0
         self._grads: list[tuple[torch.Tensor, ...]] | None = None
-        if reuse_graph:
-            self._grads = [self._batch_grad(b) for b in self.batches]
+        budget = max_bytes if max_bytes is not None else available_memory(self.params[0].device)
+        first, graph = self._measured_grad(self.batches[0])
+        self.graph_bytes = graph  # of the first batch
+        if budget is not None:
+            self._fit_in(budget, graph, extra_bytes, what)
+        if self.reuse_graph:
+            self._grads = [first] + [self._batch_grad(b) for b in self.batches[1:]]
+        del first
+
+    def _measured_grad(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], int]:
+        """The batch's gradient with its graph, and the bytes that graph holds: every tensor autograd saves
+        for the forward and the double backward (storages counted once, parameters and inputs left out)."""
+        known = {p.untyped_storage().data_ptr() for p in self.params}
+        known |= {t.untyped_storage().data_ptr() for t in batch if torch.is_tensor(t)}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in known:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            grads = self._batch_grad(batch)
+        return grads, sum(seen.values()) + sum(g.numel() * g.element_size() for g in grads)
+
+    def _fit_in(self, budget: int, graph: int, extra: int, what: str) -> None:
+        per_sample = graph / max(len(self.batches[0][1]), 1)
+        largest = max(graph, int(per_sample * max(len(y) for _, y in self.batches)))
+        all_graphs = max(graph, int(per_sample * self.n_total))
+        if self.reuse_graph and extra + all_graphs > budget and extra + largest <= budget:
+            log.warning("%s: keeping every batch's gradient graph would need %.2f GiB (graphs %.2f GiB + vectors "
+                        "%.2f GiB) of %.2f GiB free: measuring with reuse_graph=false instead (same values, slower: "
+                        "each product rebuilds the graphs)", what, (extra + all_graphs) / GiB, all_graphs / GiB,
+                        extra / GiB, budget / GiB)
+            self.reuse_graph = False
+        elif extra + largest > budget:
+            raise MemoryBudgetError(
+                f"{what} needs about {(extra + largest) / GiB:.2f} GiB ({extra / GiB:.2f} GiB of vectors + "
+                f"{largest / GiB:.2f} GiB for one batch's gradient graph) but {budget / GiB:.2f} GiB are free: lower "
+                f"sharpness.max_iter or sharpness.batch_size, or use sharpness.method=power")
 
     @property
     def dim(self) -> int:
@@ -248,6 +316,8 @@ class EigResult:
     lambda_min: float | None = None
     lambda_min_converged: bool = False
     lambda_min_residual: float | None = None
+    # Whether the graphs were kept across products (false also when switched off to fit in memory).
+    reuse_graph: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,7 +349,8 @@ def _power(op: HessianOperator, v: list[torch.Tensor], shift: float, max_iter: i
 
 
 def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], max_iter: int = 100,
-                    tol: float = 1e-3, seed: int = 0, reuse_graph: bool = True) -> EigResult:
+                    tol: float = 1e-3, seed: int = 0, reuse_graph: bool = True,
+                    max_bytes: Optional[int] = None) -> EigResult:
     """λmax (largest algebraic Hessian eigenvalue) by power iteration, shifted when the dominant one is negative.
 
     Power iteration converges to the eigenvalue of largest magnitude λ_d. If λ_d ≥ 0 that is λmax. If
@@ -290,9 +361,12 @@ def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence
     when its own run converged). With two close top eigenvalues it
     needs many products, and the test may pass on the lower one (an eigenvalue is within tol, not
     necessarily the largest): Lanczos (the default method) needs far fewer products and separates them.
+    ``max_bytes``: the memory budget of :class:`HessianOperator` (None: the device's free memory).
     """
     with measuring_mode(model):
-        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
+        vectors = 4 * sum(p.numel() * p.element_size() for p in trainable_params(model))  # v, H v, residual, start
+        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph, max_bytes=max_bytes,
+                             extra_bytes=vectors, what="λmax (power iteration)")
         g = torch.Generator().manual_seed(seed)
         v0 = _normalize([torch.randn(p.shape, generator=g).to(p) for p in op.params])
         theta, v, it, rel, resid, ok = _power(op, v0, 0.0, max_iter, tol)
@@ -304,13 +378,23 @@ def power_iteration(model: torch.nn.Module, loss_fn: Callable, batches: Sequence
             theta, v, it2, rel, resid, ok2 = _power(op, v0, lam_min, max_iter, tol)
             it, ok = it + it2, ok and ok2
     res = EigResult(theta, it, rel, ok, "power", rel_residual=resid, lambda_min=lam_min if min_ok else None,
-                    lambda_min_converged=min_ok, lambda_min_residual=min_resid)
+                    lambda_min_converged=min_ok, lambda_min_residual=min_resid, reuse_graph=op.reuse_graph)
     log.debug("power iteration: λmax=%.4g after %d products (residual %.2g)", theta, it, resid)
     return res
 
 
+def _basis_peak(m_max: int) -> int:
+    """Most Lanczos vectors held at once: the basis grows 16, 32, 64, ... up to m_max rows, and growing it by
+    concatenation holds the old rows and the new ones together for a moment."""
+    rows = peak = min(m_max, 16)
+    while rows < m_max:
+        grown = rows + min(rows, m_max - rows)
+        peak, rows = max(peak, rows + grown), grown
+    return peak
+
+
 def lanczos(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], max_iter: int = 100,
-            tol: float = 1e-3, seed: int = 0, reuse_graph: bool = True) -> EigResult:
+            tol: float = 1e-3, seed: int = 0, reuse_graph: bool = True, max_bytes: Optional[int] = None) -> EigResult:
     """λmax and λmin of the Hessian by Lanczos with full reorthogonalisation (the default method).
 
     After m Hessian-vector products the m×m tridiagonal matrix T_m = Qᵀ H Q is formed and its
@@ -322,17 +406,18 @@ def lanczos(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch],
     Stops when the top Ritz pair's residual ‖H y − θ y‖ = β_m |s_m| is below ``tol``·|θ| (an eigenvalue
     then lies within tol·|θ| of θ, and the error is usually far smaller), or after ``max_iter``
     products, or when the Krylov space is exhausted (β = 0: exact). Memory: one model-sized vector per
-    product (the basis grows as needed, up to ``max_iter`` vectors).
+    product (the basis grows as needed, up to ``max_iter`` vectors), counted with the graphs in the memory
+    check of :class:`HessianOperator` (``max_bytes``: its budget, None: the device's free memory).
     """
     with measuring_mode(model):
-        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
-        n = op.dim
+        params = trainable_params(model)
+        n = sum(p.numel() for p in params)
         m_max = min(max_iter, n)
+        elem = params[0].element_size() if params else 4
+        basis_bytes = (_basis_peak(m_max) + 4) * n * elem  # the basis at its largest and 4 working vectors
+        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph, max_bytes=max_bytes,
+                             extra_bytes=basis_bytes, what=f"λmax (Lanczos, up to {m_max} basis vectors)")
         like = op.params[0]
-        basis_bytes = m_max * n * like.element_size()
-        if basis_bytes > 2 ** 31:
-            log.warning("lanczos may keep up to %d vectors of %d entries (%.1f GiB); lower max_iter or use power "
-                        "iteration", m_max, n, basis_bytes / 2 ** 30)
         g = torch.Generator().manual_seed(seed)
         q = torch.randn(n, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
         q /= torch.linalg.vector_norm(q)
@@ -372,7 +457,7 @@ def lanczos(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch],
     converged = resid < tol or b <= 1e-10 * max(abs(theta), 1.0)
     min_ok = min_resid < tol
     res = EigResult(theta, it, rel, converged, "lanczos", rel_residual=resid, lambda_min=lam_min if min_ok else None,
-                    lambda_min_converged=min_ok, lambda_min_residual=min_resid)
+                    lambda_min_converged=min_ok, lambda_min_residual=min_resid, reuse_graph=op.reuse_graph)
     log.debug("lanczos: λmax=%.4g λmin=%.4g (residual %.2g) after %d products (residual %.2g)", theta, lam_min,
               min_resid, it, resid)
     return res
@@ -398,10 +483,12 @@ class TraceResult:
 
 
 def hutchinson_trace(model: torch.nn.Module, loss_fn: Callable, batches: Sequence[Batch], probes: int = 100,
-                     seed: int = 0, reuse_graph: bool = True) -> TraceResult:
+                     seed: int = 0, reuse_graph: bool = True, max_bytes: Optional[int] = None) -> TraceResult:
     """tr(H) ≈ mean over Rademacher probes z (entries ±1, seeded) of zᵀ H z (Hutchinson 1989)."""
     with measuring_mode(model):
-        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph)
+        vectors = 2 * sum(p.numel() * p.element_size() for p in trainable_params(model))
+        op = HessianOperator(model, loss_fn, batches, reuse_graph=reuse_graph, max_bytes=max_bytes,
+                             extra_bytes=vectors, what="the Hessian trace")
         g = torch.Generator().manual_seed(seed)
         vals = []
         for _ in range(probes):

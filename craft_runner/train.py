@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from craft_runner.atomic import atomic_save
+from craft_runner.device import full_fp32, tf32
 from craft_runner.optim import is_two_pass, needs_second_pass
 from craft_runner.optim.wrapped import HOOKS, hook
 from craft_runner.schema import ConfigError, TrainConfig
@@ -101,27 +103,45 @@ def _native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+# Set inside :func:`float32_fine_tune`: autocast stays off whatever train.amp says.
+_FLOAT32_ONLY = contextvars.ContextVar("craft_float32_only", default=False)
+
+
 def autocast(device: torch.device, mode: str):
-    dtype = amp_dtype(device, mode)
+    dtype = None if _FLOAT32_ONLY.get() else amp_dtype(device, mode)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module):
-    """BatchNorm still normalises with batch statistics, but its running stats (and count) stay as they are."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            count = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
-            saved.append((m, m.momentum, count))
-            m.momentum = 0.0
+def float32_fine_tune():
+    """Training inside runs without autocast, whatever ``train.amp`` says: the fine-tuning of a fake-quantized
+    model (QAT, PTQ + fine-tuning). Under bf16 autocast a layer would compute with its fake-quantized weights and
+    inputs rounded again to bf16's 8-bit mantissa, off their grid by up to half a step at 8 bits."""
+    token = _FLOAT32_ONLY.set(True)
     try:
         yield
     finally:
-        for m, momentum, count in saved:
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
+        _FLOAT32_ONLY.reset(token)
+
+
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm still normalises with batch statistics, but its running stats (and count) stay as they are.
+
+    The buffers are copied before and copied back after (on the device: no host sync), so a non-finite batch
+    statistic inside leaves them untouched. davda54/sam sets BN momentum to 0 instead: the same running
+    statistics for a finite batch, but 0·NaN = NaN poisons them, and its count still grows by one."""
+    saved = [(b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in (getattr(m, k) for k in _BN_STATS) if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -349,7 +369,20 @@ def fit(model: nn.Module, loader: Iterable, opt: torch.optim.Optimizer, cfg: Tra
     Returns ``{"train_seconds", "epochs", "history", "resumed_from", "steps", "second_pass_fraction"}``:
     ``train_seconds`` is the wall time of the training epochs (end to end, no checkpoint writing), summed over
     resumptions; ``second_pass_fraction`` the share of steps that took a second forward-backward.
+
+    Precision: autocast as ``cfg.amp`` says (never inside :func:`float32_fine_tune`), TF32 as ``cfg.tf32`` says
+    (the previous flags restored afterwards).
     """
+    if _FLOAT32_ONLY.get() and amp_dtype(device, cfg.amp) is not None:
+        log.info("%s: a quantized model, fine-tuned in float32 (train.amp=%s not applied: bf16 would round its "
+                 "fake-quantized values off their grid)", desc, cfg.amp)
+    # TF32 as train.tf32 says, for the training only (measurements run with it off).
+    with tf32(cfg.tf32):
+        return _fit(model, loader, opt, cfg, device, state_path, desc, on_epoch, state, extra_state, save_state)
+
+
+def _fit(model, loader, opt, cfg: TrainConfig, device: torch.device, state_path, desc, on_epoch, state, extra_state,
+         save_state) -> dict:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     # The schedule drives the base optimizer of a sharpness-aware wrapper (they share param_groups).
     sched = build_scheduler(getattr(opt, "base_optimizer", opt), cfg, len(loader))
@@ -434,9 +467,10 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+@full_fp32()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device, amp: str = "off",
              channels_last: bool = False) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (float32 computations with TF32 off)."""
     from torchmetrics.classification import MulticlassAccuracy
 
     # One process's own test set: no all-gather, even inside a process group (rank 0 evaluates alone).

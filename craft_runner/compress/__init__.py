@@ -29,6 +29,7 @@ from craft_runner.compress.registry import (
     register_compressor,
     target_layers,
 )
+from craft_runner.device import full_fp32
 
 __all__ = ["CompressContext", "CompressConfig", "PTQConfig", "PruneConfig", "QATConfig", "apply_compression",
            "check_compression", "compression_label", "compressors", "get_compressor", "register_compressor",
@@ -64,6 +65,7 @@ def compression_label(cfg: dict) -> str:
     return get_compressor(cfg.get("name", "none")).label(cfg)
 
 
+@full_fp32()  # searches and scores measured in float32, TF32 off (a fine-tuning inside sets train.tf32)
 def apply_compression(model: nn.Module, cfg: CompressConfig, ctx: CompressContext) -> dict:
     """Compress ``model`` in place as ``cfg`` says; returns a JSON-serialisable record."""
     info = _resolve(cfg)

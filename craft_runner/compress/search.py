@@ -137,13 +137,25 @@ def capture(model: nn.Module, specs: list[tuple[nn.Module, int]], batches, need_
     finally:
         for h in handles:
             h.remove()
+    # One tensor at a time, each list freed as soon as it is joined: the captured bytes are held once, plus
+    # one joined tensor (what _passes budgets), not twice.
     result = {}
-    for m, (ins, outs, grads) in store.items():
+    for m in list(store):
+        ins, outs, grads = store.pop(m)
         if not outs:
             continue
-        inputs = [torch.cat([i[k] for i in ins]) for k in range(n_in[m])]
-        result[m] = (inputs, torch.cat(outs), torch.cat(grads) if need_grad else None)
+        columns = [list(c) for c in zip(*ins)]  # per input: its parts over the batches
+        ins.clear()
+        inputs = [_joined(c) for c in columns]
+        result[m] = (inputs, _joined(outs), _joined(grads) if need_grad else None)
     return result
+
+
+def _joined(parts: list) -> torch.Tensor:
+    """torch.cat of ``parts``, emptying the list first, so the parts are freed as soon as the result exists."""
+    items = list(parts)
+    parts.clear()
+    return torch.cat(items)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -445,14 +457,18 @@ def _passes(model: nn.Module, ops: list, calib_batches, need_grad: bool) -> list
             h.remove()
     n_images = sum(len(b[0]) for b in calib_batches)
     budget = CAPTURE_BYTES.get(x.device.type, CAPTURE_BYTES["cuda"])
-    passes, size = [], budget + 1
+    # A pass holds what it captures, and while capture() joins a tensor its parts and the result: the
+    # captured bytes plus the largest single tensor (an op's output is at most its per-image share).
+    passes, size, top = [], budget + 1, 0
     for block in blocks.values():
         b = 4 * n_images * sum(per_image.get(m, 0) for _, m, _ in block)
-        if size + b > budget:
+        largest = 4 * n_images * max((per_image.get(m, 0) for _, m, _ in block), default=0)
+        if size + b + max(top, largest) > budget:
             passes.append([])
-            size = 0
+            size, top = 0, 0
         passes[-1] += block
         size += b
+        top = max(top, largest)
     return passes
 
 

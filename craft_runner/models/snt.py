@@ -73,12 +73,13 @@ def _per_channel_sums(ts: list[torch.Tensor]) -> torch.Tensor:
     """(len(ts), C): each tensor summed over all but its channel dim, first within each sample (the
     generated reduction then runs in parallel over the samples, and faster than one long sum)."""
     x = ts[0]
+    f32 = torch.float32  # parameter gradients accumulate in float32 also for bf16 activations
     if x.ndim == 4:
-        parts = [t.sum((2, 3)) for t in ts]  # (N, C)
+        parts = [t.sum((2, 3), dtype=f32) for t in ts]  # (N, C)
     elif x.ndim > 2:
-        parts = [t.sum(tuple(range(1, x.ndim - 1))) for t in ts]  # (B, C)
+        parts = [t.sum(tuple(range(1, x.ndim - 1)), dtype=f32) for t in ts]  # (B, C)
     else:
-        parts = list(ts)
+        parts = [t.to(f32) for t in ts]
     return torch.stack(parts).sum(1)
 
 
@@ -141,8 +142,10 @@ class _FusedRPReLU(torch.autograd.Function):
         if ctx.native:  # a channels-last float32 CPU tensor: the C kernels, one pass each way
             return rprelu_cpu.forward(x, gamma.detach(), beta.detach(), zeta.detach())
         # detached: torch.compile takes a Parameter's shape as static, which would fix the channel count
-        # and compile once per layer width instead of once
-        return _kernel("forward", rprelu, x, gamma.detach(), beta.detach(), zeta.detach())
+        # and compile once per layer width instead of once. In x's dtype: float32 parameters would promote a
+        # bf16 activation (autocast) to float32, twice the memory and not what the next layer computes in.
+        d = x.dtype
+        return _kernel("forward", rprelu, x, gamma.detach().to(d), beta.detach().to(d), zeta.detach().to(d))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -150,7 +153,10 @@ class _FusedRPReLU(torch.autograd.Function):
         x, gamma, beta = ctx.saved_tensors
         if ctx.native:
             return rprelu_cpu.backward(g, x, gamma.detach(), beta.detach())
-        return _kernel("backward", _rprelu_backward, g, x, gamma.detach(), beta.detach())
+        # ∂x in x's dtype; the parameter gradients summed in float32 and returned in the parameters' dtype
+        dx, dgamma, dbeta, dzeta = _kernel("backward", _rprelu_backward, g.to(x.dtype), x, gamma.detach().to(x.dtype),
+                                           beta.detach().to(x.dtype))
+        return dx, dgamma.to(gamma.dtype), dbeta.to(beta.dtype), dzeta.to(gamma.dtype)
 
 
 class RPReLU(nn.Module):

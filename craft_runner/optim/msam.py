@@ -33,7 +33,9 @@ class MomentumSAM(Wrapped):
             raise ValueError("optimizer=msam perturbs along the momentum: optimizer.momentum must be > 0 with base sgd")
         super().__init__(params, base_optimizer, **base_kwargs)
         self.rho = rho
-        self.scale = 0.0  # ρ/‖m‖ of the perturbation the weights hold (while perturbed)
+        # ρ/‖m‖ of the perturbation the weights hold (while perturbed): a 0-dim tensor on the parameters' device,
+        # never read on the host (no sync per step); None before the first step
+        self.scale: torch.Tensor | None = None
         self.perturbed = False
 
     def _momenta(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,8 +50,9 @@ class MomentumSAM(Wrapped):
     @torch.no_grad()
     def _shift(self, sign: float) -> None:
         pairs = self._momenta()
-        if pairs and self.scale:
-            torch._foreach_add_([p for p, _ in pairs], [m for _, m in pairs], alpha=sign * self.scale)
+        if pairs and self.scale is not None:
+            step = torch._foreach_mul([m for _, m in pairs], self.scale * sign)
+            torch._foreach_add_([p for p, _ in pairs], step)
 
     def move_up(self) -> None:
         """w → w − ρ·m/‖m‖."""
@@ -69,8 +72,11 @@ class MomentumSAM(Wrapped):
         self.move_back()
         loss = self.base_optimizer.step(closure)
         ms = [m for _, m in self._momenta()]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(ms))) if ms else torch.zeros(())
-        self.scale = float(self.rho / (norm + 1e-12))
+        if ms:
+            norms = torch._foreach_norm(ms)
+            if len({n.dtype for n in norms}) > 1:
+                norms = [n.float() for n in norms]
+            self.scale = self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-12)
         if was:
             self.move_up()
         return loss
@@ -102,7 +108,13 @@ class MomentumSAM(Wrapped):
         return {"scale": self.scale}
 
     def _load_extra_state(self, extra: dict) -> None:
-        self.scale = float(extra.get("scale", 0.0))
+        scale = extra.get("scale")
+        # a checkpoint of an older version holds a float; 0.0 there meant "no perturbation yet"
+        if scale is None or (not torch.is_tensor(scale) and not scale):
+            self.scale = None
+        else:
+            device = next(iter(self.params()), torch.zeros(())).device
+            self.scale = torch.as_tensor(scale, dtype=torch.float32).to(device)
         self.perturbed = False  # checkpoints hold w
 
 
