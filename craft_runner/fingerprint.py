@@ -89,7 +89,7 @@ def _get(env: dict, path: str):
 def differences(environments: list) -> dict:
     """{compared field: sorted distinct values} over the recorded ``environments`` (None: not recorded, skipped)
     for each field of :data:`COMPARED` that differs between them."""
-    known = [e for e in environments if isinstance(e, dict)]
+    known = [e for e in environments if isinstance(e, dict) and e]  # {}: a run from before the fingerprint
     out = {}
     for path in COMPARED:
         values = {str(_get(e, path)) for e in known}
