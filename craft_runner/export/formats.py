@@ -135,9 +135,89 @@ def onnx_int8_searched(job) -> dict:
             "quant_format": "QDQ", "injected_scales": len(overrides), "not_carried": not_carried}
 
 
+def _given_grids(model: nn.Module) -> dict[str, tuple]:
+    """{module name: (scale, zero) as (out, groups) arrays} of every Linear whose compressor left its integer grid
+    on it (GPTQ's ``gptq_scale`` / ``gptq_zero``)."""
+    return {name: (m.gptq_scale.detach().float().cpu().numpy(), m.gptq_zero.detach().float().cpu().numpy())
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and hasattr(m, "gptq_scale") and hasattr(m, "gptq_zero")}
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Pairs of 4-bit codes along the last dim into bytes, the first of each pair in the low nibble (MatMulNBits')."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), codes.dtype)], -1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _matmul_nbits_from_grids(model, grids: dict, block: int) -> tuple[int, list]:
+    """Replace each MatMul / Gemm of a module in ``grids`` by MatMulNBits carrying that module's own codes, scales
+    and zero points (q = round(w/scale) + zero, dequantized as scale·(q − zero) by ORT as by the compressor).
+    Returns (nodes replaced, what was left float and why)."""
+    from onnx import helper, numpy_helper
+
+    from craft_runner.export.onnx_io import module_scope
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    replaced, left = 0, []
+    for name, (scale, zero) in grids.items():
+        scope = module_scope(name)
+        nodes = [n for n in graph.node if n.name.startswith(scope) and n.op_type in ("MatMul", "Gemm")]
+        node = next((n for n in nodes if len(n.input) > 1 and n.input[1] in inits), None)
+        if node is None:
+            left.append(f"{name}: no MatMul/Gemm with a constant weight found")
+            continue
+        B = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0
+                                       or attrs.get("beta", 1.0) != 1.0):
+            left.append(f"{name}: a Gemm with transA/alpha/beta")
+            continue
+        W = B if node.op_type == "Gemm" and attrs.get("transB", 0) else B.T  # (N, K)
+        N, K = W.shape
+        groups = scale.shape[1]
+        if K % block or K // block != groups:
+            left.append(f"{name}: {K} inputs are not {groups} blocks of {block}")
+            continue
+        s = scale.reshape(N, groups, 1)
+        z = zero.reshape(N, groups, 1)
+        codes = np.rint(W.reshape(N, groups, block) / s) + z
+        if codes.min() < 0 or codes.max() > 15 or np.abs((codes - z) * s - W.reshape(N, groups, block)).max() > \
+                1e-4 * max(np.abs(W).max(), 1e-12):
+            left.append(f"{name}: the exported weight is not on the grid the compressor left")
+            continue
+        prefix = f"{name}.nbits"
+        new_inits = [numpy_helper.from_array(_pack_nibbles(codes.astype(np.uint8)), f"{prefix}.B"),
+                     numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{prefix}.scales"),
+                     numpy_helper.from_array(_pack_nibbles(zero.astype(np.uint8)).reshape(-1), f"{prefix}.zp")]
+        out = node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        mm_out = f"{prefix}.out" if has_bias else out
+        new = [helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in new_inits)], [mm_out],
+                                name=f"{node.name}_nbits", domain="com.microsoft", K=K, N=N, bits=4,
+                                block_size=block)]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [out], name=f"{node.name}_bias"))
+        idx = list(graph.node).index(node)
+        graph.node.remove(node)
+        for k, n in enumerate(new):
+            graph.node.insert(idx + k, n)
+        graph.initializer.extend(new_inits)
+        replaced += 1
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)  # the float weights now replaced
+    return replaced, left
+
+
 @register_format("onnx_int4")
 def onnx_int4(job) -> dict:
-    """MatMulNBits (4-bit weights in blocks, float activations) for every MatMul; Conv as ``int4_conv`` says."""
+    """MatMulNBits (4-bit weights in blocks, float activations) for every MatMul; Conv as ``int4_conv`` says.
+    Linears whose compressor left its own 4-bit grid (GPTQ with compress.group_size = export.block_size) carry
+    that grid's codes, scales and zero points; the others are quantized by ORT's symmetric MatMulNBitsQuantizer."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -147,6 +227,17 @@ def onnx_int4(job) -> dict:
         _quantize_int8(job, op_types=["Conv"])
         src = job.artifact
     job.artifact = job.out_dir / "model_int4.onnx"
+    grids = _given_grids(job.simulated)
+    if grids:
+        model = onnx.load(str(src))
+        replaced, left = _matmul_nbits_from_grids(model, grids, job.cfg.block_size)
+        onnx.save(model, str(job.artifact))
+        ops = [n.op_type for n in model.graph.node]
+        log.info("onnx_int4: %d MatMulNBits from the compressor's own grids, %d left float", replaced, len(left))
+        return {"weights": f"int4 MatMulNBits, blocks of {job.cfg.block_size}, the compressor's asymmetric grids "
+                           f"(codes, scales, zero points)", "activations": "float", "block_size": job.cfg.block_size,
+                "conv": job.cfg.int4_conv, "matmul_nbits": ops.count("MatMulNBits"), "given_grids": replaced,
+                "not_carried": left, "float_matmul_left": ops.count("MatMul") + ops.count("Gemm")}
     q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=job.cfg.block_size, is_symmetric=True)
     chatty = logging.getLogger(MatMulNBitsQuantizer.__module__)  # one INFO line per node it leaves alone
     level = chatty.level
