@@ -205,10 +205,47 @@ def hydra_refusal(e: BaseException) -> str | None:
                 opts.append(ln.strip())
         if opts:
             first[0] = f"{first[0].rstrip('.')}; expected one of {', '.join(opts)}"
-    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
-    if cause is not None and str(cause).strip():
-        first.append(str(cause).strip().splitlines()[0])
-    return ": ".join(ln.rstrip(".") for ln in first) or type(e).__name__
+    reason = _chained_reason(e)
+    if reason is not None and not any(reason.split(" (", 1)[0] in ln for ln in first):
+        first.append(reason)
+    hint = _quote_hint(e, sys.argv[1:])
+    return ": ".join(ln.rstrip(".").rstrip(":") for ln in first) + hint or type(e).__name__
+
+
+def _chained_reason(e: BaseException) -> str | None:
+    """The first line of the OmegaConf error under ``e`` (Hydra chains a YAML file's bad value as
+    ``__context__``, an override's as ``__cause__``), with the key it names."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = set()
+    c = e.__cause__ or e.__context__
+    while c is not None and id(c) not in seen:
+        seen.add(id(c))
+        if isinstance(c, OmegaConfBaseException) and str(c).strip():
+            line = str(c).strip().splitlines()[0].rstrip(".")
+            key = getattr(c, "full_key", None)
+            return line + (f" ({key})" if key and str(key) not in line else "")
+        c = c.__cause__ or c.__context__
+    return None
+
+
+def _quote_hint(e: BaseException, argv: list) -> str:
+    """An override Hydra cannot parse: most often a value with a space the shell split, or with characters
+    Hydra's grammar reserves; say how to quote it."""
+    from hydra.errors import OverrideParseException
+
+    if not isinstance(e, OverrideParseException):
+        return ""
+    bad = str(getattr(e, "override", "") or "")
+    if bad and "=" not in bad and bad in argv:
+        i = argv.index(bad)
+        prev = next((a for a in reversed(argv[:i]) if "=" in a), None)
+        if prev is not None:
+            return (f" (a value with a space must be quoted in the shell, e.g. "
+                    f"\"{prev} {' '.join(argv[i:i + 1])}\")")
+    key, _, value = bad.partition("=")
+    example = f"{key}='{value}'" if value else "key='value'"
+    return (f" (quote a value with spaces or any of ()[]{{}},:=' for Hydra: \"{example}\")")
 
 
 def main() -> float | None:
