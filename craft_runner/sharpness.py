@@ -221,7 +221,11 @@ class HessianOperator:
         seen: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # a tensor without storage of its own: counted by size
+                seen[id(t)] = t.numel() * t.element_size()
+                return t
             if st.data_ptr() not in known:
                 seen[st.data_ptr()] = st.nbytes()
             return t
