@@ -32,7 +32,7 @@ from typing import Optional
 
 from craft_runner.report import claims as claims_mod
 from craft_runner.report import thesis as thesis_mod
-from craft_runner.report.engine import build
+from craft_runner.report.engine import MergeError, build
 from craft_runner.report.papers import layout_for
 from craft_runner.report.records import collect
 from craft_runner.report.render import FORMATS, cells_csv, paper_lookup, read_paper, render, table_rows
@@ -60,10 +60,16 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
     for r in coll.records:
         groups[r.experiment or "results"].append(r)
     status = 0
+    try:  # every table before anything is written: a cell that would merge two configurations stops the report
+        tables = {name: build(layout_for(name if name != "results" else None), groups[name], test)
+                  for name in sorted(groups) if not experiments or name in experiments}
+    except MergeError as e:
+        print(f"craft-report: error: {e}", file=sys.stderr)
+        return 2
     for name in sorted(groups):
         if experiments and name not in experiments:
             continue
-        table = build(layout_for(name if name != "results" else None), groups[name], test)
+        table = tables[name]
         table.step_costs = step_costs
         title = f"{table.layout.title} ({name})"
         notes = list(table.notes)
@@ -212,7 +218,11 @@ def main(argv: Optional[list] = None) -> int:
     if args.thesis:
         return thesis_report(args.root, Path(args.out) if args.out else None, not args.no_figures)
     if args.claims:
-        return claims_report(args.root, Path(args.out) if args.out else None, args.test)
+        try:
+            return claims_report(args.root, Path(args.out) if args.out else None, args.test)
+        except MergeError as e:
+            print(f"craft-report: error: {e}", file=sys.stderr)
+            return 2
     args.root = args.root[0]
     logging.basicConfig(level=logging.WARNING, format="craft-report: %(levelname)s: %(message)s")
     wandb = None

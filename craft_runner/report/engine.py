@@ -9,6 +9,9 @@ compression setting). :func:`build` then
   rate), except the fields the columns split on;
 - splits a column when records of one row, column and seed differ in a compression field its label does not
   show (``[calib_size=128]`` is appended);
+- refuses (:class:`MergeError`) to put two different configurations into one cell: records of one cell and
+  seed that differ in a field neither the layout's rows nor the column show (e.g. QAT's ``act_quant`` where no
+  row or column names it) would otherwise leave the newest record in the cell and drop the other silently;
 - aggregates each cell over seeds: the mean, the sample standard deviation and n (a value that belongs to the
   training, such as the full-precision accuracy, counts once per training);
 - puts "—" where no seed finished and lists why under the table (failed: the error; unfinished; missing);
@@ -30,6 +33,10 @@ from craft_runner.report import export_cols, stats
 from craft_runner.report.records import Record, environment_note
 
 DASH = "—"
+
+
+class MergeError(ValueError):
+    """Records of one cell and seed that are different configurations: the layout must show what differs."""
 
 
 @dataclasses.dataclass
@@ -284,6 +291,7 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
                 members = [r for r in recs if spec.where(r)]
             else:
                 members = [r for r in recs if assign.get((id(r), id(spec))) == label]
+            _check_merge(layout, spec, members, key, label)
             cells[label] = _cell(spec, members)
         rows[key] = cells
     _relative(layout, rows, col_labels, col_specs, by_row)
@@ -390,10 +398,37 @@ def _pivot_labels(spec: Col, recs: Sequence[Record], row_key, assign: dict) -> l
     return sorted(labels)
 
 
+def _check_merge(layout: Layout, spec: Col, members: Sequence[Record], key: tuple, label: str) -> None:
+    """Raise :class:`MergeError` when finished records of one seed in this cell differ in a field that neither
+    the layout's rows nor the column cover (a value of the training, ``per="training"``, is shared by every
+    compression of it and is exempt)."""
+    if spec.per == "training":
+        return
+    shown = [p for row in layout.rows for p in row.paths] + list(spec.paths)
+    by_seed = defaultdict(list)
+    for r in members:
+        if r.ok:
+            by_seed[r.seed].append(r)
+    for seed, recs in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
+        if len(recs) < 2:
+            continue
+        for p in sorted({p for r in recs for p in r.fields}):
+            if p == "seed" or _covered(p, shown) or _seed_derived(p, recs):
+                continue
+            values = sorted({_fmt_value(r.fields.get(p)) for r in recs})
+            if len(values) > 1:
+                exp = next((r.experiment for r in recs if r.experiment), layout.name)
+                raise MergeError(f"{exp}: cell {' / '.join(key)} / {label}, seed {seed}: {len(recs)} records differ in "
+                                 f"{p} ({', '.join(values)}); the layout {layout.name} shows no row or column for "
+                                 f"it, so one would replace the others: add {p} to the layout (or report the "
+                                 f"records separately)")
+
+
 def _cell(spec: Col, members: Sequence[Record]) -> Cell:
     """Mean ± std over seeds of ``spec.value``; records that did not finish, for seeds with no value, as problems."""
     per_seed: dict = {}
-    for r in sorted((r for r in members if r.ok), key=lambda r: -r.mtime):  # a rerun of a seed: the newest wins
+    # a rerun of a seed (the same configuration: _check_merge refused any other): the newest wins
+    for r in sorted((r for r in members if r.ok), key=lambda r: -r.mtime):
         v = spec.value(r)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue

@@ -284,12 +284,18 @@ register(Layout(
     figures=[figures.sparsity_curves_craft, figures.nm_bars],
     note="SparseGPT rows and columns: this runner's extension (issue 31), not the paper's"))
 
-def _snt_table3(kind: str, title: str, backbones: list) -> Layout:
-    """SNT Table 3, either half: the same rows and columns, PTQ and QAT differ in title and backbones."""
+ACT_QUANT = Row("Act. quant", ("compress.act_quant",),
+                lambda a: {None: "distiller", "layer_inputs": "layer inputs", "activations": "all activations"}
+                .get(a, str(a)), order=["distiller", "layer inputs", "all activations"])
+
+
+def _snt_table3(kind: str, title: str, backbones: list, extra_rows: tuple = ()) -> Layout:
+    """SNT Table 3, either half: the same rows and columns, PTQ and QAT differ in title and backbones; QAT's
+    sweeps compare two activation coverages (``extra_rows``: a row field for them, before the approach)."""
     return Layout(
         f"snt_table3_{kind}", title,
         rows=[Row("Backbone", ("model.name",), backbone, order=backbones),
-              Row("Dataset", ("dataset.name", "dataset.classes"), task), APPROACH],
+              Row("Dataset", ("dataset.name", "dataset.classes"), task), *extra_rows, APPROACH],
         cols=[Col("λmax (↓)", lam, per="training", kind="lam"), Col("Bitwidth (W/A)", bitwidth, kind="text"),
               Col("Top-1 (%)", acc, drop), Col("FP32", fp_acc, per="training", paper=False)],
         figures=[figures.lambda_bars],
@@ -299,7 +305,7 @@ def _snt_table3(kind: str, title: str, backbones: list) -> Layout:
 register(_snt_table3("ptq", "SNT Table 3 (PTQ): λmax and top-1 after post-training quantization",
                      ["ResNet-20", "Mixer-S", "MobileNet-V1"]))
 register(_snt_table3("qat", "SNT Table 3 (QAT): λmax and top-1 after PACT quantization-aware training",
-                     ["ResNet-18", "ResNet-20", "Mixer-S", "MobileNet-V1"]))
+                     ["ResNet-18", "ResNet-20", "Mixer-S", "MobileNet-V1"], extra_rows=(ACT_QUANT,)))
 
 register(Layout(
     "snt_table4", "SNT Table 4: cumulative ablation of the transformation, static W4 quantization",
