@@ -12,6 +12,8 @@ the flags are plain Python settings: setting them changes nothing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
 import os
@@ -92,7 +94,8 @@ def resolve_device(name: str) -> torch.device:
 
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes a computation on ``device`` may still allocate: free GPU memory plus what torch's caching
-    allocator holds unused; on the CPU, the kernel's MemAvailable. None when unknown."""
+    allocator holds unused; on the CPU, the kernel's MemAvailable plus what this process's heap holds freed
+    (glibc keeps freed memory, :func:`craft_runner.runtime.keep_freed_memory`). None when unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -102,7 +105,22 @@ def available_memory(device: torch.device) -> Optional[int]:
             with open("/proc/meminfo") as f:
                 for line in f:
                     if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
+                        return int(line.split()[1]) * 1024 + _heap_free()
         except OSError:
             return None
     return None
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_free() -> int:
+    """Bytes free inside this process's glibc heap (all arenas), 0 where mallinfo2 is missing."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = _Mallinfo2
+    return int(fn().fordblks)
