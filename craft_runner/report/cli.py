@@ -14,10 +14,12 @@ missing (or a cell was never run), 2 when there are no results.
 every training of the sweeps (one point per training), pooled and within each optimizer, with bootstrap 95 %
 intervals and a verdict per setting (thesis.md, thesis.csv, thesis-scatter.png in --out when given).
 
---claims SWEEP_DIR...: instead of the tables, each claim of both papers that a table tests, with its verdict
-(holds / contrary / not separated / not measured) and the figures behind it, as Markdown (claims.md in --out
-when given, with claims-summary.md: a line per claim, the README's summary); exit 0 whatever the verdicts, 2
-when there are no results.
+--claims SWEEP_DIR...: instead of the tables, each claim of both papers with its pre-declared primary comparison
+(estimand, scale), its verdict (holds / contrary / no effect of the paper's size / undecided / not measured), its
+power and the supporting evidence after Holm (craft_runner/report/claims.py), as Markdown, or one row per claim
+with --format csv (claims.md, claims-summary.md and claims.csv in --out when given). A directory without
+results.json but with ``*-cells.csv`` files (docs/small) is read from those. Exit 0 whatever the verdicts, 2 when
+there are no results.
 """
 
 from __future__ import annotations
@@ -119,25 +121,35 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
     return status
 
 
-def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welch", stream=None) -> int:
-    """The claims list of the sweeps under ``roots`` (one table per experiment across them); 2: no results."""
+def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welch", stream=None,
+                  fmt: str = "md") -> int:
+    """The claims list of the sweeps under ``roots`` (one table per experiment across them), or of the
+    ``*-cells.csv`` files a root holds when it has no results.json (``docs/small``); 2: no results."""
     stream = stream or sys.stdout
     groups = defaultdict(list)
+    cells: list = []
     for root in roots:
-        for r in collect(Path(root)).records:
+        recs = collect(Path(root)).records if Path(root).exists() else []
+        for r in recs:
             if r.experiment:
                 groups[r.experiment].append(r)
-    if not groups:
+        if not recs and Path(root).is_dir():
+            cells += sorted(Path(root).glob("*-cells.csv"))
+    if not groups and not cells:
         print(f"craft-report: error: no results.json of a known experiment under {', '.join(map(str, roots))}",
               file=sys.stderr)
         return 2
     tables = {name: build(layout_for(name), recs, test) for name, recs in sorted(groups.items())}
+    if cells:
+        tables.update({k: v for k, v in claims_mod.tables_from_cells(cells).items() if k not in tables})
     text = claims_mod.render(tables, test)
+    table_csv = claims_mod.to_csv(tables)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "claims.md").write_text(text, encoding="utf-8")
         (Path(out_dir) / "claims-summary.md").write_text(claims_mod.summary(tables, test), encoding="utf-8")
-    print(text, file=stream, end="")
+        (Path(out_dir) / "claims.csv").write_text(table_csv, encoding="utf-8")
+    print(table_csv if fmt == "csv" else text, file=stream, end="")
     return 0
 
 
@@ -219,7 +231,7 @@ def main(argv: Optional[list] = None) -> int:
         return thesis_report(args.root, Path(args.out) if args.out else None, not args.no_figures)
     if args.claims:
         try:
-            return claims_report(args.root, Path(args.out) if args.out else None, args.test)
+            return claims_report(args.root, Path(args.out) if args.out else None, args.test, fmt=args.format)
         except MergeError as e:
             print(f"craft-report: error: {e}", file=sys.stderr)
             return 2

@@ -367,8 +367,9 @@ def legend(layout: Layout, test: str) -> str:
     base = layout.baseline_label + (f"; {', '.join(versus)}: against the column named in the layout" if versus
                                     else "")
     return (f"{MARK}: the 95 % {how} of the difference to the baseline, {base}, excludes 0; compared: the drop "
-            f"(compressed − FP32) in compressed cells, the value in λmax / time / share columns; n<2 on a side: "
-            f"no verdict")
+            f"(compressed − FP32) in compressed cells, the value in λmax / time / share columns, λmax, times and "
+            f"ranges on the log scale (the ratio of geometric means); a side without spread or with 2 seeds: the "
+            f"exact permutation test; n<2 on a side: no verdict")
 
 
 def _order_index(order: Sequence[str], label: str) -> int:
@@ -520,4 +521,8 @@ def _verdicts(layout: Layout, extra: list, rows: OrderedDict, labels: list, spec
             if cell.stat is None or base is None or base.stat is None or cell.stat.text is not None:
                 continue
             cell.baseline = (base_key, base_label)
-            cell.verdict = stats.compare(cell.stat.per_seed(metric), base.stat.per_seed(metric), test, metric)
+            mine, theirs = cell.stat.per_seed(metric), base.stat.per_seed(metric)
+            scale = stats.scale_of(label) if metric == "value" else "raw"
+            if scale == "log" and not all(v > 0 for v in [*mine.values(), *theirs.values()]):
+                scale = "raw"  # a zero time or λmax: nothing to take the log of
+            cell.verdict = stats.compare(mine, theirs, test, metric, scale)

@@ -171,7 +171,7 @@ def paper_lookup(table: Table) -> Optional[dict]:
 def cells_csv(table: Table) -> str:
     """Every cell as numbers, one line each (for plotting elsewhere): row fields, column, n, mean, std, drops,
     and the verdict against its baseline (which cell, what was compared, by which test, the difference, its
-    interval and whether it excludes 0)."""
+    interval and whether it excludes 0; the test says "(log)" where the difference is of logarithms)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(list(table.row_headers) + ["column", "n", "mean", "std", "drop_mean", "drop_std", "seeds", "values",
@@ -181,7 +181,8 @@ def cells_csv(table: Table) -> str:
         for c, cell in cells.items():
             st = cell.stat
             v = cell.verdict
-            judged = ([" / ".join([*cell.baseline[0], cell.baseline[1]]), v.metric, v.test, v.n_base]
+            test = v.test + (" (log)" if v.scale == "log" else "") if v is not None else ""
+            judged = ([" / ".join([*cell.baseline[0], cell.baseline[1]]), v.metric, test, v.n_base]
                       if v is not None else ["", "", "", ""]) + verdict_fields(cell)
             if st is None:
                 w.writerow(list(key) + [c, 0, "", "", "", "", "", "", "", " ".join(map(str, cell.notes)), *judged])

@@ -1,0 +1,230 @@
+"""The claims' verdicts (craft_runner/report/claims.py) and their statistics (report/stats.py) against hand
+computations: the exact permutation test enumerated here, Holm's step-down done by hand, the power of the
+two-sample t test from the noncentral t written out with scipy, a log-scale comparison done on logarithms here.
+"""
+
+import csv
+import io
+import itertools
+import math
+import re
+import statistics
+
+import pytest
+from scipy import stats as sps
+from test_report import config, write
+
+from craft_runner import confirm
+from craft_runner.compress import PTQConfig
+from craft_runner.report import claims, stats
+from craft_runner.report.cli import main
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def perm_p_by_hand(a, b):
+    z = a + b
+    d = statistics.mean(a) - statistics.mean(b)
+    hits = total = 0
+    for s in itertools.combinations(range(len(z)), len(a)):
+        mine = [z[i] for i in s]
+        rest = [z[i] for i in range(len(z)) if i not in s]
+        total += 1
+        hits += abs(statistics.mean(mine) - statistics.mean(rest)) >= abs(d) - 1e-12
+    return hits / total
+
+
+def test_permutation_test_by_hand():
+    # [1, 2] vs [3, 4]: of the 6 splits, {1, 2} and {3, 4} reach |−2| → p = 1/3, never separated with 2 seeds
+    v = stats.welch([1.0, 2.0], [3.0, 4.0])
+    assert v.test == "permutation" and v.p == pytest.approx(1 / 3) and v.separated is False
+    # a side without spread: no [Δ, Δ] interval any more; of C(10, 5) = 252 splits only the observed one and its
+    # mirror are as extreme → p = 2 / 252
+    a, b = [5.0] * 5, [1.0, 1.5, 1.0, 1.2, 1.0]
+    v = stats.welch(a, b)
+    assert v.test == "permutation" and v.p == pytest.approx(2 / 252) == pytest.approx(perm_p_by_hand(a, b))
+    assert v.separated is True and v.low < v.diff_mean < v.high and v.low > 0
+    # the interval inverts the test: at its bounds the shifted sample is (just) not rejected, outside it is
+    inside = [x - (v.low + 0.02) for x in a]
+    outside = [x - (v.low - 0.1) for x in a]
+    assert perm_p_by_hand(inside, b) > 0.05 and perm_p_by_hand(outside, b) <= 0.05
+    # three seeds against three: 20 splits, the smallest p is 2/20 = 0.1 → the interval is unbounded
+    w = stats.welch([3.0, 3.0, 3.0], [1.0, 1.0, 1.0])
+    assert w.p == pytest.approx(0.1) and w.separated is False and math.isinf(w.low) and math.isinf(w.high)
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1: 0.04 rejects, 0.09 stops; adjusted p monotone
+    reject, adj = stats.holm([0.01, 0.04, 0.03, 0.2, math.nan])
+    assert reject == [True, False, False, False, False]
+    assert adj[:4] == pytest.approx([0.04, 0.09, 0.09, 0.2]) and math.isnan(adj[4])
+
+
+def test_power_against_the_noncentral_t():
+    def by_hand(d, n, alpha=0.05):
+        df, nc = 2 * n - 2, d * math.sqrt(n / 2)
+        crit = sps.t.ppf(1 - alpha / 2, df)
+        return sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc)
+
+    for effect, sd, n in ((1.0, 1.0, 17), (0.5, 1.0, 64), (2.0, 4.0, 10), (-3.0, 0.4, 3)):
+        assert stats.power(effect, sd, n) == pytest.approx(by_hand(abs(effect) / sd, n), abs=1e-6)
+    # the textbook sample sizes for 80 % power at α = 0.05: d = 1 → 17, d = 0.5 → 64 per arm
+    assert stats.seeds_needed(1.0, 1.0) == 17 and stats.seeds_needed(0.5, 1.0) == 64
+    assert by_hand(1.0, 16) < 0.8 <= by_hand(1.0, 17)
+    assert stats.seeds_needed(0.0, 1.0) == math.inf
+
+
+def test_log_scale_is_welch_on_logarithms():
+    a, b = {0: 20.0, 1: 25.0, 2: 30.0, 3: 18.0}, {0: 700.0, 1: 300.0, 2: 4000.0, 3: 500.0}
+    v = stats.compare(a, b, "welch", "value", "log")
+    la, lb = [math.log(x) for x in a.values()], [math.log(x) for x in b.values()]
+    ci = sps.ttest_ind(la, lb, equal_var=False).confidence_interval(0.95)
+    assert (v.diff_mean, v.low, v.high) == pytest.approx((statistics.mean(la) - statistics.mean(lb), ci.low, ci.high))
+    assert v.scale == "log" and v.separated is True
+    with pytest.raises(ValueError, match="log scale needs positive values"):
+        stats.compare({0: 1.0, 1: 0.0}, b, "welch", "value", "log")
+
+
+def test_decide():
+    def v(d, lo, hi):
+        return stats.Verdict(d, lo, hi, 10, 10, "welch", p=0.5)
+
+    assert claims.decide(v(2.0, 1.0, 3.0), +1, 5.0) == "holds"
+    assert claims.decide(v(2.0, 1.0, 3.0), -1, -5.0) == "contrary"
+    assert claims.decide(v(0.1, -1.0, 1.2), +1, 5.0) == "no effect of the paper's size"
+    assert claims.decide(v(0.1, -1.0, 6.0), +1, 5.0) == "undecided"
+    assert claims.decide(v(0.1, -1.0, 1.2), +1, None) == "undecided"
+    assert claims.decide(stats.Verdict(0.0, math.nan, math.nan, 1, 3, "welch", reason="n<2"), +1, 1.0) == \
+        "not measured"
+    assert claims.decide(None, +1, 1.0) == "not measured"
+
+
+# ------------------------------------------------------------------------------------------------ claims
+
+
+def test_the_claims_are_declared():
+    from craft_runner.report.papers import LAYOUTS
+
+    for c in claims.CLAIMS:
+        p = c.primary
+        assert c.paper in ("CrAFT", "SNT") and c.direction in (-1, 1), c
+        assert p.experiment in LAYOUTS and p.estimand in ("drop", "value") and p.scale in stats.SCALES, c
+        if re.search(r"λmax|Time", p.column):
+            assert p.scale == "log", c  # heavy-tailed positive quantities compare on the log scale
+        if c.effect is not None:
+            assert (c.effect > 0) == (c.direction > 0), c  # the paper's effect points the claimed way
+        assert all(exp in LAYOUTS for exp, *_ in c.supporting + c.related), c
+    # no two claims stand on the same primary
+    keys = [(c.primary.experiment, c.primary.row, c.primary.base, c.primary.column, c.primary.base_column)
+            for c in claims.CLAIMS]
+    assert len(keys) == len(set(keys))
+
+
+def _table2(tmp_path, drops):
+    """craft_table2_small: BasePTQ W4A4 and W8A8 for ADAM and SAM (CrAFT), seeds 0-4; FP32 90 + seed."""
+    for opt, (d44, d88) in drops.items():
+        for s in range(5):
+            for bits, d in (("W4A4", d44[s]), ("W8A8", d88[s])):
+                cfg = config("craft_table2_small", opt, s, PTQConfig(method="base", bits=bits), classes=[5, 6, 7, 8, 9])
+                write(tmp_path / f"{opt}-{bits}-{s}", cfg, 90.0 + s, 90.0 + s + d)
+
+
+def _line(out, where, text):
+    return next(ln for ln in out.splitlines() if ln.startswith(f"- **{where}**: {text}"))
+
+
+def test_claims_report_on_a_sweep(tmp_path, capsys):
+    adam44, sam44 = [-10.0, -12.0, -9.0, -11.0, -13.0], [-2.0, -3.0, -1.0, -2.5, -1.5]
+    _table2(tmp_path / "t2", {"adam": (adam44, [-1, -1, -1, -1, -1.5]), "sam": (sam44, [-1, -1, -1.5, -1, -1])})
+    out_dir = tmp_path / "out"
+    assert main([str(tmp_path / "t2"), "--claims", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    line = _line(out, "Table 2", "CrAFT boosts PTQ")
+    assert "— **holds**" in line
+    # the primary's figures: the drops' difference by Welch's formula, computed here
+    d = statistics.mean(sam44) - statistics.mean(adam44)
+    ci = sps.ttest_ind(sam44, adam44, equal_var=False).confidence_interval(0.95)
+    assert f"Δ {d:+.3g} [{ci.low:+.3g}, {ci.high:+.3g}]" in out
+    assert "primary: craft_table2_small · BasePTQ / CrAFT vs ADAM · W4A4 · drop on the raw scale" in out
+    # W8A8 is supporting evidence, Holm-adjusted within the claim: 1 comparison, not separated
+    assert "supporting: 0 of 1 after Holm" in out
+    assert "**not measured**: no craft_table1 results" in _line(out, "Table 1", "SAM lowers λmax")
+    rows = list(csv.DictReader(io.StringIO((out_dir / "claims.csv").read_text())))
+    assert len(rows) == len(claims.CLAIMS)
+    t2 = next(r for r in rows if r["where"] == "Table 2")
+    assert (t2["verdict"], t2["estimand"], t2["scale"], t2["n"], t2["n_baseline"]) == ("holds", "drop", "raw", "5", "5")
+    assert float(t2["diff"]) == pytest.approx(d) and float(t2["ci_low"]) == pytest.approx(ci.low, rel=1e-5)
+    assert t2["supporting"] == "0 of 1 after Holm"
+    sd = math.sqrt((statistics.variance(sam44) + statistics.variance(adam44)) / 2)
+    assert float(t2["power_at_paper_effect"]) == pytest.approx(stats.power(6.73, sd, 5), rel=1e-5)
+    assert int(t2["seeds_for_paper_effect"]) == stats.seeds_needed(6.73, sd)
+    summary = (out_dir / "claims-summary.md").read_text()
+    assert summary.rstrip().splitlines()[-1].startswith(f"Verdicts over the {len(claims.CLAIMS)} claims: 1 holds")
+    assert main([str(tmp_path / "t2"), "--claims", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == (out_dir / "claims.csv").read_text()
+
+
+def test_a_data_pair_counts_once(tmp_path):
+    _table2(tmp_path, {"adam": ([-10.0, -12, -9, -11, -13], [-1, -1, -1, -1, -1.5]),
+                       "sam": ([-2.0, -3, -1, -2.5, -1.5], [-1, -1, -1.5, -1, -1])})
+    from craft_runner.report.cli import build, collect, layout_for
+
+    recs = collect(tmp_path).records
+    tables = {"craft_table2_small": build(layout_for("craft_table2_small"), recs)}
+    first = claims.CLAIMS[5]  # Table 2: primary W4A4, supporting every bit-width
+    second = claims.Claim("CrAFT", "Table 9", "a claim that reuses Table 2's cells",
+                          claims.dataclasses.replace(first.primary, column="W8A8"), None, "—",
+                          supporting=(("craft_table2", "W4A4|W8A8"),))
+    a1, a2 = claims.assess([first, second], tables)
+    # a primary is its claim's own: the first claim lists the second's W8A8 primary without counting it, and the
+    # second lists the first's W4A4 primary
+    assert a1.supporting == [] and [(c.col, owner.split(":")[0]) for c, owner in a1.repeated] == [
+        ("W8A8", "CrAFT Table 9")]
+    assert a2.supporting == [] and [c.col for c, _ in a2.repeated] == ["W4A4"]
+    assert a1.verdict == "holds" and a2.verdict in ("undecided", "no effect of the paper's size", "contrary",
+                                                    "holds")
+
+
+def test_claims_from_cells_csv(tmp_path):
+    """docs/small's cells CSVs are enough to recompute every verdict; a drop per seed is value − the seed's FP32."""
+    text = ("Fine-tuning,column,n,mean,std,drop_mean,drop_std,seeds,values,text,notes,baseline,compared,test,"
+            "n_baseline,diff_mean,diff_ci_low,diff_ci_high,separated\n"
+            "ADAM,FP32,3,91,1,,,0 1 2,90 91 92,,,,,,,,,,\n"
+            "ADAM,W4A4,3,81,1,-10,0,0 1 2,80 81 82,,,,,,,,,,\n"
+            "CrAFT,FP32,3,91,1,,,0 1 2,90 92 91,,,,,,,,,,\n"
+            "CrAFT,W4A4,3,89,1,-2,1,0 1 2,88 89 90,,,ADAM / W4A4,drop,welch,3,8,0,0,true\n")
+    (tmp_path / "craft_table2_small-cells.csv").write_text(text)
+    t = claims.tables_from_cells([tmp_path / "craft_table2_small-cells.csv"])["craft_table2_small"]
+    crafted = t.rows[("CrAFT",)]["W4A4"].stat.per_seed("drop")
+    assert crafted == {0: -2.0, 1: -3.0, 2: -1.0}
+    assert t.rows[("CrAFT",)]["W4A4"].baseline == (("ADAM",), "W4A4")
+
+
+# ------------------------------------------------------------------------------------------------ make claims
+
+
+def test_confirmatory_plan(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    sweeps = claims.confirm_sweeps()
+    assert set(sweeps) == {c.primary.experiment for c in claims.CLAIMS}
+    conf = Path(__file__).resolve().parent.parent / "conf" / "experiment"
+    for exp, overrides in sweeps.items():
+        params = yaml.safe_load((conf / f"{exp}_small.yaml").read_text())["hydra"]["sweeper"]["params"]
+        for ov in overrides:  # every restriction narrows a key the experiment sweeps, to values it sweeps
+            key, vals = ov.split("=", 1)
+            assert key in params, (exp, key)
+            assert set(vals.split(",")) <= {str(v) for v in str(params[key]).split(",")} | {
+                str(float(v)) for v in str(params[key]).split(",") if v.replace(".", "").isdigit()}, (exp, ov)
+    # the power analysis of the 5-seed tables sets the seeds per arm, within [10, 20], seeds from 100 on
+    cells = Path(__file__).resolve().parent.parent / "docs" / "small"
+    p = confirm.plan(cells)
+    assert all(claims.MIN_SEEDS <= v["seeds"] <= claims.MAX_SEEDS for v in p.values())
+    rounds = confirm.rounds(p)
+    first = dict(rounds[0])
+    assert all(s[0] == claims.CONFIRM_SEED0 and len(s) == claims.MIN_SEEDS for s in first.values())
+    seen = {e: sorted(first[e] + dict(rounds[1]).get(e, [])) for e in p} if len(rounds) > 1 else first
+    assert all(seen[e] == list(range(100, 100 + p[e]["seeds"])) for e in p)
+    assert all(min(s) >= 5 for s in seen.values())  # none of the 5-seed tables' seeds 0-4
