@@ -542,3 +542,26 @@ def test_non_finite_second_pass_leaves_bn_running_stats_untouched():
     probe[1].momentum = 0
     probe(x)
     assert not torch.isfinite(probe[1].running_var).all()
+
+
+def test_sam_step_bn_stats_equal_davda54s_training_loop():
+    """One SAM step of train_step against davda54/sam's loop (example/train.py: enable_running_stats, first
+    pass, first_step, disable_running_stats, second pass, second_step), written out here by hand."""
+    from craft_runner.optim import OptimizerConfig, build_optimizer
+
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ours, ref = _bn_net(), _bn_net()
+    opt = build_optimizer(ours, OptimizerConfig(name="sam", base="sgd", rho=0.5, lr=0.1, momentum=0.0))
+    train.train_step(ours, x, y, CE, opt, TrainConfig(channels_last=False, progress=False, amp="off"), CPU)
+    CE(ref(x), y).backward()
+    with torch.no_grad():
+        grads = [p.grad.clone() for p in ref.parameters()]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        for p, g in zip(ref.parameters(), grads):
+            p.add_(0.5 * g / (norm + 1e-12))
+    bn = ref[1]
+    backup, bn.momentum = bn.momentum, 0
+    ref.zero_grad()
+    CE(ref(x), y).backward()
+    bn.momentum = backup
+    assert torch.equal(ours[1].running_mean, bn.running_mean) and torch.equal(ours[1].running_var, bn.running_var)
