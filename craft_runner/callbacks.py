@@ -74,6 +74,36 @@ def _check_places(config: DictConfig, run_key: str) -> None:
         raise SystemExit(2) from None
 
 
+def _check_checkpoints(config: DictConfig) -> None:
+    """A sweep whose cells load a checkpoint that is not there (the _small CrAFT experiments before `make
+    pretrained`) is refused before its first cell, in one line, rather than failing every cell."""
+    from types import SimpleNamespace
+
+    from craft_runner.schema import ConfigError
+    from craft_runner.validate import check_checkpoint
+
+    if not OmegaConf.select(config, "model.checkpoint_path", default=None):
+        return
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    swept = [str(k) for k in params] + [o.split("=", 1)[0] for o in config.hydra.overrides.task if "," in o]
+    # Expanding a sweep composes every cell (seconds per hundred): only when the cells differ in the model.
+    jobs = (sweep_cells(config) if any(k.lstrip("+~").startswith("model") for k in swept) else None) or [config]
+    errors: dict = {}
+    for job in jobs:
+        model = SimpleNamespace(name=OmegaConf.select(job, "model.name"),
+                                checkpoint_path=OmegaConf.select(job, "model.checkpoint_path"))
+        try:
+            check_checkpoint(model)
+        except ConfigError as e:
+            errors[str(e)] = errors.get(str(e), 0) + 1
+    if errors:
+        first = next(iter(errors))
+        more = (f" ({sum(errors.values())} of {len(jobs)} cells" + (f", {len(errors)} files" if len(errors) > 1
+                                                                   else "") + ")") if len(jobs) > 1 else ""
+        print(f"craft-run: error: {first}{more}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self._start = time.time()
@@ -87,6 +117,7 @@ class SweepCallback(Callback):
         self._start = time.time()
         if not config.get("dry_run"):
             _check_places(config, "hydra.sweep.dir")
+            _check_checkpoints(config)
             return
         from craft_runner import pipeline
 
@@ -94,8 +125,10 @@ class SweepCallback(Callback):
         if jobs is None:
             print("craft-run: dry_run=true lists the cells of the basic sweeper only", file=sys.stderr)
             raise SystemExit(2)
-        print(pipeline.describe_plan([{**pipeline.plan_cell(job), "label": job.hydra.job.name} for job in jobs]))
-        raise SystemExit(0)  # before the sweeper: nothing is launched, no directory made
+        cells = [{**pipeline.plan_cell(job), "label": job.hydra.job.name} for job in jobs]
+        print(pipeline.describe_plan(cells))
+        # before the sweeper: nothing is launched, no directory made; 2 when no cell could run
+        raise SystemExit(0 if pipeline.runnable(cells) else 2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from craft_runner.distributed import launched_rank

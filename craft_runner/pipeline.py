@@ -35,6 +35,7 @@ from craft_runner.results import read_results, write_failed
 from craft_runner.results import write as write_results
 from craft_runner.schema import ConfigError, RunConfig
 from craft_runner.tracking import export_scalars, make_tracker, without_export_none
+from craft_runner.validate import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -205,28 +206,58 @@ def plan_cell(cfg) -> dict:
             plan["data_missing"] = str(e).splitlines()[0]
         except ConfigError as e:
             return {"run_dir": run_dir, "error": str(e).splitlines()[0]}
+        try:
+            check_checkpoint(rc.model)
+        except ConfigError as e:
+            plan["pretrained_missing"] = str(e).splitlines()[0]
     return plan
 
 
+def runnable(cells: list[dict]) -> int:
+    """How many of the planned ``cells`` would run or are done (not invalid, not missing data or weights)."""
+    return sum("error" not in c and not c.get("data_missing") and not c.get("pretrained_missing") for c in cells)
+
+
 def describe_plan(cells: list[dict]) -> str:
-    """A listing of :func:`plan_cell` results: one line per cell, then the unique trainings among them."""
+    """A listing of :func:`plan_cell` results: one line per cell, then the unique trainings among them. A
+    reason shared by several cells is written once, under the list, and referred to by its number."""
+    counts: dict = {}
+    for c in cells:
+        for k in ("error", "data_missing", "pretrained_missing"):
+            if c.get(k):
+                counts[c[k]] = counts.get(c[k], 0) + 1
+    shared: dict = {}
+
+    def why(text: str) -> str:
+        if counts[text] < 2:
+            return text
+        shared.setdefault(text, len(shared) + 1)
+        return f"[{shared[text]}]"
+
     lines = []
     for c in cells:
         name = c.get("label") or (Path(c["run_dir"]).name if c.get("run_dir") else "(run)")
         if "error" in c:
-            lines.append(f"  {name}: invalid: {c['error']}")
+            lines.append(f"  {name}: invalid: {why(c['error'])}")
             continue
         state = ("done (results.json ok): skipped" if c["done"]
-                 else f"data missing: {c['data_missing']}" if c.get("data_missing") else "runs")
+                 else f"data missing: {why(c['data_missing'])}" if c.get("data_missing")
+                 else f"pretrained weights missing: {why(c['pretrained_missing'])}" if c.get("pretrained_missing")
+                 else "runs")
         lines.append(f"  {name}: training {c['cache_key']} ({'cached' if c['cached'] else 'to train'}), {state}")
     valid = [c for c in cells if "error" not in c]
     cached = {c["cache_key"]: c["cached"] for c in valid}
     to_train = {c["cache_key"] for c in valid if not c["done"] and not c["cached"]}
     missing = sum(bool(c.get("data_missing")) for c in valid)
+    weights = sum(bool(c.get("pretrained_missing")) for c in valid)
     summary = (f"{len(cells)} cells, {len(cached)} unique trainings ({sum(cached.values())} cached, "
                f"{len(to_train)} to train), {sum(c['done'] for c in valid)} cells done already, "
-               f"{len(cells) - len(valid)} invalid" + (f", {missing} without their data" if missing else ""))
-    return "\n".join(["craft-run plan:", *lines, summary])
+               f"{len(cells) - len(valid)} invalid" + (f", {missing} without their data" if missing else "")
+               + (f", {weights} without their pretrained weights" if weights else ""))
+    if not runnable(cells):
+        summary += "; no cell can run"
+    notes = [f"  [{n}] {text}" for text, n in shared.items()]
+    return "\n".join(["craft-run plan:", *lines, *notes, summary])
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -266,6 +297,7 @@ def prepare(cfg) -> Prepared:
         if root is not None:
             check_writable(root, "dataset.root" if rc.dataset.root else "paths.data_dir")
     check_model_name(rc.model.name)
+    check_checkpoint(rc.model)  # e.g. the _small CrAFT backbones before `make pretrained`
     world = distributed.world_size()
     if rc.train.batch_size % world:
         raise ConfigError(f"train.batch_size={rc.train.batch_size} is not allowed: expected a multiple of the "

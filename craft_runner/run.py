@@ -168,7 +168,10 @@ def _task(cfg: DictConfig, on_start) -> float | None:
 
     if cfg.get("dry_run"):
         _remove_if_empty(Path(cfg.paths.run_dir))
-        print(pipeline.describe_plan([pipeline.plan_cell(cfg)]))
+        cells = [pipeline.plan_cell(cfg)]
+        print(pipeline.describe_plan(cells))
+        if not pipeline.runnable(cells):  # nothing would run: the same status as the run's refusal
+            sys.exit(2)
         return None
     metrics = pipeline.run(cfg, on_start=on_start)
     if metrics is None:  # a rank other than 0 of a distributed run: rank 0 records
