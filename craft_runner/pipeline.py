@@ -351,8 +351,13 @@ class Diagnostics:
             return
         if self._batches is None:
             self._batches = self.p.data.calib_batches(s.n_samples, s.batch_size, s.seed, self.p.device)
+            used = sum(len(y) for _, y in self._batches)
+            if used < s.n_samples:  # the training set is smaller: all of it, said and recorded
+                log.warning("sharpness.n_samples=%d is more than the training split holds: %d used", s.n_samples,
+                            used)
         cache_entry(self.dir, self._inputs)
         self.results[when] = run_diagnostics(self.p.model, self._batches, s, self.dir, tag=when)
+        self.results[when]["n_samples_used"] = sum(len(y) for _, y in self._batches)
         atomic_write_json(self.results, self.path)
 
     def metrics(self) -> dict:
@@ -445,6 +450,7 @@ def train_or_load(p: Prepared, tracker=None) -> dict:
     meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction",
                                  "optimizer_extra_bytes")}
     meta["world_size"] = world
+    meta["autocast"] = _autocast(p) or "off"  # train.amp as it was in effect on this device
     if distributed.is_main():
         if train.nonfinite_weights(p.model):  # fit checks every epoch; never cache what it would have refused
             raise train.NonFiniteError(f"non-finite weights after training {rc.optimizer.name}: nothing cached")
@@ -633,6 +639,8 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
             train_info = train_or_load(p, tracker)
             diagnostics.measure("after")
         tracker.start()
+        if train_info.get("steps") == 0:  # train.epochs=0: the initial weights, evaluated as they are
+            train_info.update(trained=False, weights="initial (train.epochs=0: not trained)")
         metrics = {**diagnostics.metrics(), "train_seconds": train_info["train_seconds"],
                    "trained": train_info["trained"], "second_pass_fraction": train_info.get("second_pass_fraction")}
         t0 = time.perf_counter()

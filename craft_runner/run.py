@@ -102,9 +102,11 @@ def task_wrapper(task):
         main = distributed.is_main()  # rank 0 of a distributed run writes and reports
         fill_from_hydra(cfg, hc, run_dir)
         handler = None
+        started = False
 
         def on_start(rc) -> None:
-            nonlocal handler
+            nonlocal handler, started
+            started = True
             if not main:
                 return
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,9 @@ def task_wrapper(task):
             return task(cfg, on_start)
         except (ValueError, TypeError, RunError) as e:  # bad input, a non-finite or unreadable run: one line
             log.debug("error", exc_info=True)
-            failure, code = _one_line(e), (1 if isinstance(e, RunError) else 2)
+            # 2: refused before the run started (no run directory); found later (a corrupt image mid-epoch), the
+            # run directory stays with results.json saying failed: 1, as any failed run
+            failure, code = _one_line(e), (1 if isinstance(e, RunError) or started else 2)
         except OSError as e:
             full = disk_full(e)
             if full is None:
