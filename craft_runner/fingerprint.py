@@ -20,7 +20,7 @@ import torch
 COMPARED = ("versions.torch", "versions.timm", "versions.onnxruntime", "versions.numpy", "cpu.model", "gpu.name",
             "gpu.cuda", "gpu.driver", "flags.matmul_allow_tf32", "flags.cudnn_allow_tf32",
             "flags.deterministic_algorithms", "flags.cudnn_deterministic", "flags.float32_matmul_precision",
-            "autocast")
+            "tf32.training", "tf32.measuring", "autocast")
 
 
 def _version(package: str) -> Optional[str]:
@@ -64,9 +64,12 @@ def flags() -> dict:
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
 
 
-def environment(device: torch.device, autocast: Optional[str] = None) -> dict:
+def environment(device: torch.device, autocast: Optional[str] = None, training_tf32: bool = False) -> dict:
     """The fingerprint of this process on ``device``; ``autocast``: the training's autocast dtype in effect
-    ("bfloat16"), or None for float32."""
+    ("bfloat16"), or None for float32; ``training_tf32``: train.tf32. ``flags`` are the backend switches as the
+    run found them; ``tf32`` what was in effect where (measurements switch TF32 off, craft_runner.device;
+    TF32 exists on CUDA only)."""
+    cuda = device.type == "cuda"
     gpu = {"name": None, "cuda": torch.version.cuda, "driver": nvidia_driver(), "count": 0}
     if device.type == "cuda":
         gpu.update(name=torch.cuda.get_device_name(device), count=torch.cuda.device_count(),
@@ -74,7 +77,8 @@ def environment(device: torch.device, autocast: Optional[str] = None) -> dict:
     return {"versions": {"torch": torch.__version__, "timm": _version("timm"), "onnxruntime": _version("onnxruntime"),
                          "numpy": _version("numpy"), "python": platform.python_version()},
             "cpu": {"model": cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()},
-            "gpu": gpu, "device": str(device), "flags": flags(), "autocast": autocast or "off"}
+            "gpu": gpu, "device": str(device), "flags": flags(), "autocast": autocast or "off",
+            "tf32": {"training": bool(training_tf32) and cuda, "measuring": False}}
 
 
 def _get(env: dict, path: str):

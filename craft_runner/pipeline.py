@@ -628,7 +628,7 @@ def run(cfg, on_start: Optional[Callable[[RunConfig], None]] = None) -> Optional
     results = {"config": config_dict, "cache_key": cache_dir.name, "versions": _versions(),
                "device": _device_name(p.device), "world_size": distributed.world_size(), "status": "running",
                "splits": p.data.splits(),  # val_* metrics: the validation split, held out of train
-               "environment": environment(p.device, _autocast(p)),
+               "environment": environment(p.device, _autocast(p), getattr(rc.train, "tf32", False)),
                **({"slurm": job} if (job := _scheduler_job()) else {})}
     status = "failed"
     write_results(results, run_dir)  # a run that dies hard stays "running", never "ok"

@@ -27,6 +27,8 @@ def test_the_fingerprint_reads_the_libraries_and_the_flags_as_they_are():
     assert env["cpu"]["threads"] == torch.get_num_threads() and env["cpu"]["model"]
     assert env["gpu"]["name"] is None and env["gpu"]["cuda"] == torch.version.cuda
     assert env["autocast"] == "bfloat16" and environment(torch.device("cpu"))["autocast"] == "off"
+    assert env["tf32"] == {"training": False, "measuring": False}
+    assert environment(torch.device("cpu"), training_tf32=True)["tf32"]["training"] is False  # no TF32 on a CPU
 
 
 def test_differences_compare_what_matters_not_the_thread_count():
