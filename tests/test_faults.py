@@ -142,3 +142,16 @@ def test_results_json_writer_supersedes_a_set_aside_record(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
     atomic_write_json([], tmp_path / "results.json")
     assert results.status(tmp_path)[0] == "failed"  # valid JSON but not a record: unreadable, not missing
+
+
+def test_run_log_on_a_full_disk_warns_once_and_never_raises_out_of_the_job(tmp_path, capsys):
+    import logging
+
+    handler = run_mod.RunLog(tmp_path / "run.log")
+    handler.stream.close()
+    handler.stream = io.TextIOWrapper(io.BufferedWriter(_FullFile(tmp_path / "full", "w"), buffer_size=1))
+    for i in range(3):
+        handler.emit(logging.LogRecord("craft_runner", logging.INFO, "", 0, "x" * 100 + str(i), None, None))
+    handler.close()  # flushing on a full disk: no exception
+    err = capsys.readouterr().err
+    assert err.count("craft-run: warning:") == 1 and "no space left on device" in err and "Traceback" not in err
