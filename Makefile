@@ -9,7 +9,7 @@ DEFAULT_DIR ?= outputs/default
 THREADS ?=
 RUN := $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) )$(BIN)/craft-run
 
-.PHONY: help install run tables pretrained test test-full test-slow test-cuda lint bench smoke-paper clean
+.PHONY: help install run tables claims pretrained test test-full test-slow test-cuda lint bench smoke-paper clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,11 +26,11 @@ run: $(STAMP)  ## the default job: ResNet-20 on digits, Adam vs SAM, PTQ and pru
 	$(RUN) -m experiment=digits_default hydra.sweep.dir=$(DEFAULT_DIR)
 	$(BIN)/craft-report $(DEFAULT_DIR)
 
-# The _small variant of every paper table and figure (conf/experiment/*_small.yaml), and the tiny backbones the
-# CrAFT ones fine-tune (pretrained once on digits 0-4, experiment craft_pretrain_small). The order matters:
-# an experiment reuses the trainings an earlier one in its lane cached (scripts/make_tables.py).
-SMALL := craft_table2 craft_table4 craft_fig1 craft_fig2 craft_fig4 craft_table5 craft_table3 craft_table1 \
-	snt_table3_ptq snt_table3_qat snt_fig5 snt_fig6 snt_table4 snt_fig7 cheap_sam
+# The _small variant of every paper table and figure: scripts/make_tables.py finds conf/experiment/*_small.yaml
+# itself, and orders them by their '# make tables: lane ..., after ...' header lines (an experiment runs after the
+# ones whose cached trainings it reuses; scripts/make_tables.py --list shows the order). SMALL="a b" runs only
+# those. TINY: the tiny backbones the CrAFT ones fine-tune (pretrained once on digits 0-4, craft_pretrain_small).
+SMALL ?=
 TINY := test_vit resnet20 test_efficientnet
 PRETRAINED ?= outputs/pretrained
 TABLES ?= outputs/tables
@@ -46,6 +46,12 @@ pretrained: $(TINY:%=$(PRETRAINED)/%.pt)  ## pretrain the tiny backbones of the 
 tables: $(STAMP) pretrained  ## every _small table and figure (5 seeds each) and the claims list into outputs/tables/
 	CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/python scripts/make_tables.py $(SMALL) --jobs $(JOBS) \
 		--out $(TABLES) $(if $(THREADS),--threads $(THREADS))
+
+# The confirmatory run of the claims (craft_runner/confirm.py): each claim's primary comparison only, on seeds
+# 100 on, with the seeds per arm the 5-seed tables' power analysis asks for (10-20), two lanes; a rerun resumes.
+CLAIMS ?= outputs/claims
+claims: $(STAMP) pretrained  ## the claims' primary comparisons on new seeds, then the claims list (outputs/claims/)
+	CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/python -m craft_runner.confirm --out $(CLAIMS) --jobs $(JOBS)
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -64,11 +70,11 @@ lint: $(STAMP)  ## ruff
 
 bench: $(STAMP)  ## speed ratios measured side by side
 	@mkdir -p outputs
-	$(BIN)/python scripts/bench.py --json outputs/bench.json
+	$(BIN)/python -m craft_runner.bench --json outputs/bench.json
 
 SMOKE ?= outputs/smoke
 smoke-paper: $(STAMP)  ## paper-scale dry run on CPU (ViT-B/16 224, SNT models), writes outputs/smoke/projection.json
-	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) )$(BIN)/python scripts/smoke_paper.py --out $(SMOKE)
+	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) )$(BIN)/python -m craft_runner.bench.smoke_paper --out $(SMOKE)
 
 clean:  ## remove outputs (keeps .venv)
 	rm -rf outputs

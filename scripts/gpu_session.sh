@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the README's GPU table needs, in one command on a GPU machine without network: install the
 # wheels of scripts/gpu_wheels.sh (carried in .whl/, timm's scripts in .timm/) on top of its torch, run the
-# CUDA tests, then every gpu_measure.py subcommand; JSON lines go to $DEST/measure.jsonl, logs beside it.
+# CUDA tests, then every craft_runner.bench.gpu_measure subcommand; JSON lines go to $DEST/measure.jsonl, logs
+# beside it.
 #   scripts/gpu_session.sh [DEST]           # DEST: $OUT when set (the device tool), else outputs/gpu
 #   PART=tests scripts/gpu_session.sh       # only the CUDA tests; PART=measure: only the measurements
 #   TINY=1 scripts/gpu_session.sh /tmp/x    # --device cpu --tiny, no install: a check of this script on a CPU
@@ -28,8 +29,8 @@ if [[ $PART == all || $PART == tests ]]; then
 fi
 if [[ $PART == all || $PART == measure ]]; then
   run() {
-    echo "== gpu_measure.py $*" | tee -a "$DEST/measure.log"
-    $PY scripts/gpu_measure.py "$@" "${ARGS[@]}" 2>>"$DEST/measure.log" | tee -a "$DEST/measure.jsonl" || status=1
+    echo "== gpu_measure $*" | tee -a "$DEST/measure.log"
+    $PY -m craft_runner.bench.gpu_measure "$@" "${ARGS[@]}" 2>>"$DEST/measure.log" | tee -a "$DEST/measure.jsonl" || status=1
   }
   run throughput
   run throughput --timm-flags

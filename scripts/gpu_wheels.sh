@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels a GPU machine without network lacks, downloaded HERE (where the package registry is reachable)
 # into .whl/ (git-ignored), plus timm's own train.py and benchmark.py into .timm/ (git-ignored) for
-# `gpu_measure.py timm-train`.
+# `craft-gpu-measure timm-train`.
 #
 #   scripts/gpu_wheels.sh                 # Python 3.12, x86-64 manylinux; versions = those installed in .venv
 #   scripts/gpu_wheels.sh --no-wandb      # leave W&B out (logger=none needs none of it; saves ~25 MB)
@@ -12,7 +12,7 @@
 # from the repository root, carrying .whl (and .timm):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# Then `python3 -m pytest -m cuda tests/test_cuda.py` and `python3 scripts/gpu_measure.py ...` run there.
+# Then `python3 -m pytest -m cuda tests/test_cuda.py` and `python3 -m craft_runner.bench.gpu_measure ...` run there.
 #
 # The list below is the dependency closure of hydra-core, omegaconf, wandb, pytorch-optimizer, submitit and
 # hydra-submitit-launcher (requirements for CPython 3.12 on Linux, extras left out) minus what the GPU

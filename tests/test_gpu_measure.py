@@ -1,15 +1,14 @@
-"""scripts/gpu_measure.py at --device cpu --tiny: every subcommand prints one JSON line with positive figures."""
+"""craft_runner.bench.gpu_measure at --device cpu --tiny: every subcommand prints one JSON line with positive
+figures."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from craft_runner.bench import gpu_measure as gm
+
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("gpu_measure", ROOT / "scripts" / "gpu_measure.py")
-gm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gm)
 
 
 def run(capsys, *argv):

@@ -1,7 +1,6 @@
-"""scripts/smoke_paper.py: the projection's arithmetic against a hand computation (fast), and a short run of the
-real architectures on CPU (slow)."""
+"""craft_runner.bench.smoke_paper (make smoke-paper): the projection's arithmetic against a hand computation (fast),
+and a short run of the real architectures on CPU (slow)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from craft_runner.bench import smoke_paper as smoke
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "smoke_paper.py"
-_spec = importlib.util.spec_from_file_location("smoke_paper", SCRIPT)
-smoke = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(smoke)
 
 
 def test_ptq_units_by_hand():
@@ -82,7 +79,7 @@ def test_smoke_paper_runs_every_stage(tmp_path):
     """The real architectures, one step per stage: ViT-B/16 (depth 12, width 768, 12 heads) at 32x32 to keep the
     test short, the SNT models at their own 32x32."""
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--images", "8", "--steps", "1",
+    proc = subprocess.run([sys.executable, "-m", "craft_runner.bench.smoke_paper", "--out", str(out), "--images", "8", "--steps", "1",
                            "--calib", "1", "--img-size", "32"], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,11 +1,13 @@
 """The runner's CUDA figures, one subcommand each; every subcommand prints one JSON line.
 
-    python scripts/gpu_measure.py throughput            # ViT-B/16 and ResNet-20, Adam and SAM, images/s
-    python scripts/gpu_measure.py timm-train --run      # the same ViT-B/16 step through timm's own train.py
-    python scripts/gpu_measure.py timm-train --script benchmark --run   # timm's benchmark.py (no data loader)
-    python scripts/gpu_measure.py lambda-max            # λmax of ViT-B/16 at CrAFT Table 2's settings
-    python scripts/gpu_measure.py ptq4vit               # PTQ4ViT on ViT-B/16, 32 calibration images
-    python scripts/gpu_measure.py baseptq               # BasePTQ, same model and images
+    craft-gpu-measure throughput            # ViT-B/16 and ResNet-20, Adam and SAM, images/s
+    craft-gpu-measure timm-train --run      # the same ViT-B/16 step through timm's own train.py
+    craft-gpu-measure timm-train --script benchmark --run   # timm's benchmark.py (no data loader)
+    craft-gpu-measure lambda-max            # λmax of ViT-B/16 at CrAFT Table 2's settings
+    craft-gpu-measure ptq4vit               # PTQ4ViT on ViT-B/16, 32 calibration images
+    craft-gpu-measure baseptq               # BasePTQ, same model and images
+
+(``python -m craft_runner.bench.gpu_measure`` is the same; ``scripts/gpu_session.sh`` runs them all.)
 
 Every subcommand takes ``--device`` (default: cuda when available) and ``--tiny`` (a tiny ViT, a few
 images and steps: what the CPU test runs). Models are randomly initialised (``pretrained=False``) and
@@ -57,16 +59,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import timm
 import torch
+from PIL import Image
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import craft_runner
+from craft_runner.compress import CompressContext, PTQConfig, apply_compression
+from craft_runner.data import TensorLoader
+from craft_runner.device import resolve_device as resolve_run_device
+from craft_runner.diagnostics import run_diagnostics
+from craft_runner.models import create_model, model_data_config  # the package registers resnet20 in timm
+from craft_runner.optim import OptimizerConfig, build_optimizer
+from craft_runner.schema import ModelConfig, SharpnessConfig, TrainConfig
+from craft_runner.train import fit, to_device, train_step
 
-import craft_runner  # noqa: E402
-import craft_runner.models  # noqa: E402,F401  (registers resnet20 and the other CIFAR models in timm)
-from craft_runner.optim.registry import OptimizerConfig  # noqa: E402
-from craft_runner.schema import ModelConfig, SharpnessConfig, TrainConfig  # noqa: E402  (no Hydra)
+# The repository (timm's scripts in .timm/, and the PYTHONPATH their subprocess imports craft_runner from).
+ROOT = Path(__file__).resolve().parents[2]
 
 VIT = "vit_base_patch16_224"
 # --tiny: timm's test_vit cut to two blocks at 32x32 (4 patches), so that the CPU test takes seconds.
@@ -79,9 +89,8 @@ TINY_IMG = 32
 
 
 def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    """As ``device=`` in a run (craft_runner.device: auto is the first usable GPU, else the CPU)."""
+    dev = resolve_run_device(name or "auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_measure: --device cuda but torch.cuda.is_available() is False")
     return dev
@@ -107,8 +116,6 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def device_info(device: torch.device) -> dict:
-    import timm
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         extra = {"cuda": torch.version.cuda, "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory}
@@ -128,8 +135,6 @@ def emit(cmd: str, args: argparse.Namespace, device: torch.device, **fields) -> 
 
 def build(name: str, num_classes: int, device: torch.device, channels_last: bool) -> nn.Module:
     """The model as the pipeline builds it: timm through craft_runner's factory, random init, on the device."""
-    from craft_runner.models import create_model
-
     kwargs = TINY_KW if name == TINY_VIT else {}
     model = create_model(ModelConfig(name=name, pretrained=False, kwargs=dict(kwargs)), num_classes=num_classes)
     model = model.to(device)
@@ -141,8 +146,6 @@ def build(name: str, num_classes: int, device: torch.device, channels_last: bool
 def input_size(name: str) -> int:
     if name == TINY_VIT:
         return TINY_IMG
-    from craft_runner.models import model_data_config
-
     return model_data_config(name)["input_size"][-1]
 
 
@@ -165,10 +168,6 @@ def timm_flags(on: bool) -> None:
 
 def measure_train(model_name: str, opt_name: str, batch: int, img: int, num_classes: int, steps: int, warmup: int,
                   device: torch.device, amp: str, channels_last: bool) -> dict:
-    from craft_runner.data import TensorLoader
-    from craft_runner.optim import build_optimizer
-    from craft_runner.train import fit, to_device, train_step
-
     torch.manual_seed(0)
     model = build(model_name, num_classes, device, channels_last)
     opt = build_optimizer(model, OptimizerConfig(name=opt_name, base="adam", lr=1e-4))
@@ -234,9 +233,6 @@ def cmd_throughput(args) -> dict:
 
 def make_image_folder(root: Path, n_images: int, img: int, n_classes: int = 10, seed: int = 0) -> Path:
     """``root/train/class_k/i.jpg``: smooth random JPEGs (cheap to decode), made once and reused."""
-    import numpy as np
-    from PIL import Image
-
     train = root / "train"
     stamp = root / f".done-{n_images}-{img}-{n_classes}"
     if stamp.exists():
@@ -335,8 +331,6 @@ def cmd_timm_train(args) -> dict:
 
 
 def cmd_lambda_max(args) -> dict:
-    from craft_runner.diagnostics import run_diagnostics
-
     device = resolve_device(args.device)
     name = TINY_VIT if args.tiny else args.model
     img = input_size(name)
@@ -363,15 +357,11 @@ def cmd_lambda_max(args) -> dict:
 
 
 def _ptq_config(method: str, bits: str, calib: int, tiny: bool):
-    from craft_runner.compress import PTQConfig
-
     kw = {"scale_steps": 4, "search_rounds": 1, "max_softmax_shift": 3} if tiny and method == "ptq4vit" else {}
     return PTQConfig(method=method, bits=bits, calib_size=calib, **kw)
 
 
 def cmd_ptq(args, method: str) -> dict:
-    from craft_runner.compress import CompressContext, apply_compression
-
     device = resolve_device(args.device)
     name = TINY_VIT if args.tiny else args.model
     img = input_size(name)
@@ -472,5 +462,11 @@ def _dispatch(args) -> dict:
     return cmd_ptq(args, "ptq4vit" if args.cmd == "ptq4vit" else "base")
 
 
+def cli(argv=None) -> int:
+    """The console script ``craft-gpu-measure``: exit status 0 once its JSON line is printed."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

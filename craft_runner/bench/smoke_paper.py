@@ -1,8 +1,8 @@
 """Paper-scale dry run: the real architectures of CrAFT Table 2 and SNT Table 3 (PTQ), a few steps per stage on
 generated images, and a projection of the full tables' GPU hours.
 
-    python scripts/smoke_paper.py --out outputs/smoke              # make smoke-paper
-    python scripts/smoke_paper.py --out /tmp/s --images 8 --steps 1 --calib 2   # the slow test's minimum
+    craft-smoke-paper --out outputs/smoke              # make smoke-paper (python -m craft_runner.bench.smoke_paper)
+    craft-smoke-paper --out /tmp/s --images 8 --steps 1 --calib 2   # the slow test's minimum
 
 Every stage goes through the runner's own code with the experiment's composed config (Hydra, as craft-run
 composes it), ``model.pretrained=false`` (random init: no weights can be fetched) and the data set swapped for
@@ -10,8 +10,8 @@ composes it), ``model.pretrained=false`` (random init: no weights can be fetched
 Pets', batch 8 as conf/shared/task/oxford_pets.yaml), the SNT models at 32x32 with 100 or 10 classes at batch
 128. Stages: fine-tune with Adam and with SAM (:func:`pipeline.train_or_load`, one epoch over the folder), λmax
 (:class:`pipeline.Diagnostics`), evaluation (:func:`pipeline.evaluate`), and BasePTQ, PTQ4ViT, Wanda, N:M 2:4 and
-ToMe (:func:`craft_runner.compress.apply_compression`, as :func:`pipeline.compress_and_evaluate` calls it, without
-its evaluation, which is a stage of its own). What is capped, and to what, is recorded per stage.
+ToMe (:func:`pipeline.compress`, the run's compression stage, fine-tuning included; its evaluation is a stage of
+its own). What is capped, and to what, is recorded per stage.
 
 Per stage: wall seconds, peak resident memory (the process's RSS read from /proc/self/statm every 10 ms while the
 stage runs, freed heap returned with malloc_trim before it; GB = 1e9 bytes), steps done, and the FLOPs the stage
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import dataclasses
 import gc
@@ -35,13 +34,25 @@ import math
 import os
 import platform
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import craft_runner
+from craft_runner import pipeline
+from craft_runner.atomic import atomic_write_json
+from craft_runner.config import register_configs, to_run_config
+from craft_runner.models import create_model
+from craft_runner.schema import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Official split sizes (train as the runner reads it, test), images. Sources: torchvision's dataset docs and the
 # data sets' papers: Flowers-102 train+val 1020+1020 / test 6149 (Nilsback & Zisserman 2008); Stanford Cars
@@ -64,7 +75,7 @@ SPLITS = {
 GPU = "NVIDIA H100 SXM5 (80 GB)"
 GPU_SOURCE = "NVIDIA H100 Tensor Core GPU datasheet: BF16 1979 TFLOPS with 2:4 sparsity = 989.5 dense; FP32 67"
 PEAK_FLOPS = {"bf16": 989.5e12, "fp32": 67.0e12}
-# Assumed share of that peak sustained (nothing has been measured on a GPU yet: scripts/gpu_measure.py throughput
+# Assumed share of that peak sustained (nothing has been measured on a GPU yet: craft-gpu-measure throughput
 # would replace it). ViT-B/16 at 224 is large GEMMs: 40 %, typical of well-fed transformer training. The SNT
 # models at 32x32 are small kernels that cannot fill an H100 (launch- and memory-bound): 10 %.
 UTILISATION = {"craft_table2": 0.40, "snt_table3_ptq": 0.10}
@@ -204,9 +215,6 @@ def _release_memory() -> None:
 
 def flop_counter():
     """torch's FlopCounterMode, plus the fused CPU attention kernel (absent from its registry) by its formula."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
     aten = torch.ops.aten
 
     def fwd(query, key, value, *args, out_shape=None, **kwargs):
@@ -222,8 +230,6 @@ def flop_counter():
 
 def forward_flops(model, img: int) -> int:
     """FLOPs of one forward pass of one image (eval mode)."""
-    import torch
-
     was = model.training
     model.eval()
     x = torch.zeros(1, 3, img, img)
@@ -235,8 +241,6 @@ def forward_flops(model, img: int) -> int:
 
 def paper_forward_flops(model_cfg) -> int:
     """Forward FLOPs per image of the model at its own (the paper's) input size, when the smoke ran it smaller."""
-    from craft_runner.models import create_model
-
     cfg = dataclasses.replace(model_cfg, kwargs={k: v for k, v in model_cfg.kwargs.items() if k != "img_size"})
     return forward_flops(create_model(cfg, num_classes=model_cfg.num_classes), 224)
 
@@ -269,9 +273,6 @@ def make_folder(root: Path, n_train: int, size: int, seed: int = 0) -> Path:
     """``root/train/c#/*.png`` (``n_train`` images over at most FOLDER_CLASSES class folders) and ``root/val/``
     (VAL_IMAGES images): smooth random images, as an ImageFolder (dataset=imagenet). The model's head has the
     paper's classes all the same (model.num_classes)."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     classes = min(n_train, FOLDER_CLASSES)
     for split, n in (("train", n_train), ("val", VAL_IMAGES)):
@@ -287,10 +288,6 @@ def make_folder(root: Path, n_train: int, size: int, seed: int = 0) -> Path:
 def composer():
     """Within it, compose(overrides) -> the run config as craft-run composes it (Hydra's global state is cleared
     on leaving)."""
-    from hydra import compose, initialize_config_dir
-
-    from craft_runner.config import register_configs
-
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         yield lambda overrides: compose("run", overrides=list(overrides))
@@ -298,8 +295,6 @@ def composer():
 
 def sweep_cells(compose, experiment: str) -> list[list[str]]:
     """Every cell of the experiment's sweep as overrides (conf/experiment/<name>.yaml's sweeper params)."""
-    import yaml
-
     conf = yaml.safe_load((ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text())
     params = conf["hydra"]["sweeper"]["params"]
     axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
@@ -307,13 +302,10 @@ def sweep_cells(compose, experiment: str) -> list[list[str]]:
 
 
 def paper_work(compose, experiment: str) -> list[dict]:
-    from craft_runner.config import to_run_config
-    from craft_runner.pipeline import cache_key
-
     cells = []
     for overrides in sweep_cells(compose, experiment):
         rc = to_run_config(compose(overrides))
-        cells.append({**cell_work(rc), "training": cache_key(rc)})
+        cells.append({**cell_work(rc), "training": pipeline.cache_key(rc)})
     return cells
 
 
@@ -322,12 +314,6 @@ def paper_work(compose, experiment: str) -> list[dict]:
 
 def run_stages(args, compose, rec: Recorder, work: Path) -> dict:
     """Every stage on the real models; returns the FLOPs per image forward of each model."""
-    import torch
-
-    from craft_runner import pipeline
-    from craft_runner.compress import CompressContext, apply_compression
-    from craft_runner.config import to_run_config
-
     steps, calib = args.steps, args.calib
     common = ["model.pretrained=false", "dataset=imagenet", "dataset.num_workers=0", "train.progress=false",
               f"paths.cache_dir={work / 'cache'}", f"paths.run_dir={work / 'run'}", "sharpness.plots=false",
@@ -337,22 +323,10 @@ def run_stages(args, compose, rec: Recorder, work: Path) -> dict:
     def compress_stage(p, name, base, overrides, info):
         rc = to_run_config(compose([*base, *overrides]))
         q = dataclasses.replace(p, rc=rc)
-        c = rc.compress
 
-        def fn():
-            model = copy.deepcopy(q.model).to(memory_format=torch.contiguous_format)
-            batches = q.data.calib_batches(c.calib_size, rc.train.eval_batch_size, c.calib_seed, q.device)
-
-            def fine_tune(m, epochs):  # as compress_and_evaluate's
-                from craft_runner import train
-                from craft_runner.optim import build_optimizer
-
-                loader = q.data.train_loader(rc.train.batch_size, rc.seed + 1, q.device, rc.dataset)
-                return train.fit(m, loader, build_optimizer(m, rc.optimizer),
-                                 dataclasses.replace(rc.train, epochs=epochs), q.device, desc="fine-tune")
-
-            out = apply_compression(model, c, CompressContext(q.device, batches, fine_tune))
-            return info(c, out, q)
+        def fn():  # the run's compression stage on a copy of the trained model (its fine-tuning included)
+            _, out = pipeline.compress(q)
+            return info(rc.compress, out, q)
 
         return rec.run(name, fn, experiment=name.split("/")[0], model=rc.model.name, method=name.split("/")[-1],
                        capped=capped(rc))
@@ -520,11 +494,8 @@ def check_args(args) -> None:
         raise SmokeError(f"--img-size={args.img_size} is not allowed: expected a multiple of 16 (ViT-B/16's patch)")
     if not 1 <= args.calib <= args.images:
         raise SmokeError(f"--calib={args.calib} is not allowed: expected an integer in 1..--images ({args.images})")
-    from craft_runner.pipeline import check_writable
-    from craft_runner.schema import ConfigError
-
     try:
-        check_writable(args.out, "--out")
+        pipeline.check_writable(args.out, "--out")
     except ConfigError as e:
         raise SmokeError(str(e)) from None
 
@@ -544,11 +515,6 @@ def main(argv=None) -> dict:
         check_args(args)
     except SmokeError as e:
         p.error(str(e))
-    import torch
-
-    import craft_runner
-    from craft_runner.atomic import atomic_write_json
-
     out = Path(args.out)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)  # generated images, cache and diagnostics of the last run
@@ -587,5 +553,11 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli(argv=None) -> int:
+    """The console script ``craft-smoke-paper``: exit status 0 once projection.json is written."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

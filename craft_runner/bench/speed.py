@@ -1,9 +1,10 @@
-"""`make bench`: speed ratios of the runner, each measured side by side in one process.
+"""`make bench` (``craft-bench``, ``python -m craft_runner.bench``): speed ratios of the runner, each measured
+side by side in one process.
 
 Every figure is a ratio of two timings taken on the same model and batch, interleaved (A, B, A, B, ...,
 with the order rotated each round, after warm-up) so that noise from the machine hits both sides; the
 medians are compared. Model: ResNet-20 (``timm.create_model("resnet20")`` as registered by
-craft_runner.models; a local equivalent if that import fails), 32x32 inputs, channels_last, batch 64.
+craft_runner.models), 32x32 inputs, channels_last, batch 64.
 
 - SAM / Adam: one train_step of each (craft_runner.train.train_step, the runner's own step).
 - LookSAM / Adam and randomised SAM / Adam: their steps are of two kinds (one or two forward-backward
@@ -32,34 +33,46 @@ craft_runner.models; a local equivalent if that import fails), 32x32 inputs, cha
   round; PTQ4ViT: Hessian-guided, per output channel, three rounds; 100 candidates) over one forward of that layer
   on the same 32 calibration images, one thread: the seconds a layer costs, in forwards of it.
 
-    .venv/bin/python scripts/bench.py [--rounds 30] [--strict] [--tokens-only]
+    craft-bench [--rounds 30] [--strict] [--tokens-only] [--json outputs/bench.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from craft_runner.data import TensorLoader  # noqa: E402
-from craft_runner.optim import build_optimizer, needs_second_pass  # noqa: E402
-from craft_runner.optim.registry import OptimizerConfig  # noqa: E402
-from craft_runner.optim.wrapped import hook  # noqa: E402
-from craft_runner.schema import SharpnessConfig, TrainConfig  # noqa: E402
-from craft_runner.sharpness import HessianOperator, lanczos, measuring_mode, power_iteration  # noqa: E402
-from craft_runner.train import fit, train_step  # noqa: E402
+from craft_runner.atomic import atomic_write_json
+from craft_runner.compress import CompressContext
+from craft_runner.compress import search as S
+from craft_runner.compress.tokens import TokenPruneConfig, ToMeConfig, token_prune, tome
+from craft_runner.data import TensorLoader
+from craft_runner.export import ExportConfig, ExportJob
+from craft_runner.export.onnx_io import deployable_copy, export_onnx, latency_ratio, session
+from craft_runner.export.registry import get_format
+from craft_runner.models import RPReLU, apply_snt  # the package registers resnet20 in timm
+from craft_runner.optim import OptimizerConfig, build_optimizer, needs_second_pass
+from craft_runner.optim.wrapped import hook
+from craft_runner.runtime import keep_freed_memory
+from craft_runner.schema import SharpnessConfig, TrainConfig
+from craft_runner.sharpness import HessianOperator, lanczos, measuring_mode, power_iteration
+from craft_runner.timing import ForeignLoad
+from craft_runner.train import fit, train_step
 
 CPU = torch.device("cpu")
 CE = nn.functional.cross_entropy
@@ -67,81 +80,8 @@ TARGETS = {"sam": 2.05, "cheap": 1.35, "hvp": 2.5, "runner": 1.10, "eig": 1.0, "
            "token_prune": 1.05}
 
 
-# ------------------------------------------------------------------------------------------- the model
-
-
-class _Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class _ResNet20(nn.Module):
-    """Fallback: the CIFAR ResNet-20 of He et al. (widths 16/32/64, 3 blocks per stage)."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        blocks, cin = [], 16
-        for i, w in enumerate((16, 32, 64)):
-            for j in range(3):
-                blocks.append(_Block(cin, w, 2 if i > 0 and j == 0 else 1))
-                cin = w
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)))
-
-
-def build_model() -> tuple[nn.Module, str]:
-    try:
-        import timm
-
-        import craft_runner.models  # noqa: F401  (registers resnet20 in timm)
-
-        return timm.create_model("resnet20", num_classes=10), "resnet20 (timm, craft_runner.models)"
-    except Exception as e:  # the models package is not there or broken: a local equivalent
-        return _ResNet20(), f"ResNet-20 (local fallback: {type(e).__name__})"
-
-
-# ------------------------------------------------------------------------------------------- timing
-
-
 def _now() -> float:
     return time.perf_counter()
-
-
-class ForeignLoad:
-    """The share of the machine's CPU time that other processes used while the bench ran (Linux /proc)."""
-
-    def __init__(self):
-        self.busy0, self.ours0, self.wall0 = self._busy(), time.process_time(), _now()
-
-    @staticmethod
-    def _busy():
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(v) for v in f.readline().split()[1:]]
-            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def share(self):
-        busy = self._busy()
-        if busy is None or self.busy0 is None:
-            return None
-        foreign = (busy - self.busy0) - (time.process_time() - self.ours0)
-        return max(0.0, foreign / ((os.cpu_count() or 1) * (_now() - self.wall0)))
 
 
 @dataclass
@@ -220,13 +160,7 @@ def bench_steps(model, x, y, rounds: int, warmup: int, deadline: float) -> list[
 CHEAP = ("msam", "saf", "mesa", "swa", "rwp")
 
 
-def bench_snt(x, y, rounds: int, warmup: int, deadline: float) -> Row | None:
-    try:
-        import timm
-
-        from craft_runner.models import RPReLU, apply_snt
-    except Exception:  # the models package is not there or broken: no SNT to measure
-        return None
+def bench_snt(x, y, rounds: int, warmup: int, deadline: float) -> Row:
     cfg = TrainConfig(progress=False, channels_last=True)
     models = {}
     for name, snt, fused in (("base", False, True), ("snt", True, True), ("snt_unfused", True, False)):
@@ -365,11 +299,6 @@ def bench_epoch(model, data_x, data_y, batch: int, rounds: int, deadline: float)
 
 
 def bench_tokens(batch: int = 8, reps: int = 5) -> list[Row]:
-    import timm
-
-    from craft_runner.compress import CompressContext
-    from craft_runner.compress.tokens import TokenPruneConfig, ToMeConfig, token_prune, tome
-
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     ctx = CompressContext(device=CPU, calib_batches=[(x, torch.zeros(batch, dtype=torch.long))])
     speed = dict(speed_batch=batch, speed_warmup=1, speed_reps=reps)
@@ -398,17 +327,6 @@ def bench_export(rounds: int = 20) -> list[Row]:
     the same BatchNorm-folded model, measured as export=... measures it (one thread, interleaved, medians):
     ResNet-20 (32x32, 10 classes) int8 QDQ at batch 1 and 64; ViT-Ti/16 224 (random weights, 10 classes)
     int8 QDQ and int4 MatMulNBits (Conv stem fp32) at batch 1. Calibration: 8 random images."""
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
-    import timm
-
-    import craft_runner.models  # noqa: F401  (registers resnet20 in timm)
-    from craft_runner.export import ExportConfig, ExportJob
-    from craft_runner.export.onnx_io import deployable_copy, export_onnx, latency_ratio, session
-    from craft_runner.export.registry import get_format
-
     def ratios(model, shape, fmt, batches, out):
         g = torch.Generator().manual_seed(0)
         calib = [torch.randn(8, *shape, generator=g).numpy()]
@@ -453,12 +371,6 @@ def bench_ptq_search(model, rounds: int = 3, n_images: int = 32) -> list[Row]:
     """BasePTQ / PTQ4ViT scale search (craft_runner.compress.search.search_layer) of one 3x3 Conv2d of ResNet-20
     (the 10th, stage 2) against one forward of that layer on the same calibration data (32 random 32x32 images:
     compress.calib_size's default), one thread, interleaved, medians (a forward: the median of 20)."""
-    import functools
-
-    import torch.nn.functional as F
-
-    from craft_runner.compress import search as S
-
     m = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
     conv = [c for c in m.modules() if isinstance(c, nn.Conv2d)][9]
     x = torch.randn(n_images, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -497,6 +409,7 @@ def bench_ptq_search(model, rounds: int = 3, n_images: int = 32) -> list[Row]:
     torch.set_num_threads(threads)
     return rows
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40, help="interleaved steps per optimizer (default 40)")
@@ -508,29 +421,25 @@ def main(argv=None) -> int:
                                    "step_costs ({optimizer: ratio}; arch: SNT / base) for craft-report --step-costs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from craft_runner.runtime import keep_freed_memory
-
     malloc = keep_freed_memory()  # as craft-run does
     start = _now()
-    load = ForeignLoad()
+    load = ForeignLoad(own_threads=torch.get_num_threads())
     torch.manual_seed(0)
-    model, label = build_model()
-    model = model.to(memory_format=torch.channels_last)
+    model = timm.create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
     batch = 64
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), generator=g)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"craft-runner bench: {label}, {n_params / 1e6:.2f} M parameters; batch {batch}x3x32x32 channels_last; "
+    print(f"craft-runner bench: resnet20 (timm, craft_runner.models), {n_params / 1e6:.2f} M parameters; "
+          f"batch {batch}x3x32x32 channels_last; "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; malloc {'keeps freed memory' if malloc else 'glibc defaults'}", flush=True)
 
     rows = []
     if not args.tokens_only:
         rows += bench_steps(model, x, y, rounds=args.rounds, warmup=3, deadline=start + args.budget * 0.45)
-        snt = bench_snt(x, y, rounds=args.rounds // 2, warmup=2, deadline=start + args.budget * 0.6)
-        if snt is not None:
-            rows.append(snt)
+        rows.append(bench_snt(x, y, rounds=args.rounds // 2, warmup=2, deadline=start + args.budget * 0.6))
         rows.append(bench_hvp(model, x, y, rounds=max(6, args.rounds // 3), deadline=start + args.budget * 0.7))
         rows.extend(bench_eig(model, x, y))
         ex = torch.randn(6 * batch, 3, 32, 32, generator=g)
@@ -549,14 +458,13 @@ def main(argv=None) -> int:
     failed = [r.name for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)}/{len(rows)} targets met in {_now() - start:.0f} s"
           + (f"; missed: {', '.join(failed)}" if failed else ""))
-    share = load.share()
+    cores = load.cores()
+    share = None if cores is None else cores / (os.cpu_count() or 1)
     if share is not None:
         print(f"other processes used {100 * share:.0f}% of the machine's CPU time meanwhile"
               + ("; a busy machine makes these ratios noisy and usually inflates them: rerun when idle"
                  if share > 0.15 else ""))
     if args.json:
-        from craft_runner.atomic import atomic_write_json
-
         atomic_write_json({"rows": {r.name: {"ratio": r.ratio, "target": r.target, "ok": r.ok, "detail": r.detail}
                                     for r in rows},
                            "step_costs": step_costs(rows), "foreign_load": share}, Path(args.json))
