@@ -195,25 +195,59 @@ def test_digits_augmentation_shifts_without_flipping():
     assert moved > 0
 
 
-def test_make_tables_runs_every_small_experiment_in_lanes_that_keep_shared_trainings_together():
+def _make_tables():
     import importlib.util
-    import re
+    import sys
+
     spec = importlib.util.spec_from_file_location("make_tables", CONF.parent / "scripts" / "make_tables.py")
     mt = importlib.util.module_from_spec(spec)
+    sys.modules["make_tables"] = mt  # its dataclass looks its module up
     spec.loader.exec_module(mt)
-    text = (CONF.parent / "Makefile").read_text()
-    small = re.search(r"^SMALL := (.*?)\n(?=\S)", text, re.S | re.M).group(1).replace("\\", " ").split()
+    return mt
+
+
+def test_make_tables_finds_every_small_experiment_in_lanes_that_keep_shared_trainings_together():
+    mt = _make_tables()
+    found = mt.discover()
+    small = [e.name for e in found]
     shipped = sorted(p.stem[:-len("_small")] for p in (CONF / "experiment").glob("*_small.yaml")
                      if p.stem != "craft_pretrain_small")
     assert sorted(small) == shipped
-    two = mt.lanes(small, 2)
+    two = mt.lanes(found, 2)
     assert len(two) == 2 and sorted(two[0] + two[1]) == sorted(small)
-    for lane in two:  # each lane keeps the Makefile's order
+    for lane in two:  # each lane keeps the run order
         assert lane == [e for e in small if e in lane]
-    # the experiments that reuse craft_table2's / snt_table3_ptq's trainings run after them in the same lane
+    # the experiments that reuse craft_table2's / snt_table3_ptq's / snt_fig5's trainings run after them in one lane
     lane_of = {e: i for i, lane in enumerate(two) for e in lane}
     for first, later in (("craft_table2", ("craft_table4", "craft_fig1", "craft_fig2", "craft_fig4")),
                          ("snt_table3_ptq", ("snt_table3_qat",)), ("snt_fig5", ("snt_fig6", "snt_table4"))):
         for e in later:
             assert lane_of[e] == lane_of[first] and small.index(e) > small.index(first)
-    assert mt.lanes(small, 1) == [small]
+    assert mt.lanes(found, 1) == [small]
+
+
+def _experiment(conf, name, header="", sweep=True):
+    (conf / "experiment").mkdir(parents=True, exist_ok=True)
+    body = "hydra:\n  sweeper:\n    params:\n      seed: 0,1\n" if sweep else "seed: 0\n"
+    (conf / "experiment" / f"{name}_small.yaml").write_text(f"# @package _global_\n{header}{body}")
+
+
+def test_make_tables_order_rule(tmp_path):
+    mt = _make_tables()
+    for name, header in (("d", "# make tables: after b\n"), ("b", ""), ("a", "# make tables: after c\n"),
+                         ("c", ""), ("s", "# make tables: lane scratch\n"),
+                         ("t", "# make tables: lane scratch, after s\n")):
+        _experiment(tmp_path, name, header)
+    _experiment(tmp_path, "single", sweep=False)  # no sweep: not a table (as craft_pretrain_small)
+    # after the ones named, otherwise by name: b, c are ready first; a waits for c, d for b
+    found = mt.discover(tmp_path)
+    assert [e.name for e in found] == ["b", "c", "a", "d", "s", "t"]
+    assert mt.lanes(found, 2) == [["b", "c", "a", "d"], ["s", "t"]]
+    _experiment(tmp_path, "u", "# make tables: lane other\n")
+    with pytest.raises(ValueError, match="3 lanes"):
+        mt.lanes(mt.discover(tmp_path), 2)
+    for header, msg in (("# make tables: after t\n", "another lane"), ("# make tables: after nothing\n", "unknown"),
+                        ("# make tables: first\n", "expected 'lane <name>'")):
+        _experiment(tmp_path, "u", header)
+        with pytest.raises(ValueError, match=msg):
+            mt.discover(tmp_path)
