@@ -7,12 +7,9 @@ The expected numbers of cells are counted here from the papers (CrAFT Tables 2-5
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from craft_runner.config import register_configs, to_run_config
 from craft_runner.report.papers import GENERIC, layout_for
-from craft_runner.report.records import sweep_jobs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -22,39 +19,24 @@ TASKS2, BITS = 7, 5  # CrAFT Table 2: seven tasks, five bit widths
 
 CELLS = {
     "craft_table1": 2 * 4, "craft_table1_small": 2 * 4 * SEEDS,
-    "craft_table2": TASKS2 * 2 * 2 * BITS, "craft_table2_small": 2 * 2 * (BITS + 1) * SEEDS,
-    "craft_table3": 4 * 2 * 2, "craft_table3_small": 3 * 2 * 4 * SEEDS,
+    # x 4 quantizers (BasePTQ, PTQ4ViT, GPTQ, SmoothQuant + BasePTQ) and W3A16: issue 31's extension
+    "craft_table2": TASKS2 * 2 * 4 * (BITS + 1), "craft_table2_small": 2 * 4 * (BITS + 1) * SEEDS,
+    "craft_table3": 4 * 2 * 2 * 4, "craft_table3_small": 3 * 2 * 2 * 4 * SEEDS,  # BasePTQ and GPTQ
     "craft_table4": 6 * 2, "craft_table4_small": 2 * SEEDS,
     "craft_table5": 3 * 2, "craft_table5_small": 2 * SEEDS,
     "craft_fig1": 2, "craft_fig1_small": 2 * SEEDS,
     "craft_fig2": 2, "craft_fig2_small": 2 * SEEDS,
-    "craft_fig4": 2 * 2 * (7 + 5), "craft_fig4_small": 2 * 2 * (5 + 5) * SEEDS,
+    "craft_fig4": 2 * 3 * (7 + 5), "craft_fig4_small": 2 * 3 * (5 + 5) * SEEDS,  # x 3: SparseGPT too
     "snt_table3_ptq": 3 * 3, "snt_table3_ptq_small": 3 * 3 * SEEDS,
     "snt_table3_qat": (2 + 3 + 3) * 2, "snt_table3_qat_small": (2 + 3 + 3) * SEEDS * 2,  # x2: act_quant
     "snt_table4": 3, "snt_table4_small": 3 * SEEDS,
     "snt_fig5": 2 * 2 * 3 * 9, "snt_fig5_small": 2 * 2 * 3 * 4 * SEEDS,
     "snt_fig6": 3 * 6, "snt_fig6_small": 3 * 4 * SEEDS,
     "snt_fig7": 2 * 2 * 9, "snt_fig7_small": 2 * 2 * 4 * SEEDS,
-    "cheap_sam": 11 * 4 * 2 * 5, "cheap_sam_small": 11 * 4 * 2 * 5,
+    "cheap_sam": 11 * 4 * 2 * 5, "cheap_sam_small": 11 * 6 * 2 * 5,  # + GPTQ W4A16, SparseGPT 50 %
     "digits_default": 2 * 4 * DEFAULT_SEEDS,
     "craft_pretrain_small": 1,
 }
-
-
-@pytest.fixture(scope="module")
-def hydra_conf():
-    register_configs()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        yield
-
-
-def _compose(name, overrides=()):
-    return compose("run", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
-
-
-def _jobs(cfg):
-    params = cfg.hydra.sweeper.params
-    return sweep_jobs(OmegaConf.to_container(params) if params else {}, [])
 
 
 def test_every_experiment_is_counted():
@@ -64,13 +46,13 @@ def test_every_experiment_is_counted():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_expands_to_its_cells(hydra_conf, name):
-    cfg = _compose(name)
-    jobs = _jobs(cfg)
+def test_experiment_composes_and_expands_to_its_cells(sweeps, name):
+    cfg = sweeps.config(name)
+    jobs = sweeps.jobs(name)
     assert len(jobs) == CELLS[name]
     assert len(set(jobs)) == len(jobs)
     for job in (jobs[0], jobs[-1]):  # bad values fail in to_run_config
-        rc = to_run_config(_compose(name, job))
+        rc = sweeps.run_config(name, job)
         assert rc.seed in range(DEFAULT_SEEDS if name == "digits_default" else SEEDS)
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     header = [ln for ln in text.splitlines() if ln.startswith("#")]
@@ -85,11 +67,10 @@ def test_experiment_composes_and_expands_to_its_cells(hydra_conf, name):
         assert layout_for(name) is not GENERIC
 
 
-def test_fig4_sweeps_both_panels(hydra_conf):
+def test_fig4_sweeps_both_panels(sweeps):
     """(a) unstructured 10-70 % and (b) every N:M pattern at 50 %, for both criteria and both optimizers."""
-    cfg = _compose("craft_fig4")
-    params = cfg.hydra.sweeper.params
-    assert set(params["compress.criterion"].split(",")) == {"magnitude", "wanda"}
+    params = sweeps.config("craft_fig4").hydra.sweeper.params
+    assert set(params["+shared/pruner"].split(",")) == {"magnitude", "wanda", "sparsegpt"}
     assert set(params["optimizer"].split(",")) == {"adam", "sam"}
     shapes = set()
     for preset in params["+shared/prune_shape"].split(","):
@@ -97,16 +78,16 @@ def test_fig4_sweeps_both_panels(hydra_conf):
         shapes.add(f"{c.n}:{c.m}" if c.pattern == "nm" else f"{round(100 * c.sparsity)}%")
         assert c.pattern == "unstructured" or c.sparsity == 0.5
     assert shapes == {f"{s}%" for s in range(10, 80, 10)} | {"2:4", "4:8", "8:16", "16:32", "32:64"}
-    nm = to_run_config(_compose("craft_fig4", ["+shared/prune_shape=nm16_32", "compress.criterion=wanda"])).compress
+    nm = sweeps.run_config("craft_fig4", ["+shared/prune_shape=nm16_32", "compress.criterion=wanda"]).compress
     assert (nm.name, nm.pattern, nm.n, nm.m, nm.criterion, nm.calib_size) == ("prune", "nm", 16, 32, "wanda", 4096)
     assert (nm.wanda_inputs, nm.count) == ("dense", "truncate")  # Wanda's prune_vit
 
 
-def test_snt_qat_cells_are_the_tables(hydra_conf):
+def test_snt_qat_cells_are_the_tables(sweeps):
     """SNT Table 3 (QAT): ResNet-18/ImageNet with ADAM and ARCH; Mixer-S and MobileNet-V1/CIFAR-10 with all three."""
     got = set()
-    for job in _jobs(_compose("snt_table3_qat")):
-        rc = to_run_config(_compose("snt_table3_qat", job))
+    for job in sweeps.jobs("snt_table3_qat"):
+        rc = sweeps.run_config("snt_table3_qat", job)
         approach = "SAM" if rc.optimizer.name == "sam" else "ARCH" if rc.arch.rprelu else "ADAM"
         assert rc.compress.name == "qat" and (rc.compress.w_bits, rc.compress.a_bits) == (4, 4)
         got.add((rc.model.name, rc.dataset.name, approach, rc.compress.act_quant))
@@ -118,13 +99,12 @@ def test_snt_qat_cells_are_the_tables(hydra_conf):
 
 @pytest.mark.parametrize("name", ["snt_table3_ptq", "snt_table3_ptq_small", "snt_table4", "snt_fig6_small",
                                   "craft_table2", "craft_table2_small", "digits_default"])
-def test_ptq_definition_follows_each_papers_code(hydra_conf, monkeypatch, name):
+def test_ptq_definition_follows_each_papers_code(sweeps, name):
     """SNT's PTQ cells use distiller's post-training quantizer (one max-based scale per layer: the single
     candidate r = 1); CrAFT's and the default job's PTQ4ViT's BasePTQ/PTQ4ViT search."""
-    monkeypatch.setenv("CRAFT_PRETRAINED_DIR", "/somewhere")
     seen = set()
-    for job in _jobs(_compose(name)):
-        c = to_run_config(_compose(name, job)).compress
+    for job in sweeps.jobs(name, seeds=False):  # the seed changes no compression setting
+        c = sweeps.run_config(name, job).compress
         if c.name == "ptq":
             seen.add((c.search, c.weight_granularity if c.method == "base" else "ptq4vit", c.scale_steps == 1))
     # (the CrAFT _small variants search a coarser grid, 20 candidates, for the CPU)
@@ -133,20 +113,20 @@ def test_ptq_definition_follows_each_papers_code(hydra_conf, monkeypatch, name):
     assert seen and seen <= want, seen
 
 
-def test_small_craft_is_a_transfer(hydra_conf, monkeypatch):
-    monkeypatch.setenv("CRAFT_PRETRAINED_DIR", "/somewhere")
-    rc = to_run_config(_compose("craft_table2_small", _jobs(_compose("craft_table2_small"))[0]))
-    pre = to_run_config(_compose("craft_pretrain_small", ["+shared/tiny=test_vit"]))
-    assert rc.model.pretrained and rc.model.checkpoint_path == "/somewhere/test_vit.pt"
+def test_small_craft_is_a_transfer(sweeps):
+    rc = sweeps.run_config("craft_table2_small", sweeps.jobs("craft_table2_small")[0])
+    pre = sweeps.run_config("craft_pretrain_small", ["+shared/tiny=test_vit"])
+    assert rc.model.pretrained and rc.model.checkpoint_path == f"{sweeps.PRETRAINED}/test_vit.pt"
     assert rc.dataset.classes == [5, 6, 7, 8, 9] and pre.dataset.classes == [0, 1, 2, 3, 4]
     assert rc.model.kwargs == pre.model.kwargs and rc.model.name == pre.model.name == "test_vit"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_job_composes(hydra_conf, name):
-    for job in _jobs(_compose(name)):
-        to_run_config(_compose(name, job))
+def test_every_job_composes(sweeps, name):
+    for job in sweeps.jobs(name):  # the cells composed by the fast tests above are not composed again
+        seed = dict(o.split("=", 1) for o in job).get("seed")  # the sweep's own axis reaches the typed config
+        assert sweeps.run_config(name, job).seed == (int(seed) if seed is not None else 0)
 
 
 # --------------------------------------------------------------------------------------------- the small variants' data

@@ -131,6 +131,10 @@ class GPTQConfig(CompressConfig):
     block_size: int = 128
     sequential: str = "block"
     smooth_alpha: Optional[float] = None
+    # With a_bits < 16: the BasePTQ input-scale search's candidates and rounds (null: BasePTQ's 1 round), so a
+    # table that coarsens BasePTQ's search coarsens GPTQ's activations alike.
+    scale_steps: int = 100
+    search_rounds: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -193,7 +197,8 @@ def gptq(model: nn.Module, layers: list[tuple[str, nn.Module]], cfg: GPTQConfig,
             "seconds_per_layer": sum(seconds.values()) / max(len(seconds), 1),
             "calib_images": sum(len(x) for x, _ in ctx.calib_batches), **smoothed}
     if cfg.a_bits < FULL_PRECISION_BITS:
-        act = PTQConfig(w_bits=FULL_PRECISION_BITS, a_bits=cfg.a_bits, calib_size=cfg.calib_size)
+        act = PTQConfig(w_bits=FULL_PRECISION_BITS, a_bits=cfg.a_bits, calib_size=cfg.calib_size,
+                        scale_steps=cfg.scale_steps, search_rounds=cfg.search_rounds)
         act_info, _ = base_ptq(model, layers, act, ctx.calib_batches, ctx.progress)
         info.update(quantized_inputs=act_info["quantized_inputs"], quantized_matmuls=act_info["quantized_matmuls"],
                     activations="BasePTQ (cosine search)")

@@ -348,7 +348,8 @@ register(Layout(
               relative=("ratio", is_adam, OVERHEAD_CONTEXT)),
           Col("2nd passes", m("second_pass_fraction"), per="training", kind="share"),
           LAMBDA, FP32,
-          Col(None, acc, drop, pivot=compression, order=["W4A16", "W6A6", "magnitude 30%", "magnitude 50%"])],
+          Col(None, acc, drop, pivot=compression, order=["W4A16", "W6A6", "magnitude 30%", "magnitude 50%",
+                                                         "GPTQ W4A16", "SparseGPT 50%"])],
     figures=[figures.lambda_bars, pareto.figure]))
 
 register(Layout(
