@@ -57,4 +57,5 @@ def bench_gptq(model: nn.Module, rounds: int = 3, n_images: int = 32):
     return ("GPTQ / BasePTQ seconds per layer", g / b, GPTQ_TARGET,
             f"{1e3 * g:.1f} ms vs {1e3 * b:.1f} ms, W4A16 (GPTQ: Hessian + OBS sweep of {conv.weight[0].numel()} "
             f"columns; BasePTQ: cosine weight-scale search, 100 candidates), ResNet-20 {conv.in_channels}->"
-            f"{conv.out_channels} {'x'.join(map(str, conv.kernel_size))} on {n_images} images, 1 thread, {rounds} pairs")
+            f"{conv.out_channels} {'x'.join(map(str, conv.kernel_size))} on {n_images} images, 1 thread, "
+            f"{rounds} pairs")
