@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from craft_runner.atomic import atomic_write_json
+from craft_runner.bench.obs_speed import bench_gptq
 from craft_runner.compress import CompressContext
 from craft_runner.compress import search as S
 from craft_runner.compress.tokens import TokenPruneConfig, ToMeConfig, token_prune, tome
@@ -447,6 +448,7 @@ def main(argv=None) -> int:
         rows.append(bench_epoch(model, ex, ey, batch, rounds=6, deadline=start + args.budget))
         rows += bench_export()
         rows += bench_ptq_search(model)
+        rows.append(Row(*bench_gptq(model)))
     rows += bench_tokens()
 
     w = max(len(r.name) for r in rows)
