@@ -64,3 +64,19 @@ def test_sparsegpt_is_stored_compressed_with_its_bytes(tmp_path):
     rec = export_cell(model, ExportConfig(name="onnx_fp32"), cfg, calib, test_batches, 100.0, tmp_path)
     assert rec["status"] == "ok" and rec["compressed_storage"] == "zip deflate"
     assert rec["artifact"].endswith(".zip") and rec["bytes"] < 0.75 * rec["raw_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [("compress=gptq", "compress.bits=W3A16"),
+                                       ("compress=sparsegpt", "compress.pattern=nm")])
+def test_a_cell_runs_end_to_end(tmp_path, overrides):
+    import json
+
+    from helpers import TINY, compose_run
+
+    from craft_runner import pipeline
+
+    pipeline.run(compose_run(*TINY, *overrides, tmp_path=tmp_path))
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["status"] == "ok" and r["compression"]["name"] == overrides[0].split("=")[1]
+    assert r["metrics"]["compressed_acc"] is not None

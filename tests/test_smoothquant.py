@@ -97,3 +97,14 @@ def test_smoothing_before_w8a8_lowers_the_output_error_of_an_outlier_model():
             errs[alpha] = (m(x) - ref).norm().item()
         assert (rec.get("smooth_alpha") == alpha) and isinstance(m.blocks[0].norm1, nn.LayerNorm)
     assert errs[0.5] < errs[None]
+
+
+def test_a_cell_without_pairs_is_refused_before_any_work(tmp_path):
+    from helpers import TINY, compose_run
+
+    from craft_runner import pipeline
+
+    for comp in ("compress=gptq", "compress=ptq"):
+        with pytest.raises(ConfigError, match="compress.smooth_alpha is not allowed with model ResNetCifar"):
+            pipeline.run(compose_run(*TINY, comp, "compress.smooth_alpha=0.5", tmp_path=tmp_path))
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
