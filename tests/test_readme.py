@@ -1,0 +1,135 @@
+"""The README stays short and every command, link and name in it (and in docs/) stays true."""
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from helpers import compose_run
+
+from craft_runner.report import cli as report_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+MAX_LINES = 150
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def _make_targets() -> set:
+    targets = set()
+    for line in _text(ROOT / "Makefile").splitlines():
+        m = re.match(r"^([A-Za-z0-9][\w.-]*)\s*:(?!=)", line)  # a rule, not a `VAR := value`
+        if m:
+            targets.add(m.group(1))
+    return targets
+
+
+def _block_lines(text: str) -> list:
+    """The lines of the fenced code blocks."""
+    return [line for b in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S) for line in b.splitlines()]
+
+
+def _code(text: str) -> list:
+    """Inline code spans and the lines of fenced blocks: where commands are written."""
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S)
+    return _block_lines(text) + re.findall(r"`([^`\n]+)`", prose)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set:
+    return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", _text(path), flags=re.M)}
+
+
+def test_the_readme_is_short():
+    n = len(_text(README).splitlines())
+    assert n < MAX_LINES, f"README.md has {n} lines; the limit is {MAX_LINES}: move detail to docs/"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_make_target_named_exists(page):
+    named = set()
+    for code in _code(_text(page)):
+        named |= set(re.findall(r"(?:^|\s|\()make ([a-z][\w-]*)", code))
+    assert page != README or {"run", "test", "tables", "claims", "pretrained", "bench", "smoke-paper"} <= named
+    missing = named - _make_targets()
+    assert not missing, f"{page.name} names make targets the Makefile lacks: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_points_to_an_existing_file(page):
+    bad = []
+    links = re.findall(r"\]\(([^)\s]+)\)", _text(page))
+    for link in links:
+        if re.match(r"^[a-z]+:", link):  # http:, https:, mailto:
+            continue
+        target, _, anchor = link.partition("#")
+        path = (page.parent / target).resolve() if target else page
+        if not path.exists():
+            bad.append(f"{link} (no such file)")
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            bad.append(f"{link} (no heading #{anchor} in {path.name})")
+    assert not bad, f"{page.name}: broken links: {bad}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_experiment_named_exists(page):
+    names = set()
+    for value in re.findall(r"\bexperiment=([\w,]+)", _text(page)):
+        names |= set(filter(None, value.split(",")))
+    known = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+    assert page != README or names, "the README names no experiment= at all: the check would be empty"
+    assert not names - known, f"{page.name} names experiments conf/experiment/ lacks: {sorted(names - known)}"
+
+
+def test_every_craft_report_flag_named_exists():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        report_cli.main(["--help"])
+    known = set(re.findall(r"--[a-z][\w-]*", out.getvalue()))
+    assert {"--paper", "--claims", "--format", "--out"} <= known
+    bad = {}
+    for page in PAGES:
+        for code in _code(_text(page)):
+            if re.search(r"craft-(report|table)\b", code):
+                flags = set(re.findall(r"(?:^|\s)(--[a-z][\w-]*)", code)) - known
+                if flags:
+                    bad.setdefault(page.name, set()).update(flags)
+    assert not bad, f"craft-report has no such options: {bad}"
+
+
+def _readme_runs() -> list:
+    """The craft-run command lines of the README's code blocks, as override lists (a sweep's first values)."""
+    runs = []
+    for code in _block_lines(_text(README)):
+        words = shlex.split(code.split("#")[0]) if "craft-run" in code else []
+        if not words or not words[0].endswith("craft-run"):
+            continue
+        runs.append([w.split(",")[0] if "=" in w else w for w in words[1:] if w != "-m"])
+    return runs
+
+
+def test_the_readme_has_its_five_commands():
+    assert len(_readme_runs()) >= 4  # a cell, a sweep, a paper table, a dry run (and the report)
+    assert any("craft-report" in c and "--paper" in c for c in _code(_text(README)))
+
+
+@pytest.mark.parametrize("overrides", _readme_runs(), ids=" ".join)
+def test_every_readme_craft_run_composes(overrides):
+    cfg = compose_run(*overrides)  # an unknown group, option or key raises here
+    for o in overrides:
+        key, value = o.lstrip("+").split("=", 1)
+        if "/" not in key and key not in ("experiment", "hparams_search") and "." in key:
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert str(node) == value, f"{o} did not reach the config ({node})"
