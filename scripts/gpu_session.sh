@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the README's GPU table needs, in one command on a GPU machine without network: install the
+# Everything the GPU table of docs/speed.md needs, in one command on a GPU machine without network: install the
 # wheels of scripts/gpu_wheels.sh (carried in .whl/, timm's scripts in .timm/) on top of its torch, run the
 # CUDA tests, then every craft_runner.bench.gpu_measure subcommand; JSON lines go to $DEST/measure.jsonl, logs
 # beside it.

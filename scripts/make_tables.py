@@ -10,7 +10,7 @@ over all). Results are deterministic per thread count, so a table made with ``--
 made with ``--jobs 1`` in the last digits.
 
 Writes into OUT: each experiment's log, tables and figures, ``claims.md`` and ``timings.json`` (minutes per
-experiment, the load, and the total), which the README's table of minutes quotes.
+experiment, the load, and the total), which docs/results.md's paragraph of minutes quotes.
 """
 from __future__ import annotations
 

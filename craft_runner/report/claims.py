@@ -544,7 +544,7 @@ def render(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS, 
 
 
 def summary(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS) -> str:
-    """The claims list in brief (the README's paragraph): a line per claim with its primary's figures."""
+    """The claims list in brief (the paragraph of docs/results.md): a line per claim with its primary's figures."""
     del test
     lines, counts = [], {}
     for a in assess(claims, tables):
