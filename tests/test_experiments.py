@@ -102,8 +102,10 @@ def test_snt_qat_cells_are_the_tables(sweeps):
 def test_ptq_definition_follows_each_papers_code(sweeps, name):
     """SNT's PTQ cells use distiller's post-training quantizer (one max-based scale per layer: the single
     candidate r = 1); CrAFT's and the default job's PTQ4ViT's BasePTQ/PTQ4ViT search."""
+    # the seed, the optimizer (its own package) and the task set no compression key: one of each is enough
+    assert not any("compress" in OmegaConf.load(p) for p in (CONF / "shared" / "task").glob("*.yaml"))
     seen = set()
-    for job in sweeps.jobs(name, seeds=False):  # the seed changes no compression setting
+    for job in sweeps.jobs(name, fixed=("seed", "optimizer", "+shared/task")):
         c = sweeps.run_config(name, job).compress
         if c.name == "ptq":
             seen.add((c.search, c.weight_granularity if c.method == "base" else "ptq4vit", c.scale_steps == 1))

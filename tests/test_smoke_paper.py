@@ -79,8 +79,9 @@ def test_smoke_paper_runs_every_stage(tmp_path):
     """The real architectures, one step per stage: ViT-B/16 (depth 12, width 768, 12 heads) at 32x32 to keep the
     test short, the SNT models at their own 32x32."""
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, "-m", "craft_runner.bench.smoke_paper", "--out", str(out), "--images", "8", "--steps", "1",
-                           "--calib", "1", "--img-size", "32"], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "craft_runner.bench.smoke_paper", "--out", str(out), "--images", "8",
+                           "--steps", "1", "--calib", "1", "--img-size", "32"], capture_output=True, text=True,
+                          cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "projection.json").read_text())
