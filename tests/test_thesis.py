@@ -187,3 +187,27 @@ def test_cli_refuses_when_nothing_to_correlate(tmp_path, capsys):
     assert "no training" in capsys.readouterr().err
     assert not (tmp_path / "out" / "thesis.csv").exists()
     assert main(["--thesis", str(tmp_path / "nowhere")]) == 2
+
+
+def test_cells_csv_points_dedupe_rows_of_one_training(tmp_path, capsys):
+    """Two rows differing only in the PTQ method share a training (same λmax and FP32 per seed): each becomes
+    its own setting, and n counts trainings, not rows."""
+    header = "Method,Fine-tuning,column,n,mean,std,drop_mean,drop_std,seeds,values,text\n"
+    lines = []
+    for method in ("BasePTQ", "PTQ4ViT"):
+        for opt, lam, fp in (("ADAM", "100 200 300", "90 91 92"), ("CrAFT", "10 20 30", "90 90 90")):
+            lines.append(f"{method},{opt},λmax,3,,,,,0 1 2,{lam},")
+            lines.append(f"{method},{opt},FP32,3,,,,,0 1 2,{fp},")
+            acc = "80 79 78" if opt == "ADAM" else "89 88 87"
+            lines.append(f"{method},{opt},W4A4,3,,,-5,,0 1 2,{acc},")
+    f = tmp_path / "exp_small-cells.csv"
+    f.write_text(header + "\n".join(lines) + "\n")
+    got = thesis.points_from_cells(f).points
+    assert set(got) == {"exp_small: W4A4 [Method=BasePTQ]", "exp_small: W4A4 [Method=PTQ4ViT]"}
+    pts = got["exp_small: W4A4 [Method=BasePTQ]"]
+    assert len(pts) == 6
+    assert sorted((p.optimizer, p.lam, p.drop) for p in pts) == sorted(
+        [("ADAM", 100.0, -10.0), ("ADAM", 200.0, -12.0), ("ADAM", 300.0, -14.0),
+         ("CrAFT", 10.0, -1.0), ("CrAFT", 20.0, -2.0), ("CrAFT", 30.0, -3.0)])
+    assert main(["--thesis", str(tmp_path), "--no-figures"]) == 0
+    assert "exp_small: W4A4 [Method=PTQ4ViT]" in capsys.readouterr().out

@@ -159,8 +159,13 @@ def thesis_report(roots: list, out_dir: Optional[Path] = None, figures: bool = T
     if missing:
         print(f"craft-report: error: --thesis: no such directory: {missing[0]}", file=sys.stderr)
         return 2
-    records = [r for root in roots for r in collect(Path(root)).records]
-    return thesis_mod.report(records, out_dir, stream, figure=figures)
+    records, cells = [], []
+    for root in roots:
+        recs = collect(Path(root)).records
+        records += recs
+        if not recs:  # a folder of cells CSVs (docs/small), or one such file
+            cells += [Path(root)] if Path(root).is_file() else sorted(Path(root).glob("*-cells.csv"))
+    return thesis_mod.report(records, out_dir, stream, figure=figures, cells=cells)
 
 
 def _log_wandb(name: str, records: list, headers: list, rows: list, pngs: list, options: dict, out_dir: Path) -> None:

@@ -117,6 +117,8 @@ class Stat:
     drops: list = dataclasses.field(default_factory=list)
     text: Optional[str] = None
     drop_seeds: list = dataclasses.field(default_factory=list)  # the seeds of ``drops``
+    # λmax columns: the seeds whose estimate did not meet its tolerance (the record's certificate, converged=false)
+    uncertified: list = dataclasses.field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -325,7 +327,7 @@ def build(layout: Layout, records: Sequence[Record], test: str = "welch") -> Tab
     incomplete = k > 0
     if any(c.verdict is not None for cells in rows.values() for c in cells.values()):
         notes.append(legend(layout, test))
-    notes += export_notes + _flags(rows, col_labels, col_specs)
+    notes += export_notes + _flags(rows, col_labels, col_specs) + _uncertified(rows, col_labels, col_specs)
     if (mixed := environment_note(placed)) is not None:
         notes.append(mixed)
     return Table(layout, row_headers, col_labels, col_specs, rows, dict(by_row), notes, n_seeds, incomplete,
@@ -433,7 +435,7 @@ def _cell(spec: Col, members: Sequence[Record]) -> Cell:
         v = spec.value(r)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             continue
-        per_seed.setdefault(r.seed, (v, spec.drop(r) if spec.drop else None))
+        per_seed.setdefault(r.seed, (v, spec.drop(r) if spec.drop else None, _lam_certificate(r, v)))
     problems = [r for r in members if not r.ok and r.seed not in per_seed]
     if not per_seed:
         return Cell(None, problems)
@@ -444,7 +446,36 @@ def _cell(spec: Col, members: Sequence[Record]) -> Cell:
     vals = [float(per_seed[s][0]) for s in seeds]
     drop_seeds = [s for s in seeds if per_seed[s][1] is not None]
     drops = [float(per_seed[s][1]) for s in drop_seeds]
-    return Cell(Stat(vals, seeds, drops, drop_seeds=drop_seeds), problems)
+    uncertified = [s for s in seeds if spec.kind == "lam" and per_seed[s][2] is False]
+    return Cell(Stat(vals, seeds, drops, drop_seeds=drop_seeds, uncertified=uncertified), problems)
+
+
+def _lam_certificate(r: Record, value) -> Optional[bool]:
+    """The convergence certificate of the λmax measurement whose value ``value`` is (after or before training),
+    as the record's diagnostics state it; None when the value is not a recorded λmax."""
+    for when in ("after", "before"):
+        lam = (r.sharpness.get(when) or {}).get("lambda_max")
+        if isinstance(lam, dict) and lam.get("value") == value:
+            return lam.get("converged")
+    return None
+
+
+UNCERTIFIED = "‡"
+
+
+def _uncertified(rows: OrderedDict, labels: list, specs: list) -> list[str]:
+    """Marks λmax cells with a seed whose estimate did not converge; a note per such cell names the seeds."""
+    notes = []
+    for key, cells in rows.items():
+        for label, spec in zip(labels, specs):
+            st = cells[label].stat
+            if spec.kind == "lam" and st is not None and st.uncertified:
+                cells[label].flags.append(UNCERTIFIED)
+                notes.append(f"{UNCERTIFIED} {' / '.join(k for k in key if k)} / {label}: the λmax estimate of seed"
+                             f"{'s' if len(st.uncertified) > 1 else ''} {', '.join(map(str, st.uncertified))} did not "
+                             f"meet its tolerance (converged: false in results.json's sharpness record): a value "
+                             f"from below, not the top eigenvalue; raise sharpness.max_iter")
+    return notes
 
 
 def _relative(layout: Layout, rows: OrderedDict, labels: list, specs: list, by_row: dict) -> None:

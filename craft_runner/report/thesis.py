@@ -7,7 +7,8 @@ and reports Spearman's ρ between log λmax and the drop
 
 - pooled over all trainings ("all"), with a percentile bootstrap 95 % interval that resamples trainings
   (``n_resamples`` draws with replacement, a fixed ``seed``, so the interval is reproducible);
-- within each optimizer (ADAM, SAM, ARCH, ...: the rows' approach label), each with its own interval: does a
+- within each optimizer (ADAM, SAM, ARCH, ...: the rows' approach label; where a setting spans several
+  backbones or data sets, within each backbone, data set and optimizer), each with its own interval: does a
   lower λmax predict a smaller drop among one method's seeds, or only between methods?
 - within optimizers pooled ("within"): the n-weighted mean of the per-optimizer ρ, its interval from a
   bootstrap stratified by optimizer (trainings resampled inside their own optimizer): the within-method
@@ -42,7 +43,7 @@ from scipy.stats import rankdata
 
 from craft_runner.atomic import atomic_write_text
 from craft_runner.report import figures
-from craft_runner.report.papers import approach, compression
+from craft_runner.report.papers import approach, backbone, compression, task
 from craft_runner.report.records import Record
 
 N_RESAMPLES = 2000
@@ -57,9 +58,10 @@ CSV_COLUMNS = ("setting", "group", "n", "rho", "ci_low", "ci_high", "verdict")
 @dataclass(frozen=True)
 class Point:
     training: tuple  # the training's cache-key fields
-    optimizer: str
+    optimizer: str  # the group "within" compares inside: the approach (ADAM, SAM, ARCH, ...)
     lam: float  # λmax after training
     drop: float  # compressed − FP32 top-1, percentage points
+    context: str = ""  # backbone and data set: with several in one setting, a group is one of them and a method
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -221,7 +223,9 @@ def collect_points(records: Sequence[Record]) -> Collected:
         if not lams:
             no_lam.add(key)
             continue
-        points[setting].append(Point(key, optimizer_label(r), statistics.median(lams), float(r.metrics["drop"])))
+        context = f"{backbone(r.get('model.name'))}, {task(r.get('dataset.name'), r.get('dataset.classes'))}"
+        points[setting].append(Point(key, optimizer_label(r), statistics.median(lams), float(r.metrics["drop"]),
+                                     context))
     notes = []
     disagree = sum(1 for v in lam_of.values() if max(v) - min(v) > 1e-6 * max(abs(x) for x in v))
     if disagree:
@@ -232,14 +236,61 @@ def collect_points(records: Sequence[Record]) -> Collected:
     return Collected(dict(sorted(points.items())), notes)
 
 
+def points_from_cells(path: Path) -> Collected:
+    """The points of one ``<experiment>-cells.csv`` (craft-report's per-cell numbers, e.g. ``docs/small``): per
+    seed, the row's λmax (the column named "λmax...") and FP32 ("FP32", else "Accuracy") with each compressed
+    column's value, drop = value − FP32 of the same seed. A training is (experiment, seed, λmax, FP32): rows that
+    share one differ only in a compression field (BasePTQ / PTQ4ViT rows), whose values then join the setting's
+    label; the rest of the row is the group compared "within". Settings are named "<experiment>: <column>";
+    experiments are not pooled (a cells CSV does not say which trainings two experiments share)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    stem = Path(path).name[: -len("-cells.csv")]
+    if not rows or "column" not in rows[0]:
+        return Collected({}, [f"{path}: not a cells CSV"])
+    headers = list(rows[0])[: list(rows[0]).index("column")]
+    values: dict = defaultdict(dict)  # row key -> column -> {seed: value}
+    compressed: dict = defaultdict(set)
+    for r in rows:
+        key = tuple(r[h] for h in headers)
+        if r["values"] and r["seeds"]:
+            values[key][r["column"]] = dict(zip(r["seeds"].split(), (float(v) for v in r["values"].split())))
+        if r["drop_mean"]:
+            compressed[key].add(r["column"])
+    trainings: dict = defaultdict(list)  # training -> [row key]
+    found = []
+    for key, cols in values.items():
+        lam = next((c for c in cols if c.startswith("λmax")), None)
+        fp = "FP32" if "FP32" in cols else "Accuracy" if "Accuracy" in cols else None
+        if lam is None or fp is None:
+            continue
+        for seed, lv in cols[lam].items():
+            if seed in cols[fp]:
+                t = (stem, seed, lv, cols[fp][seed])
+                trainings[t].append(key)
+                found += [(t, key, c, cols[c][seed] - cols[fp][seed]) for c in sorted(compressed[key])
+                          if seed in cols[c]]
+    # row fields that differ among the rows of one training are compression fields: they name the setting
+    setting_fields = sorted({i for keys in trainings.values() for i in range(len(headers))
+                             if len({k[i] for k in keys}) > 1})
+    points: dict = defaultdict(list)
+    for t, key, col, drop in found:
+        extra = ",".join(f"{headers[i]}={key[i]}" for i in setting_fields)
+        label = f"{stem}: {col}" + (f" [{extra}]" if extra else "")
+        group = " / ".join(key[i] for i in range(len(headers)) if i not in setting_fields and key[i])
+        points[label].append(Point(t, group, t[2], drop))
+    return Collected(dict(sorted(points.items())), [])
+
+
 # --------------------------------------------------------------------------------------------- verdicts
 
 
 def _verdict_of(setting: str, pts: Sequence[Point], n_resamples: int, seed: int) -> dict:
     n, rho, lo, hi = correlate(pts, n_resamples, seed)
     by_opt = defaultdict(list)
+    several = len({p.context for p in pts}) > 1  # "among one method's seeds": of one backbone and data set
     for p in pts:
-        by_opt[p.optimizer].append(p)
+        by_opt[f"{p.context} / {p.optimizer}" if several else p.optimizer].append(p)
     within = {opt: correlate(by_opt[opt], n_resamples, seed) for opt in sorted(by_opt)}
     pooled = within_pooled([([p.lam for p in g], [p.drop for p in g]) for g in by_opt.values()], n_resamples,
                            seed) if len(by_opt) > 1 else (0, float("nan"), None, None)
@@ -312,13 +363,18 @@ def to_markdown(verdicts: Sequence[dict], notes: Sequence[str] = (), n_resamples
 
 
 def report(records: Sequence[Record], out_dir: Optional[Path] = None, stream=None, figure: bool = True,
-           n_resamples: int = N_RESAMPLES, seed: int = SEED) -> int:
+           n_resamples: int = N_RESAMPLES, seed: int = SEED, cells: Sequence[Path] = ()) -> int:
     """Print the thesis table; with ``out_dir`` also write thesis.md, thesis.csv and the scatter figure.
-    Returns 2 when no training has both a λmax and a compression drop, else 0."""
+    ``cells``: cells CSVs read as well (:func:`points_from_cells`). Returns 2 when no training has both a λmax
+    and a compression drop, else 0."""
     import sys
 
     stream = stream or sys.stdout
     coll = collect_points(records)
+    for path in cells:
+        extra = points_from_cells(Path(path))
+        coll.points.update({k: v for k, v in extra.points.items() if k not in coll.points})
+        coll.notes.extend(extra.notes)
     if not coll.points:
         print("craft-report: error: --thesis: no training with both a λmax after training and a compression drop",
               file=sys.stderr)
