@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import compose_run
 
+from craft_runner.config import to_run_config
 from craft_runner.report import cli as report_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,25 +108,32 @@ def test_every_craft_report_flag_named_exists():
     assert not bad, f"craft-report has no such options: {bad}"
 
 
-def _readme_runs() -> list:
-    """The craft-run command lines of the README's code blocks, as override lists (a sweep's first values)."""
+def _runs(pages) -> list:
+    """The craft-run command lines of the pages' code blocks, as override lists (a sweep's first values); a line
+    with an elision (``...``), a continuation or a word that is no override is not a command to compose."""
     runs = []
-    for code in _block_lines(_text(README)):
-        words = shlex.split(code.split("#")[0]) if "craft-run" in code else []
-        if not words or not words[0].endswith("craft-run"):
-            continue
-        runs.append([w.split(",")[0] if "=" in w else w for w in words[1:] if w != "-m"])
+    for page in pages:
+        for code in _block_lines(_text(page)):
+            if "craft-run" not in code or "..." in code or code.rstrip().endswith("\\"):
+                continue
+            words = shlex.split(code.split("#")[0])
+            if not words or not words[0].endswith("craft-run"):
+                continue
+            words = [w for w in words[1:] if w != "-m"]
+            if words and all("=" in w for w in words):
+                runs.append((page.name, [w.split(",")[0] for w in words]))
     return runs
 
 
 def test_the_readme_has_its_five_commands():
-    assert len(_readme_runs()) >= 4  # a cell, a sweep, a paper table, a dry run (and the report)
+    assert len(_runs([README])) >= 4  # a cell, a sweep, a paper table, a dry run (and the report)
     assert any("craft-report" in c and "--paper" in c for c in _code(_text(README)))
 
 
-@pytest.mark.parametrize("overrides", _readme_runs(), ids=" ".join)
-def test_every_readme_craft_run_composes(overrides):
+@pytest.mark.parametrize("page,overrides", _runs(PAGES), ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_every_craft_run_in_a_code_block_composes(page, overrides):
     cfg = compose_run(*overrides)  # an unknown group, option or key raises here
+    to_run_config(cfg)  # and a bad value here, as craft-run would refuse it
     for o in overrides:
         key, value = o.lstrip("+").split("=", 1)
         if "/" not in key and key not in ("experiment", "hparams_search") and "." in key:
