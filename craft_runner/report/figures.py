@@ -323,23 +323,28 @@ def finetune_curves(table, out_dir: Path, stem: str):
 
 
 def thesis_scatter(points: dict, verdicts, out_dir: Path, stem: str = "thesis-scatter"):
-    """λmax (log axis) against the drop, one panel per compression setting, one colour per optimizer; each
-    panel's title gives the pooled Spearman ρ and its interval (:mod:`craft_runner.report.thesis`)."""
+    """λmax (log axis) against the drop, one panel per compression setting, one colour per optimizer (group);
+    each panel's title gives the pooled Spearman ρ and its interval (:mod:`craft_runner.report.thesis`)."""
     points = {s: [p for p in pts if p.lam > 0] for s, pts in points.items()}  # a log axis: λmax > 0 only
     points = {s: pts for s, pts in points.items() if pts}
     if not points:
         return []
     plt = _plt()
+    from matplotlib.ticker import NullFormatter
+
     by_setting = {v["setting"]: v for v in verdicts}
     opts = sorted({p.optimizer for pts in points.values() for p in pts})
-    colour = {o: plt.get_cmap("tab10")(i % 10) for i, o in enumerate(opts)}
+    cmap = plt.get_cmap("tab20" if len(opts) > 10 else "tab10")
+    colour = {o: cmap(i % cmap.N) for i, o in enumerate(opts)}
     fig, axes = _grid(plt, len(points), 4.2, 3.4)
+    shown = None
     for ax, (setting, pts) in zip(axes, points.items()):
-        for o in opts:
-            mine = [p for p in pts if p.optimizer == o]
-            if mine:
-                ax.scatter([p.lam for p in mine], [p.drop for p in mine], s=14, color=colour[o], label=o, alpha=0.8)
+        mine = sorted({p.optimizer for p in pts})
+        for o in mine:
+            sel = [p for p in pts if p.optimizer == o]
+            ax.scatter([p.lam for p in sel], [p.drop for p in sel], s=14, color=colour[o], label=o, alpha=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: the minor ones overlap
         ax.set_xlabel("λmax after training (log)")
         ax.set_ylabel("drop (compressed − FP32, points)")
         v = by_setting.get(setting)
@@ -348,5 +353,7 @@ def thesis_scatter(points: dict, verdicts, out_dir: Path, stem: str = "thesis-sc
             rho += f" [{v['ci_low']:.2f}, {v['ci_high']:.2f}], n = {v['n']}"
         ax.set_title(_wrap(setting, 45) + rho, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        if mine != shown:  # a legend where the groups change (the panels of one experiment share theirs)
+            ax.legend(fontsize=6)
+            shown = mine
     return [_save(plt, fig, Path(out_dir) / f"{stem}.png")]
