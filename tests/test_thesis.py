@@ -209,5 +209,8 @@ def test_cells_csv_points_dedupe_rows_of_one_training(tmp_path, capsys):
     assert sorted((p.optimizer, p.lam, p.drop) for p in pts) == sorted(
         [("ADAM", 100.0, -10.0), ("ADAM", 200.0, -12.0), ("ADAM", 300.0, -14.0),
          ("CrAFT", 10.0, -1.0), ("CrAFT", 20.0, -2.0), ("CrAFT", 30.0, -3.0)])
+    (v,) = [v for v in thesis.thesis_verdicts([], cells=[f]) if v["setting"].endswith("[Method=BasePTQ]")]
+    assert v["n"] == 6 and v["rho"] == pytest.approx(-1.0)  # λmax and the loss rise together, rank for rank
+    assert set(v["within"]) == {"ADAM", "CrAFT"}
     assert main(["--thesis", str(tmp_path), "--no-figures"]) == 0
     assert "exp_small: W4A4 [Method=PTQ4ViT]" in capsys.readouterr().out

@@ -298,13 +298,23 @@ def _verdict_of(setting: str, pts: Sequence[Point], n_resamples: int, seed: int)
             "within": within, "within_pooled": pooled, "within_verdict": verdict(pooled[0], *pooled[2:])}
 
 
-def thesis_verdicts(records: Sequence[Record], n_resamples: int = N_RESAMPLES, seed: int = SEED) -> list[dict]:
+def thesis_verdicts(records: Sequence[Record], n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                    cells: Sequence[Path] = ()) -> list[dict]:
     """One dict per compression setting: setting, n (trainings), rho (Spearman's ρ of log λmax and the drop,
     pooled), ci_low, ci_high (bootstrap 95 % over trainings), verdict, within ({optimizer: (n, rho, ci_low,
     ci_high)}), within_pooled ((n, rho, ci_low, ci_high) of the n-weighted within-optimizer ρ) and
-    within_verdict (the same rule on it)."""
-    coll = collect_points(records)
+    within_verdict (the same rule on it). ``cells``: cells CSVs read as well (:func:`points_from_cells`)."""
+    coll = _collect(records, cells)
     return [_verdict_of(s, pts, n_resamples, seed) for s, pts in coll.points.items()]
+
+
+def _collect(records: Sequence[Record], cells: Sequence[Path]) -> Collected:
+    coll = collect_points(records)
+    for path in cells:
+        extra = points_from_cells(Path(path))
+        coll.points.update({k: v for k, v in extra.points.items() if k not in coll.points})
+        coll.notes.extend(extra.notes)
+    return coll
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -370,11 +380,7 @@ def report(records: Sequence[Record], out_dir: Optional[Path] = None, stream=Non
     import sys
 
     stream = stream or sys.stdout
-    coll = collect_points(records)
-    for path in cells:
-        extra = points_from_cells(Path(path))
-        coll.points.update({k: v for k, v in extra.points.items() if k not in coll.points})
-        coll.notes.extend(extra.notes)
+    coll = _collect(records, cells)
     if not coll.points:
         print("craft-report: error: --thesis: no training with both a λmax after training and a compression drop",
               file=sys.stderr)
