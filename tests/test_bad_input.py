@@ -23,10 +23,12 @@ def test_a_key_no_schema_declares_is_refused_in_one_line(override, key):
     assert "\n" not in str(e.value) and str(e.value).startswith(f"{key} is not allowed: no key")
 
 
-@pytest.mark.parametrize("override", ["+model.kwargs.depth=2", "+shared/tiny=test_vit",
-                                      "experiment=craft_table1_small"])
-def test_declared_additions_still_compose(override):
-    assert to_run_config(compose_run(override)) is not None
+@pytest.mark.parametrize("override,field,value", [("+model.kwargs.depth=2", "model.kwargs", {"depth": 2}),
+                                                  ("+shared/tiny=test_vit", "model.name", "test_vit"),
+                                                  ("experiment=craft_table1_small", "dataset.name", "digits")])
+def test_declared_additions_still_compose(override, field, value):
+    group, key = field.split(".")
+    assert getattr(getattr(to_run_config(compose_run(override)), group), key) == value
 
 
 def test_device_cuda_without_a_gpu_is_refused_before_any_data(tmp_path, monkeypatch):

@@ -81,7 +81,7 @@ def test_export_is_not_part_of_the_training_key_and_none_keeps_old_cells_done(tm
     run_dir.mkdir()
     old = {k: v for k, v in dataclasses.asdict(base).items() if k != "export"}
     (run_dir / "results.json").write_text(json.dumps({"status": "ok", "config": old, "metrics": {"fp_acc": 1.0}}))
-    assert pipeline.previous_result(base) is not None
+    assert pipeline.previous_result(base)["metrics"] == {"fp_acc": 1.0}
     assert pipeline.previous_result(other) is None
 
 
