@@ -81,3 +81,16 @@ def test_a_rerun_of_the_same_configuration_is_not_a_conflict(tmp_path):
     table = build(layout_for("snt_table3_qat_small"), collect(tmp_path).records)
     (key,) = table.rows
     assert table.cell(key, "Top-1 (%)").stat.values == [60.0]  # the newest
+
+
+def test_lambda_max_measured_two_ways_in_one_cell_is_refused(tmp_path):
+    """λmax belongs to the training, but two records of one training that measured it with other settings
+    (sharpness.n_samples) would leave one of the two values in the cell."""
+    for n in (128, 256):
+        write(tmp_path / f"adam-{n}", "snt_table3_qat_small", "adam", 0, "distiller", 90.0, 60.0)
+        f = tmp_path / f"adam-{n}" / "results.json"
+        res = json.loads(f.read_text())
+        res["config"]["sharpness"]["n_samples"] = n
+        f.write_text(json.dumps(res))
+    with pytest.raises(MergeError, match=r"sharpness\.n_samples \(128, 256\)"):
+        build(layout_for("snt_table3_qat_small"), collect(tmp_path).records)

@@ -403,10 +403,8 @@ def _pivot_labels(spec: Col, recs: Sequence[Record], row_key, assign: dict) -> l
 
 def _check_merge(layout: Layout, spec: Col, members: Sequence[Record], key: tuple, label: str) -> None:
     """Raise :class:`MergeError` when finished records of one seed in this cell differ in a field that neither
-    the layout's rows nor the column cover (a value of the training, ``per="training"``, is shared by every
-    compression of it and is exempt)."""
-    if spec.per == "training":
-        return
+    the layout's rows nor the column cover. A value of the training (``per="training"``) is shared by every
+    compression of it: there only a diagnostic (λmax, share) is checked, on the settings it was measured with."""
     shown = [p for row in layout.rows for p in row.paths] + list(spec.paths)
     by_seed = defaultdict(list)
     for r in members:
@@ -415,16 +413,32 @@ def _check_merge(layout: Layout, spec: Col, members: Sequence[Record], key: tupl
     for seed, recs in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
         if len(recs) < 2:
             continue
-        for p in sorted({p for r in recs for p in r.fields}):
+        if spec.per == "training":  # one training's value; a diagnostic also depends on how it was measured
+            if spec.kind not in ("lam", "share"):
+                continue
+            fields = [_diagnostics_settings(r) for r in recs]
+        else:
+            fields = [r.fields for r in recs]
+        for p in sorted({p for f in fields for p in f}):
             if p == "seed" or _covered(p, shown) or _seed_derived(p, recs):
                 continue
-            values = sorted({_fmt_value(r.fields.get(p)) for r in recs})
+            values = sorted({_fmt_value(f[p]) for f in fields if p in f})  # absent: a record of an older schema
             if len(values) > 1:
                 exp = next((r.experiment for r in recs if r.experiment), layout.name)
                 raise MergeError(f"{exp}: cell {' / '.join(key)} / {label}, seed {seed}: {len(recs)} records differ in "
                                  f"{p} ({', '.join(values)}); the layout {layout.name} shows no row or column for "
                                  f"it, so one would replace the others: add {p} to the layout (or report the "
                                  f"records separately)")
+
+
+# Sharpness settings that say whether something is measured, not how (as cache.diagnostics_key leaves out).
+_NOT_HOW = {"enabled", "before", "after", "plots"}
+
+
+def _diagnostics_settings(r: Record) -> dict:
+    """The settings a recorded λmax (and the other diagnostics) depends on, flattened (``sharpness.n_samples``)."""
+    s = r.config.get("sharpness") or {}
+    return {f"sharpness.{k}": v for k, v in s.items() if k not in _NOT_HOW} if isinstance(s, dict) else {}
 
 
 def _cell(spec: Col, members: Sequence[Record]) -> Cell:
