@@ -32,6 +32,7 @@ import csv
 import io
 import math
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -377,8 +378,6 @@ def report(records: Sequence[Record], out_dir: Optional[Path] = None, stream=Non
     """Print the thesis table; with ``out_dir`` also write thesis.md, thesis.csv and the scatter figure.
     ``cells``: cells CSVs read as well (:func:`points_from_cells`). Returns 2 when no training has both a λmax
     and a compression drop, else 0."""
-    import sys
-
     stream = stream or sys.stdout
     coll = _collect(records, cells)
     if not coll.points:
