@@ -194,7 +194,8 @@ class LoggerConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    # The optimizer group's schema (craft_runner.optim.registry.OptimizerConfig, set by craft_runner.config).
+    # The optimizer group's schema (craft_runner.optim.registry.OptimizerConfig: the common keys and each registered
+    # optimizer's own, set by craft_runner.config).
     optimizer: Any = "???"
     arch: ArchConfig = field(default_factory=ArchConfig)
     # The compress group's schema, chosen by its YAML (see craft_runner.compress.registry).
@@ -220,17 +221,7 @@ class RunConfig:
     def __post_init__(self):
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,
                "auto, cpu or cuda[:N]")
-        opt = self.optimizer
-        if getattr(opt, "name", None) in ("saf", "mesa") and isinstance(self.train, TrainConfig):
-            # the trajectory term is on in epochs start < epoch < end (0-based): a window past the run's end
-            # would train plain Adam under SAF's or MESA's name
-            start, end = opt.traj_start_epoch, opt.traj_end_epoch
-            _check(start + 1 < self.train.epochs, "optimizer.traj_start_epoch", start,
-                   f"an epoch below train.epochs - 1 = {self.train.epochs - 1} (the {opt.name} term is on from "
-                   f"epoch traj_start_epoch + 1, 0-based)")
-            _check(end is None or end > start + 1, "optimizer.traj_end_epoch", end,
-                   f"null or above traj_start_epoch + 1 = {start + 1} (the term is on in start < epoch < end)")
-            # SAF's first active epoch reads the logits of saf_epochs_ago epochs before it: they must exist
-            _check(opt.name != "saf" or start + 1 >= opt.saf_epochs_ago, "optimizer.traj_start_epoch", start,
-                   f"at least saf_epochs_ago - 1 = {opt.saf_epochs_ago - 1} (SAF compares with the logits of "
-                   f"{opt.saf_epochs_ago} epochs before its first active epoch)")
+        # the chosen optimizer's checks against the training settings (SAF's and MESA's epoch window)
+        check_run = getattr(self.optimizer, "check_run", None)
+        if callable(check_run) and isinstance(self.train, TrainConfig):
+            check_run(self.train)

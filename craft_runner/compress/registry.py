@@ -22,8 +22,8 @@ from typing import Optional
 
 from torch import nn
 
-from craft_runner.discovery import import_siblings
-from craft_runner.schema import ConfigError, _check
+from craft_runner.discovery import Registry
+from craft_runner.schema import _check
 
 
 @dataclass
@@ -89,8 +89,8 @@ class CompressorInfo:
     caps: Capabilities = Capabilities()
 
 
-_REGISTRY: dict[str, CompressorInfo] = {}
-_discovered = False
+_REGISTRY: Registry[CompressorInfo] = Registry("compress.name", "compressor", __file__, __package__,
+                                                same=lambda a, b: a.fn is b.fn)
 
 
 def register_compressor(name: str, schema: type, label: Callable[[dict], str], check: Optional[Callable] = None,
@@ -100,33 +100,19 @@ def register_compressor(name: str, schema: type, label: Callable[[dict], str], c
         raise TypeError(f"compressor {name!r}: its schema must subclass CompressConfig, got {schema!r}")
 
     def deco(fn: Callable) -> Callable:
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            raise ValueError(f"compressor {name!r} is registered twice")
-        _REGISTRY[name] = CompressorInfo(name, schema, fn, label, check, caps)
+        _REGISTRY.register(name, CompressorInfo(name, schema, fn, label, check, caps))
         return fn
 
     return deco
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import_siblings(__file__, __package__)
-
-
 def compressors() -> dict[str, CompressorInfo]:
-    _discover()
-    return dict(_REGISTRY)
+    return _REGISTRY.entries()
 
 
 def get_compressor(name: str) -> CompressorInfo:
     """The registered compressor, or a one-line ConfigError listing the known names."""
-    known = compressors()
-    if name not in known:
-        raise ConfigError(f"compress.name={name!r} is not allowed: expected one of {', '.join(sorted(known))}")
-    return known[name]
+    return _REGISTRY.get(name)
 
 
 def capabilities(name: Optional[str]) -> Capabilities:

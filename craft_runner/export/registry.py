@@ -8,38 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from craft_runner.discovery import import_siblings
-from craft_runner.schema import ConfigError
+from craft_runner.discovery import Registry
 
-_REGISTRY: dict[str, Callable] = {}
-_discovered = False
+_REGISTRY: Registry[Callable] = Registry("export.name", "export format", __file__, __package__,
+                                         same=lambda a, b: a is b, order=lambda e: sorted(["none", *e]))
 
 
 def register_format(name: str):
     def deco(fn: Callable) -> Callable:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"export format {name!r} is registered twice")
-        _REGISTRY[name] = fn
-        return fn
+        return _REGISTRY.register(name, fn)
 
     return deco
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    import_siblings(__file__, __package__)
-
-
 def format_names() -> list[str]:
-    _discover()
-    return sorted(["none", *_REGISTRY])
+    return _REGISTRY.names()
 
 
 def get_format(name: str) -> Callable:
-    _discover()
-    if name not in _REGISTRY:
-        raise ConfigError(f"export.name={name!r} is not allowed: expected one of {', '.join(format_names())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)

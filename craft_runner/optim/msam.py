@@ -17,9 +17,11 @@ optimizer (torch's) steps at w.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from craft_runner.optim.registry import OptimInfo, register_optimizer
+from craft_runner.optim.registry import HParams, OptimInfo, _finite_positive, register_optimizer
 from craft_runner.optim.wrapped import Wrapped
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # Adam/AdamW, SGD
@@ -118,5 +120,14 @@ class MomentumSAM(Wrapped):
         self.perturbed = False  # checkpoints hold w
 
 
+@dataclass
+class MSAMParams(HParams):
+    # the same key as SAM's rho, so the same default; conf/optimizer/msam.yaml sets the authors' 1.0
+    rho: float = 0.05
+
+    def check(self) -> None:
+        _finite_positive("optimizer.rho", self.rho)
+
+
 register_optimizer(OptimInfo("msam", MomentumSAM, {"rho": "rho"}, sharpness_aware=True,
-                             description="Momentum-SAM (Becker et al. 2024)"))
+                             description="Momentum-SAM (Becker et al. 2024)", hparams=MSAMParams))

@@ -12,11 +12,14 @@ batch each, about one full pass of compute. The BatchNorm running statistics com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from craft_runner.optim.registry import OptimInfo, register_optimizer
+from craft_runner.optim.registry import HParams, OptimInfo, _finite_positive, register_optimizer
 from craft_runner.optim.sam import SharpnessAware
 from craft_runner.optim.wrapped import tensor_bytes
+from craft_runner.schema import _check
 
 
 def filter_noise(w: torch.Tensor, gamma: float, generator=None) -> torch.Tensor:
@@ -63,5 +66,16 @@ class RWP(SharpnessAware):
         return 2 * tensor_bytes(p for g in self.param_groups for p in g["params"])
 
 
+@dataclass
+class RWPParams(HParams):
+    # filter-wise noise scale and the weight of the gradient at perturbed weights
+    rwp_gamma: float = 0.01
+    rwp_alpha: float = 0.5
+
+    def check(self) -> None:
+        _finite_positive("optimizer.rwp_gamma", self.rwp_gamma)
+        _check(0 <= self.rwp_alpha <= 1, "optimizer.rwp_alpha", self.rwp_alpha, "a value in [0, 1]")
+
+
 register_optimizer(OptimInfo("rwp", RWP, {"gamma": "rwp_gamma", "alpha": "rwp_alpha"}, sharpness_aware=True,
-                             description="random weight perturbation (Li et al. 2024)"))
+                             description="random weight perturbation (Li et al. 2024)", hparams=RWPParams))

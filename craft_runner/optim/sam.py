@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from craft_runner.optim.registry import OptimInfo, register_optimizer
+from craft_runner.optim.registry import HParams, OptimInfo, _finite_positive, register_optimizer
+from craft_runner.schema import _check, _check_choice
 
 ASAM_VARIANTS = ("kwon", "davda54")
 
@@ -324,14 +326,53 @@ def expected_cost(opt: torch.optim.Optimizer) -> float:
     return 1.0
 
 
+@dataclass
+class SAMParams(HParams):
+    rho: float = 0.05
+    # ASAM's perturbation (e = rho T^2 g / ||T g||) for any SAM variant; asam sets it.
+    adaptive: bool = False
+    # ASAM's T: kwon = |w| + eta on weights, 1 on biases (SamsungLabs/ASAM); davda54 = |w| everywhere.
+    asam_variant: str = "kwon"
+    eta: float = 0.01
+
+    def check(self) -> None:
+        _finite_positive("optimizer.rho", self.rho)
+        _check_choice("optimizer.asam_variant", self.asam_variant, ASAM_VARIANTS)
+        _check(self.eta >= 0, "optimizer.eta", self.eta, "a number >= 0")
+
+
+@dataclass
+class LookSAMParams(SAMParams):
+    # a full SAM step every k steps; alpha weighs the reused orthogonal direction g_v
+    k: int = 5
+    alpha: float = 0.7
+
+    def check(self) -> None:
+        super().check()
+        _check(self.k >= 1, "optimizer.k", self.k, "an integer >= 1")
+        _check(self.alpha >= 0, "optimizer.alpha", self.alpha, "a number >= 0")
+
+
+@dataclass
+class RandomSAMParams(SAMParams):
+    # probability that a step is a SAM step; the draw for step t depends on (seed, t) only
+    sam_prob: float = 0.25
+    seed: int = 0
+
+    def check(self) -> None:
+        super().check()
+        _check(0 <= self.sam_prob <= 1, "optimizer.sam_prob", self.sam_prob, "a value in [0, 1]")
+
+
 _ASAM_T = {"eta": "eta", "asam_variant": "asam_variant"}  # used only when the perturbation is adaptive
 _SAM = {"rho": "rho", "adaptive": "adaptive", **_ASAM_T}
-register_optimizer(OptimInfo("sam", SAM, _SAM, sharpness_aware=True, description="SAM (Foret et al.)"))
+register_optimizer(OptimInfo("sam", SAM, _SAM, sharpness_aware=True, description="SAM (Foret et al.)",
+                             hparams=SAMParams))
 register_optimizer(OptimInfo("asam", SAM, {"rho": "rho", **_ASAM_T}, {"adaptive": True}, sharpness_aware=True,
-                             description="ASAM (Kwon et al.)"))
+                             description="ASAM (Kwon et al.)", hparams=SAMParams))
 register_optimizer(OptimInfo("looksam", LookSAM, {**_SAM, "k": "k", "alpha": "alpha"}, sharpness_aware=True,
-                             description="LookSAM (Liu et al. 2022)"))
+                             description="LookSAM (Liu et al. 2022)", hparams=LookSAMParams))
 register_optimizer(OptimInfo("randsam", RandomSAM, {**_SAM, "p": "sam_prob", "seed": "seed"}, sharpness_aware=True,
-                             description="randomised SAM (SS-SAM)"))
+                             description="randomised SAM (SS-SAM)", hparams=RandomSAMParams))
 
 __all__ = ["ASAM_VARIANTS", "SharpnessAware", "SAM", "LookSAM", "RandomSAM", "expected_cost"]

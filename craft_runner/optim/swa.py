@@ -11,13 +11,15 @@ compression, evaluation and the cache all see the averaged model. The house's ch
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from craft_runner.optim.registry import OptimInfo, register_optimizer
+from craft_runner.optim.registry import HParams, OptimInfo, register_optimizer
 from craft_runner.optim.wrapped import Wrapped, module_bytes
+from craft_runner.schema import _check
 
 
 class SWA(Wrapped):
@@ -57,5 +59,14 @@ class SWA(Wrapped):
             self.averaged.load_state_dict(extra["averaged"])
 
 
+@dataclass
+class SWAParams(HParams):
+    # averaging starts at this fraction of the epochs
+    swa_start: float = 0.75
+
+    def check(self) -> None:
+        _check(0 <= self.swa_start < 1, "optimizer.swa_start", self.swa_start, "a fraction in [0, 1)")
+
+
 register_optimizer(OptimInfo("swa", SWA, {"swa_start": "swa_start"}, sharpness_aware=True,
-                             description="stochastic weight averaging"))
+                             description="stochastic weight averaging", hparams=SWAParams))

@@ -18,13 +18,15 @@ loader does; its memory is n_train × (E+1) × classes floats, MESA's one copy o
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
-from craft_runner.optim.registry import OptimInfo, register_optimizer
+from craft_runner.optim.registry import HParams, OptimInfo, _finite_positive, register_optimizer
 from craft_runner.optim.wrapped import Wrapped, module_bytes, tensor_bytes
+from craft_runner.schema import _check
 
 
 def trajectory_kl(logits: torch.Tensor, reference: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -135,9 +137,64 @@ class MESA(_Trajectory):
             self.ema.load_state_dict(extra["ema"])
 
 
+@dataclass
+class TrajectoryParams(HParams):
+    """Weight, temperature and epoch window (start < epoch < end, 0-based; null: to the end) of the KL term."""
+
+    method: ClassVar[str] = ""
+    traj_coef: float = 0.16
+    traj_temperature: float = 5.0
+    traj_start_epoch: int = 5
+    traj_end_epoch: Optional[int] = None
+
+    def check(self) -> None:
+        _check(self.traj_coef >= 0, "optimizer.traj_coef", self.traj_coef, "a number >= 0")
+        _finite_positive("optimizer.traj_temperature", self.traj_temperature)
+
+    def check_run(self, train: Any) -> None:
+        # the term is on in epochs start < epoch < end (0-based): a window past the run's end would train plain
+        # Adam under SAF's or MESA's name
+        start, end = self.traj_start_epoch, self.traj_end_epoch
+        _check(start + 1 < train.epochs, "optimizer.traj_start_epoch", start,
+               f"an epoch below train.epochs - 1 = {train.epochs - 1} (the {self.method} term is on from "
+               f"epoch traj_start_epoch + 1, 0-based)")
+        _check(end is None or end > start + 1, "optimizer.traj_end_epoch", end,
+               f"null or above traj_start_epoch + 1 = {start + 1} (the term is on in start < epoch < end)")
+
+
+@dataclass
+class SAFParams(TrajectoryParams):
+    method: ClassVar[str] = "saf"
+    # the outputs of saf_epochs_ago epochs ago
+    saf_epochs_ago: int = 3
+
+    def check(self) -> None:
+        super().check()
+        _check(self.saf_epochs_ago >= 1, "optimizer.saf_epochs_ago", self.saf_epochs_ago, "an integer >= 1")
+
+    def check_run(self, train: Any) -> None:
+        super().check_run(train)
+        # SAF's first active epoch reads the logits of saf_epochs_ago epochs before it: they must exist
+        start = self.traj_start_epoch
+        _check(start + 1 >= self.saf_epochs_ago, "optimizer.traj_start_epoch", start,
+               f"at least saf_epochs_ago - 1 = {self.saf_epochs_ago - 1} (SAF compares with the logits of "
+               f"{self.saf_epochs_ago} epochs before its first active epoch)")
+
+
+@dataclass
+class MESAParams(TrajectoryParams):
+    method: ClassVar[str] = "mesa"
+    # an EMA model with this decay per step
+    ema_decay: float = 0.9998
+
+    def check(self) -> None:
+        super().check()
+        _check(0 < self.ema_decay < 1, "optimizer.ema_decay", self.ema_decay, "a value in (0, 1)")
+
+
 _TRAJ = {"coef": "traj_coef", "temperature": "traj_temperature", "start_epoch": "traj_start_epoch",
          "end_epoch": "traj_end_epoch"}
 register_optimizer(OptimInfo("saf", SAF, {**_TRAJ, "epochs_ago": "saf_epochs_ago"}, sharpness_aware=True,
-                             description="SAF (Du et al. 2022): KL to the outputs of E epochs ago"))
+                             description="SAF (Du et al. 2022): KL to the outputs of E epochs ago", hparams=SAFParams))
 register_optimizer(OptimInfo("mesa", MESA, {**_TRAJ, "ema_decay": "ema_decay"}, sharpness_aware=True,
-                             description="MESA (Du et al. 2022): KL to an EMA model's outputs"))
+                             description="MESA (Du et al. 2022): KL to an EMA model's outputs", hparams=MESAParams))
