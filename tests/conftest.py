@@ -1,10 +1,14 @@
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from helpers import TINY, compose_run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from craft_runner import pipeline
 from craft_runner.config import register_configs, to_run_config
 from craft_runner.report.records import sweep_jobs
 
@@ -80,3 +84,22 @@ class Sweeps:
 @pytest.fixture(scope="session")
 def sweeps() -> Sweeps:
     return Sweeps()
+
+
+# The end-to-end tests' one tiny training (helpers.TINY, Adam), made once per session by a BasePTQ W8A8 cell.
+TINY_RUN = (*TINY, "compress=ptq", "compress.bits=W8A8")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> SimpleNamespace:
+    """``pipeline.run`` of TINY_RUN in a folder of its own: ``metrics`` (what run returned), ``run_dir``, ``cache``."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    metrics = pipeline.run(compose_run(*TINY_RUN, tmp_path=root))
+    return SimpleNamespace(metrics=metrics, run_dir=root / "run", cache=root / "cache")
+
+
+@pytest.fixture
+def tiny_cache(tiny_run, tmp_path) -> Path:
+    """``tmp_path / "cache"`` holding the shared tiny training (a copy: the test may add entries or count them); a
+    run of helpers.TINY with ``tmp_path=tmp_path`` (any compression) loads it instead of training."""
+    return Path(shutil.copytree(tiny_run.cache, tmp_path / "cache"))

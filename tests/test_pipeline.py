@@ -17,9 +17,9 @@ def run_tiny(tmp_path, *overrides):
     return pipeline.run(cfg)
 
 
-def test_end_to_end_writes_results(tmp_path):
-    m = run_tiny(tmp_path, "compress=ptq", "compress.bits=W8A8")
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
+def test_end_to_end_writes_results(tiny_run):
+    m = tiny_run.metrics  # conftest's one tiny training: helpers.TINY, BasePTQ W8A8
+    res = json.loads((tiny_run.run_dir / "results.json").read_text())
     assert res["status"] == "ok"
     assert res["metrics"]["fp_acc"] == pytest.approx(m["fp_acc"])
     for k in ("fp_acc", "compressed_acc", "drop", "lambda_max_before", "lambda_max_after", "train_seconds",
@@ -31,15 +31,15 @@ def test_end_to_end_writes_results(tmp_path):
     assert m["trained"] is True
 
 
-def test_second_run_with_other_compression_does_not_train(tmp_path, monkeypatch):
-    first = run_tiny(tmp_path, "compress=ptq", "compress.bits=W8A8")
+def test_second_run_with_other_compression_does_not_train(tiny_run, tiny_cache, tmp_path, monkeypatch):
+    first = tiny_run.metrics  # trained it (in its own cache, copied to tmp_path's)
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
     monkeypatch.setattr(train_mod, "fit", no_training)
     second = run_tiny(tmp_path, "compress=prune", "compress.sparsity=0.5")
-    assert second["trained"] is False
+    assert first["trained"] is True and second["trained"] is False
     assert second["fp_acc"] == first["fp_acc"]
     assert second["lambda_max_after"] == first["lambda_max_after"]
     assert len(list((tmp_path / "cache").iterdir())) == 1
@@ -150,7 +150,7 @@ def test_cli_multirun_and_table(tmp_path):
     assert list(t["optimizer"]) == ["adam", "sam"] and {"W8A8", "W4A16"} <= set(t.columns)
 
 
-def test_diagnostics_switches_land_in_results_and_plots(tmp_path):
+def test_diagnostics_switches_land_in_results_and_plots(tiny_cache, tmp_path):  # new diagnostics, cached weights
     m = run_tiny(tmp_path, "sharpness.method=lanczos", "sharpness.trace=true", "sharpness.trace_probes=4",
                  "sharpness.spectrum=true", "sharpness.act_ranges=true", "sharpness.before=false")
     res = json.loads((tmp_path / "run" / "results.json").read_text())
