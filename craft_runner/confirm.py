@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     if not roots:
         print("craft-claims: error: no sweep finished", file=sys.stderr)
         return 2
-    rc = subprocess.call([f"{args.bin}/craft-report", *roots, "--claims", "--out", str(out)])
+    rc = subprocess.call([f"{args.bin}/craft-report", *roots, "--claims", "--out", str(out), "--thesis-cells",
+                          str(args.cells)])
     return rc
 
 

@@ -150,7 +150,8 @@ def test_claims_report_on_a_sweep(tmp_path, capsys):
     assert "supporting: 0 of 1 after Holm" in out
     assert "**not measured**: no craft_table1 results" in _line(out, "Table 1", "SAM lowers λmax")
     rows = list(csv.DictReader(io.StringIO((out_dir / "claims.csv").read_text())))
-    assert len(rows) == len(claims.CLAIMS)
+    assert len(rows) == len(claims.CLAIMS) + 1  # and the papers' thesis, not measured on this sweep
+    assert rows[-1]["where"] == "Conclusions" and rows[-1]["verdict"] == "not measured"
     t2 = next(r for r in rows if r["where"] == "Table 2")
     assert (t2["verdict"], t2["estimand"], t2["scale"], t2["n"], t2["n_baseline"]) == ("holds", "drop", "raw", "5", "5")
     assert float(t2["diff"]) == pytest.approx(d) and float(t2["ci_low"]) == pytest.approx(ci.low, rel=1e-5)
@@ -159,7 +160,7 @@ def test_claims_report_on_a_sweep(tmp_path, capsys):
     assert float(t2["power_at_paper_effect"]) == pytest.approx(stats.power(6.73, sd, 5), rel=1e-5)
     assert int(t2["seeds_for_paper_effect"]) == stats.seeds_needed(6.73, sd)
     summary = (out_dir / "claims-summary.md").read_text()
-    assert summary.rstrip().splitlines()[-1].startswith(f"Verdicts over the {len(claims.CLAIMS)} claims: 1 holds")
+    assert summary.rstrip().splitlines()[-1].startswith(f"Verdicts over the {len(claims.CLAIMS) + 1} claims: 1 holds")
     assert main([str(tmp_path / "t2"), "--claims", "--format", "csv"]) == 0
     assert capsys.readouterr().out == (out_dir / "claims.csv").read_text()
 
@@ -228,3 +229,16 @@ def test_confirmatory_plan(tmp_path):
     seen = {e: sorted(first[e] + dict(rounds[1]).get(e, [])) for e in p} if len(rounds) > 1 else first
     assert all(seen[e] == list(range(100, 100 + p[e]["seeds"])) for e in p)
     assert all(min(s) >= 5 for s in seen.values())  # none of the 5-seed tables' seeds 0-4
+
+
+def test_the_thesis_as_a_claim():
+    setting = claims.THESIS[3]
+    base = {"setting": setting, "n": 55, "rho": -0.4, "ci_low": -0.6, "ci_high": -0.2,
+            "verdict": "λmax predicts the drop", "within_pooled": (55, 0.05, -0.2, 0.3), "within_verdict": "not separated"}
+    other = {**base, "setting": "x: W6A6", "rho": 0.1, "ci_low": -0.2, "ci_high": 0.4, "verdict": "not separated"}
+    block, line, row = claims.thesis_block([other, base])
+    assert "— **holds**" in block and "shown not counted: x: W6A6" in block and "**holds**" in line
+    assert (row["verdict"], row["n"], row["diff"]) == ("holds", 55, "-0.4")
+    undecided = claims.thesis_block([{**base, "ci_high": 0.1, "verdict": "not separated"}])
+    assert "— **undecided**" in undecided[0]
+    assert claims.thesis_block([other])[2]["verdict"] == "not measured"

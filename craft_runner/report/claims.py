@@ -539,11 +539,14 @@ def render(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS, 
         lines.append("")
     if extra:
         lines += [extra.rstrip(), ""]
+        verdict = re.search(r"— \*\*(.+?)\*\*", extra)
+        if verdict:
+            counts[verdict.group(1)] = counts.get(verdict.group(1), 0) + 1
     lines.append("Verdicts: " + ", ".join(f"{counts[k]} {k}" for k in VERDICTS if k in counts))
     return "\n".join(lines) + "\n"
 
 
-def summary(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS) -> str:
+def summary(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS, extra: str = "") -> str:
     """The claims list in brief (the paragraph of docs/results.md): a line per claim with its primary's figures."""
     del test
     lines, counts = [], {}
@@ -561,8 +564,15 @@ def summary(tables: dict, test: str = "welch", claims: Sequence[Claim] = CLAIMS)
         else:
             line += f" ({a.why})"
         lines.append(line + ".")
+    n = len(claims)
+    if extra:
+        lines.append(extra)
+        verdict = re.search(r"\*\*(.+?)\*\*", extra)
+        if verdict:
+            counts[verdict.group(1)] = counts.get(verdict.group(1), 0) + 1
+            n += 1
     lines.append("")
-    lines.append(f"Verdicts over the {len(claims)} claims: "
+    lines.append(f"Verdicts over the {n} claims: "
                  + ", ".join(f"{counts[k]} {k}" for k in VERDICTS if k in counts) + ".")
     return "\n".join(lines) + "\n"
 
@@ -573,7 +583,7 @@ CSV_FIELDS = ("paper", "where", "claim", "verdict", "extension", "experiment", "
               "seeds_for_observed_effect", "reason")
 
 
-def to_csv(tables: dict, claims: Sequence[Claim] = CLAIMS) -> str:
+def to_csv(tables: dict, claims: Sequence[Claim] = CLAIMS, extra_rows: Sequence[dict] = ()) -> str:
     """One row per claim (``craft-report --claims --format csv``); differences on the declared scale."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
@@ -594,6 +604,8 @@ def to_csv(tables: dict, claims: Sequence[Claim] = CLAIMS) -> str:
             "power_at_paper_effect": _g(a.power_paper), "seeds_for_paper_effect": _g(a.seeds_paper),
             "seeds_for_observed_effect": _g(a.seeds_observed), "reason": a.why or (v.reason if v else ""),
         })
+    for row in extra_rows:
+        w.writerow({k: row.get(k, "") for k in CSV_FIELDS})
     return buf.getvalue()
 
 
@@ -601,6 +613,55 @@ def _g(x) -> str:
     if x is None or x != x:
         return ""
     return "inf" if x == math.inf else ("-inf" if x == -math.inf else f"{x:.6g}")
+
+
+# ------------------------------------------------------------------------------------------------ the thesis
+
+# Both papers conclude that λmax is a proxy for compressibility. Declared primary: Spearman's ρ between log λmax
+# and the drop over cheap_sam_small's 55 trainings (11 methods × 5 seeds) at W4A16 without BN re-calibration
+# (one-shot PTQ as the papers apply it, the weight-only setting that bites on ResNet-20); the claim holds when the
+# bootstrap 95 % interval lies below 0 (a higher λmax, a larger drop). Its within-method ρ says whether λmax
+# predicts the drop among one method's seeds or only between methods; the other settings are shown, not counted.
+THESIS = ("Both", "Conclusions", "λmax is a proxy for compressibility: a higher λmax, a larger drop",
+          "cheap_sam_small: W4A16 [bn_recalib=0]")
+
+
+def thesis_block(verdicts: Sequence[dict]) -> tuple[str, str, dict]:
+    """The thesis as a claim: (Markdown block, summary line, csv row) from ``thesis.thesis_verdicts``."""
+    paper, where, text, setting = THESIS
+    prim = next((v for v in verdicts if v["setting"] == setting), None)
+    if prim is None or prim.get("ci_low") is None:
+        verdict = "not measured"
+    else:
+        verdict = {"λmax predicts the drop": "holds", "contrary": "contrary"}.get(prim["verdict"], "undecided")
+    head = f"- **{where}**: {text} — **{verdict}**"
+    lines = [f"### {paper} papers", "", head,
+             f"  - primary: Spearman's ρ(log λmax, drop) over the trainings of {setting}, bootstrap 95 % interval "
+             f"over trainings; holds when the interval lies below 0; paper's effect: none stated"]
+    row = {"paper": paper, "where": where, "claim": text, "verdict": verdict, "extension": "false",
+           "experiment": setting.split(":")[0], "row": "every training", "baseline": "",
+           "column": setting.split(": ", 1)[-1], "estimand": "Spearman rho(log lambda_max, drop)", "scale": "rank",
+           "direction": "lower", "test": "bootstrap"}
+    if prim is None:
+        lines.append(f"  - not measured: no {setting} cells")
+        line = f"- {paper} papers' {where}, {text}: **{verdict}** (no {setting} cells)."
+        return "\n".join(lines), line, {**row, "reason": f"no {setting} cells"}
+    wn, wr, wl, wh = prim.get("within_pooled") or (0, math.nan, None, None)
+    fig = (f"ρ {prim['rho']:+.2f} [{_f2(prim['ci_low'])}, {_f2(prim['ci_high'])}] over n = {prim['n']} trainings; "
+           f"within each method (n-weighted): ρ {wr:+.2f} [{_f2(wl)}, {_f2(wh)}] ({prim.get('within_verdict')})")
+    lines.append(f"  - measured: {fig}")
+    for v in verdicts:
+        if v is not prim:
+            lines.append(f"  - other setting, shown not counted: {v['setting']}: ρ {v['rho']:+.2f} "
+                         f"[{_f2(v['ci_low'])}, {_f2(v['ci_high'])}], n = {v['n']} ({v['verdict']})")
+    line = f"- {paper} papers' {where}, {text}: **{verdict}** ({setting}: {fig})."
+    row.update({"n": prim["n"], "diff": _g(prim["rho"]), "ci_low": _g(prim["ci_low"]),
+                "ci_high": _g(prim["ci_high"])})
+    return "\n".join(lines), line, row
+
+
+def _f2(x) -> str:
+    return "—" if x is None or x != x else f"{x:+.2f}"
 
 
 # ------------------------------------------------------------------------------------------------ cells CSVs

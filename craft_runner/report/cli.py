@@ -122,7 +122,7 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
 
 
 def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welch", stream=None,
-                  fmt: str = "md") -> int:
+                  fmt: str = "md", thesis_from: Optional[Path] = None) -> int:
     """The claims list of the sweeps under ``roots`` (one table per experiment across them), or of the
     ``*-cells.csv`` files a root holds when it has no results.json (``docs/small``); 2: no results."""
     stream = stream or sys.stdout
@@ -142,12 +142,16 @@ def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welc
     tables = {name: build(layout_for(name), recs, test) for name, recs in sorted(groups.items())}
     if cells:
         tables.update({k: v for k, v in claims_mod.tables_from_cells(cells).items() if k not in tables})
-    text = claims_mod.render(tables, test)
-    table_csv = claims_mod.to_csv(tables)
+    records = [r for recs in groups.values() for r in recs]
+    thesis_cells = sorted(Path(thesis_from).glob("*-cells.csv")) if thesis_from else cells
+    block, line, row = claims_mod.thesis_block(thesis_mod.thesis_verdicts(records, cells=thesis_cells))
+    text = claims_mod.render(tables, test, extra=block)
+    table_csv = claims_mod.to_csv(tables, extra_rows=[row])
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "claims.md").write_text(text, encoding="utf-8")
-        (Path(out_dir) / "claims-summary.md").write_text(claims_mod.summary(tables, test), encoding="utf-8")
+        (Path(out_dir) / "claims-summary.md").write_text(claims_mod.summary(tables, test, extra=line),
+                                                         encoding="utf-8")
         (Path(out_dir) / "claims.csv").write_text(table_csv, encoding="utf-8")
     print(table_csv if fmt == "csv" else text, file=stream, end="")
     return 0
@@ -219,6 +223,9 @@ def main(argv: Optional[list] = None) -> int:
                          "measured it side by side (scripts/bench.py --json), instead of the sweep's training times")
     ap.add_argument("--claims", action="store_true",
                     help="list each claim of the papers that the sweeps' tables test, with its verdict")
+    ap.add_argument("--thesis-cells", metavar="DIR",
+                    help="with --claims: the papers' thesis (λmax predicts the drop) from the *-cells.csv in DIR "
+                         "(e.g. docs/small, whose cheap_sam_small has 55 trainings) instead of the sweeps given")
     ap.add_argument("--thesis", action="store_true",
                     help="Spearman's ρ between log λmax and each compression drop over every training of the "
                          "sweeps, pooled and per optimizer, with bootstrap intervals (thesis.md, thesis.csv and "
@@ -236,7 +243,8 @@ def main(argv: Optional[list] = None) -> int:
         return thesis_report(args.root, Path(args.out) if args.out else None, not args.no_figures)
     if args.claims:
         try:
-            return claims_report(args.root, Path(args.out) if args.out else None, args.test, fmt=args.format)
+            return claims_report(args.root, Path(args.out) if args.out else None, args.test, fmt=args.format,
+                             thesis_from=Path(args.thesis_cells) if args.thesis_cells else None)
         except MergeError as e:
             print(f"craft-report: error: {e}", file=sys.stderr)
             return 2
