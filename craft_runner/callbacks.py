@@ -13,12 +13,17 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from craft_runner import results
+from craft_runner import plan, results
+from craft_runner.distributed import launched_rank
+from craft_runner.hydra_glue import fill_from_hydra
+from craft_runner.schema import ConfigError
+from craft_runner.validate import check_checkpoint, check_device, check_writable
 
 log = logging.getLogger("craft_runner")
 
@@ -29,8 +34,6 @@ def sweep_cells(config: DictConfig) -> Optional[list[DictConfig]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from craft_runner.run import fill_from_hydra
 
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if not target.endswith("BasicSweeper"):
@@ -61,9 +64,6 @@ def sweep_cells(config: DictConfig) -> Optional[list[DictConfig]]:
 def _check_places(config: DictConfig, run_key: str) -> None:
     """Refusals made before Hydra creates a directory (each cell's own checks follow in the pipeline's
     prepare; the device there too, as a launcher may run the cells on other machines)."""
-    from craft_runner.pipeline import check_device, check_writable
-    from craft_runner.schema import ConfigError
-
     try:
         if run_key == "hydra.run.dir":
             check_device(str(config.get("device", "auto")))
@@ -77,11 +77,6 @@ def _check_places(config: DictConfig, run_key: str) -> None:
 def _check_checkpoints(config: DictConfig) -> None:
     """A sweep whose cells load a checkpoint that is not there (the _small CrAFT experiments before `make
     pretrained`) is refused before its first cell, in one line, rather than failing every cell."""
-    from types import SimpleNamespace
-
-    from craft_runner.schema import ConfigError
-    from craft_runner.validate import check_checkpoint
-
     if not OmegaConf.select(config, "model.checkpoint_path", default=None):
         return
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
@@ -119,20 +114,16 @@ class SweepCallback(Callback):
             _check_places(config, "hydra.sweep.dir")
             _check_checkpoints(config)
             return
-        from craft_runner import pipeline
-
         jobs = sweep_cells(config)
         if jobs is None:
             print("craft-run: dry_run=true lists the cells of the basic sweeper only", file=sys.stderr)
             raise SystemExit(2)
-        cells = [{**pipeline.plan_cell(job), "label": job.hydra.job.name} for job in jobs]
-        print(pipeline.describe_plan(cells))
+        cells = [{**plan.plan_cell(job), "label": job.hydra.job.name} for job in jobs]
+        print(plan.describe_plan(cells))
         # before the sweeper: nothing is launched, no directory made; 2 when no cell could run
-        raise SystemExit(0 if pipeline.runnable(cells) else 2)
+        raise SystemExit(0 if plan.runnable(cells) else 2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from craft_runner.distributed import launched_rank
-
         if config.get("dry_run") or launched_rank() != 0:  # rank 0 of a distributed sweep reports
             return
         jobs = sweep_cells(config)

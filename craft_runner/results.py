@@ -9,6 +9,7 @@ it for a run still going; the reason goes to stderr and, for a job of this proce
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 from craft_runner.atomic import atomic_write_json, disk_full
+from craft_runner.schema import RunConfig
+from craft_runner.tracking import without_export_none
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("craft_runner.pipeline")  # what a run logs reads as one logger's, as before
 
 NAME = "results.json"
 INCOMPLETE = "results.json.incomplete"
@@ -42,6 +45,46 @@ def read_results(path: Path) -> Optional[dict]:
 
 def read(run_dir: Path) -> Optional[dict]:
     return read_results(path_of(run_dir))
+
+
+def previous_status(run_dir: Path) -> Optional[str]:
+    r = read(run_dir)
+    return r.get("status") if r is not None else None
+
+
+# Fields that say how to run a cell, not what it computes: a rerun with another value still skips.
+_NOT_COMPARED = ("rerun", "dry_run")
+
+
+def _comparable(config: dict) -> dict:
+    c = without_export_none(json.loads(json.dumps(config, sort_keys=True, default=str)))
+    return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
+
+
+def previous_result(rc: RunConfig) -> Optional[dict]:
+    """The run directory's results.json when it is ok and was made by the same config, else None."""
+    if not rc.paths.run_dir:
+        return None
+    r = read(Path(rc.paths.run_dir))
+    if r is None:
+        return None
+    if r.get("status") == "ok" and isinstance(r.get("config"), dict) and \
+            _comparable(r["config"]) == _comparable(dataclasses.asdict(rc)):
+        return r
+    return None
+
+
+def done(rc: RunConfig) -> Optional[dict]:
+    """The metrics of a run done already (results.json ok, same config) unless ``rerun``; None: run it. A
+    record that cannot be read is said to be replaced."""
+    if rc.paths.run_dir and path_of(rc.paths.run_dir).exists() and read(rc.paths.run_dir) is None:
+        log.warning("%s is not a results record (unreadable, not JSON, or JSON other than an object): the run "
+                    "is done again and replaces it", path_of(rc.paths.run_dir))
+    previous = previous_result(rc)
+    if previous is None or rc.rerun:
+        return None
+    log.info("%s: already done (results.json ok, same config): skipped; rerun=true runs it again", rc.paths.run_dir)
+    return previous["metrics"]
 
 
 def write(results: dict, run_dir: Path) -> None:

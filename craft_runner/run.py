@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from craft_runner import distributed, pipeline, plan, results
 from craft_runner.atomic import atomic_write_text, disk_full
-from craft_runner.config import register_configs
+from craft_runner.config import register_configs, to_run_config
+from craft_runner.hydra_glue import fill_from_hydra, job_dirname  # noqa: F401  (job_dirname: re-exported)
 from craft_runner.results import record_failure
+from craft_runner.train import RunError
 
 log = logging.getLogger("craft_runner")
 CONF_DIR = os.environ.get("CRAFT_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 
 register_configs()
-
-
-def job_dirname(overrides: str, limit: int = 120) -> str:
-    """A sweep job's directory name from its overrides: readable, one path component, never too long."""
-    name = overrides.replace("/", "_") or "default"
-    if len(name) <= limit:
-        return name
-    return f"{name[:limit - 17]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}"
-
-
-OmegaConf.register_new_resolver("craft.dirname", job_dirname, replace=True)
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 class RunLog(logging.FileHandler):
@@ -65,98 +51,107 @@ class RunLog(logging.FileHandler):
             self.handleError(logging.LogRecord("craft_runner", logging.ERROR, "", 0, str(e), None, None))
 
 
-def fill_from_hydra(cfg: DictConfig, hc: DictConfig, run_dir: Path) -> None:
-    """What only Hydra knows (``hc``: the job's hydra node): the run directory, and the W&B group (the
-    experiment, else the sweep directory of a multirun)."""
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        # Recorded in results.json: the report lays the run out as its experiment's table.
-        cfg.experiment = hc.runtime.choices.get("experiment")
-        if cfg.get("logger") is not None and cfg.logger.get("group") is None:
-            experiment = hc.runtime.choices.get("experiment")
-            if experiment:
-                cfg.logger.group = str(experiment)
-            elif hc.mode == RunMode.MULTIRUN:
-                cfg.logger.group = str(hc.sweep.dir)
+def _save_config_and_log(cfg: DictConfig, hc: DictConfig, run_dir: Path) -> RunLog:
+    """The job's composed config and overrides in its run directory (atomically: a full disk leaves no empty
+    config.yaml that the report would read as the job's config), and its log file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(OmegaConf.to_yaml(cfg), run_dir / "config.yaml")
+    atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))), run_dir / "overrides.yaml")
+    handler = RunLog(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
-def task_wrapper(task):
-    """What every job needs around the pipeline: its Hydra config and log saved in the run directory once
-    the input is known to be good; errors reported in one line.
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
-    A single run exits with 2 on bad input (no run directory left) and 1 on a failed run (results.json says why).
-    A job of a multirun never ends the sweep: its failure is recorded in its results.json (status failed, the
-    reason) and the job returns, so the other cells run; the sweep's callback
+
+class _Job:
+    """prepare → save the config and the log → execute, in sequence; remembers how far it got for the error
+    handling (:func:`job`)."""
+
+    def __init__(self, cfg: DictConfig, hc: DictConfig, run_dir: Path, main: bool):
+        self.cfg, self.hc, self.run_dir, self.main = cfg, hc, run_dir, main
+        self.started = False  # the input was good and the run directory is being written
+        self.handler: Optional[RunLog] = None
+
+    def __call__(self) -> Optional[float]:
+        cfg = self.cfg
+        if cfg.get("dry_run"):
+            _remove_if_empty(Path(cfg.paths.run_dir))
+            cells = [plan.plan_cell(cfg)]
+            print(plan.describe_plan(cells))
+            if not plan.runnable(cells):  # nothing would run: the same status as the run's refusal
+                sys.exit(2)
+            return None
+        rc = to_run_config(cfg)  # converted once
+        metrics = results.done(rc)
+        if metrics is None:
+            p = pipeline.prepare(rc)
+            self.started = True
+            if self.main:
+                self.handler = _save_config_and_log(cfg, self.hc, self.run_dir)
+            metrics = pipeline.execute(p)
+        if metrics is None:  # a rank other than 0 of a distributed run: rank 0 records
+            return None
+        return pipeline.optimized_value(cfg.get("optimized_metric"), metrics)
+
+
+def job(cfg: DictConfig) -> Optional[float]:
+    """One job of craft-run, with its errors reported in one line.
+
+    A single run exits with 2 on bad input found before it started (no run directory left) and 1 on a failed
+    run (results.json says why). A job of a multirun never ends the sweep: its failure is recorded in its
+    results.json (status failed, the reason) and the job returns, so the other cells run; the sweep's callback
     (:class:`craft_runner.callbacks.SweepCallback`) lists the failed cells at the end and exits non-zero.
     """
-
-    @functools.wraps(task)
-    def wrapped(cfg: DictConfig):
-        from craft_runner import distributed
-        from craft_runner.train import RunError
-
-        hc = HydraConfig.get()
-        multirun = hc.mode == RunMode.MULTIRUN
-        distributed.setup(str(cfg.get("device", "auto")))
-        run_dir = distributed.agree_on_run_dir(Path(hc.runtime.output_dir))
-        main = distributed.is_main()  # rank 0 of a distributed run writes and reports
-        fill_from_hydra(cfg, hc, run_dir)
-        handler = None
-        started = False
-
-        def on_start(rc) -> None:
-            nonlocal handler, started
-            started = True
-            if not main:
-                return
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # Atomic: a full disk leaves no empty config.yaml that the report would read as the job's config.
-            atomic_write_text(OmegaConf.to_yaml(cfg), run_dir / "config.yaml")
-            atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))), run_dir / "overrides.yaml")
-            handler = RunLog(run_dir / "run.log")
-            handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-            logging.getLogger().addHandler(handler)
-
-        try:
-            return task(cfg, on_start)
-        except (ValueError, TypeError, RunError) as e:  # bad input, a non-finite or unreadable run: one line
-            log.debug("error", exc_info=True)
-            # 2: refused before the run started (no run directory); found later (a corrupt image mid-epoch), the
-            # run directory stays with results.json saying failed: 1, as any failed run
-            failure, code = _one_line(e), (1 if isinstance(e, RunError) or started else 2)
-        except OSError as e:
-            full = disk_full(e)
-            if full is None:
-                if not multirun:
-                    e.craft_run_crash = True
-                    raise
-                log.exception("%s failed", run_dir)
-                failure, code = f"{type(e).__name__}: {_one_line(e)}", 1
-            else:  # a full disk: one line naming the file and the free space; the run directory stays
-                log.debug("error", exc_info=True)
-                failure, code = str(full), 1
-        except Exception as e:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    distributed.setup(str(cfg.get("device", "auto")))
+    run_dir = distributed.agree_on_run_dir(Path(hc.runtime.output_dir))
+    main = distributed.is_main()  # rank 0 of a distributed run writes and reports
+    fill_from_hydra(cfg, hc, run_dir)
+    this = _Job(cfg, hc, run_dir, main)
+    try:
+        return this()
+    except (ValueError, TypeError, RunError) as e:  # bad input, a non-finite or unreadable run: one line
+        log.debug("error", exc_info=True)
+        # 2: refused before the run started (no run directory); found later (a corrupt image mid-epoch), the
+        # run directory stays with results.json saying failed: 1, as any failed run
+        failure, code = _one_line(e), (1 if isinstance(e, RunError) or this.started else 2)
+    except OSError as e:
+        full = disk_full(e)
+        if full is None:
             if not multirun:
-                e.craft_run_crash = True  # main(): a crash of the run, never reported as bad input
+                e.craft_run_crash = True
                 raise
             log.exception("%s failed", run_dir)
             failure, code = f"{type(e).__name__}: {_one_line(e)}", 1
-        finally:
-            if handler is not None:
-                logging.getLogger().removeHandler(handler)
-                handler.close()  # never raises (RunLog)
-            distributed.shutdown()
-        prefix = f"craft-run: error: {run_dir.name}: " if multirun else "craft-run: error: "
-        if main:
-            print(prefix + failure, file=sys.stderr)
+        else:  # a full disk: one line naming the file and the free space; the run directory stays
+            log.debug("error", exc_info=True)
+            failure, code = str(full), 1
+    except Exception as e:
         if not multirun:
-            _remove_if_empty(run_dir)
-            sys.exit(code)
-        if main:
-            record_failure(run_dir, failure, list(hc.overrides.task))  # stderr says so if it cannot
-        return None
-
-    return wrapped
+            e.craft_run_crash = True  # main(): a crash of the run, never reported as bad input
+            raise
+        log.exception("%s failed", run_dir)
+        failure, code = f"{type(e).__name__}: {_one_line(e)}", 1
+    finally:
+        if this.handler is not None:
+            logging.getLogger().removeHandler(this.handler)
+            this.handler.close()  # never raises (RunLog)
+        distributed.shutdown()
+    prefix = f"craft-run: error: {run_dir.name}: " if multirun else "craft-run: error: "
+    if main:
+        print(prefix + failure, file=sys.stderr)
+    if not multirun:
+        _remove_if_empty(run_dir)
+        sys.exit(code)
+    if main:
+        record_failure(run_dir, failure, list(hc.overrides.task))  # stderr says so if it cannot
+    return None
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -166,26 +161,9 @@ def _remove_if_empty(path: Path) -> None:
         pass
 
 
-@task_wrapper
-def _task(cfg: DictConfig, on_start) -> float | None:
-    from craft_runner import pipeline
-
-    if cfg.get("dry_run"):
-        _remove_if_empty(Path(cfg.paths.run_dir))
-        cells = [pipeline.plan_cell(cfg)]
-        print(pipeline.describe_plan(cells))
-        if not pipeline.runnable(cells):  # nothing would run: the same status as the run's refusal
-            sys.exit(2)
-        return None
-    metrics = pipeline.run(cfg, on_start=on_start)
-    if metrics is None:  # a rank other than 0 of a distributed run: rank 0 records
-        return None
-    return pipeline.optimized_value(cfg.get("optimized_metric"), metrics)
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="run")
 def _main(cfg: DictConfig) -> float | None:
-    return _task(cfg)
+    return job(cfg)
 
 
 def hydra_refusal(e: BaseException) -> str | None:

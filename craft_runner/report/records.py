@@ -102,7 +102,7 @@ def training_fields(config: dict) -> dict:
     try:
         from craft_runner.compress.registry import CompressConfig
         from craft_runner.optim.registry import OptimizerConfig
-        from craft_runner.pipeline import weights_key
+        from craft_runner.cache import weights_key
         from craft_runner.schema import ArchConfig, DatasetConfig, ModelConfig, RunConfig, TrainConfig
 
         opt = dict(config.get("optimizer") or {})

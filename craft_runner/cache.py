@@ -1,0 +1,140 @@
+"""The training cache: what a key hashes, its entries (``<cache_dir>/<key>/``: ``key.json``, ``model.pt``, the
+training state, ``diagnostics/<digest>/``), the lock that lets one process at a time train a key, and the
+loading of cached weights.
+
+A key is the digest of everything that determines the trained weights (:func:`weights_key`); the diagnostics of
+given weights have their own (:func:`diagnostics_key`). Both record their inputs beside them (``key.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from craft_runner import distributed
+from craft_runner.atomic import atomic_write_json
+from craft_runner.optim.registry import optimizer_key
+from craft_runner.schema import RunConfig
+from craft_runner.train import CheckpointError, load_checkpoint, nonfinite_weights
+
+log = logging.getLogger("craft_runner.pipeline")  # what a run logs reads as one logger's, as before
+
+# Bumped whenever what a key hashes changes meaning (2: only the fields that apply; key.json).
+CACHE_VERSION = 2
+# Settings that change how fast a run is, not what it computes.
+# train.tf32 as the device: a GPU's float32 rounding, not what is computed (neither is in the key).
+_NOT_IN_KEY = {"tf32", "progress", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "root",
+               "download", "on_device"}
+# Diagnostics switches that decide when and how results are shown, not what is measured.
+_NOT_IN_DIAGNOSTICS_KEY = {"enabled", "before", "after", "plots"}
+
+
+def digest(inputs: dict) -> str:
+    """A key's short name: the first 16 hex digits of the SHA-256 of its inputs as sorted JSON."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_key(rc: RunConfig) -> dict:
+    """Everything that determines the trained weights (not the compression): the inputs of the cache key."""
+    parts = {name: {k: v for k, v in dataclasses.asdict(getattr(rc, name)).items() if k not in _NOT_IN_KEY}
+             for name in ("model", "dataset", "arch", "train")}
+    if not rc.dataset.val_fraction:  # no validation split: the keys cached before the field existed still hold
+        parts["dataset"].pop("val_fraction", None)
+    # Several processes train differently (per-process BatchNorm statistics, SAM's per-process perturbation).
+    world = {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
+    return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION, **world}
+
+
+def cache_key(rc: RunConfig) -> str:
+    return digest(weights_key(rc))
+
+
+def diagnostics_key(rc: RunConfig) -> dict:
+    """What determines the diagnostics of given weights."""
+    s = dataclasses.asdict(rc.sharpness)
+    return {**{k: v for k, v in s.items() if k not in _NOT_IN_DIAGNOSTICS_KEY}, "version": CACHE_VERSION}
+
+
+def cache_entry(directory: Path, inputs: dict) -> Path:
+    """``directory`` with ``key.json`` (the inputs of its key) written once, so the entry explains itself."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "key.json").exists():
+        atomic_write_json(inputs, directory / "key.json")
+    return directory
+
+
+def read_json(path: Path) -> dict:
+    """A cache entry's JSON file; a truncated or foreign one raises a one-line CheckpointError."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read: it is truncated or not JSON ({e}); delete it to measure "
+                              f"again") from None
+
+
+@contextlib.contextmanager
+def locked(directory: Path):
+    """One process at a time trains a given cache key (jobs of a sweep share keys); a job that has to wait
+    says so, naming the holder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    with open(path, "a+") as f:  # "a+": never truncates what the holder wrote
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another job"
+            log.info("waiting for the training lock %s, held by %s: it trains or measures this cache key, which "
+                     "this job then loads", path, holder)
+            t0 = time.perf_counter()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log.info("got the lock %s after %.0f s", path, time.perf_counter() - t0)
+        with contextlib.suppress(OSError):  # the holder's name only informs; a full disk fails at a real write
+            f.seek(0)
+            f.truncate()
+            os.write(f.fileno(), f"pid {os.getpid()} on {platform.node()}\n".encode())  # unbuffered
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_cached_weights(path: Path, device: torch.device, key: Optional[str] = None) -> dict:
+    """The cache entry ``model.pt``, read with weights_only=True; a damaged, foreign or non-finite one raises
+    a one-line CheckpointError naming it (delete it to train again). With ``key``, the cache key the
+    checkpoint records must be that of its folder; one written before keys were recorded is used, with a
+    warning."""
+    fix = f"delete it (rm {path}) to train again"
+    st = load_checkpoint(path, device, ("model", "meta"), fix=fix)
+    if not isinstance(st["model"], dict) or nonfinite_weights(st["model"]):
+        raise CheckpointError(f"{path} cannot be used: its weights are not all finite; {fix}")
+    if key is not None:
+        recorded = st.get("cache_key")
+        if recorded is None:
+            log.warning("%s records no cache key (written by an older craft-run): it is used as the weights of "
+                        "key %s unchecked", path, key)
+        elif recorded != key:
+            raise CheckpointError(f"{path} holds the weights of training {recorded}, not of {key} (its folder's "
+                                  f"key): it was moved or copied there; {fix}")
+    return st
+
+
+def uncertified_lambda_min_dropped(results: dict) -> dict:
+    """Diagnostics cached before λmin needed its own certificate: their λmin is dropped, never reported."""
+    for d in results.values():
+        lam = d.get("lambda_max") if isinstance(d, dict) else None
+        if isinstance(lam, dict) and "lambda_min_converged" not in lam:
+            lam.update(lambda_min=None, lambda_min_converged=False, lambda_min_residual=None)
+            d.get("scalars", {}).pop("lambda_min", None)
+    return results
