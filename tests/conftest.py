@@ -4,6 +4,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import TINY, compose_run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -23,8 +24,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(autouse=True)
 def _threads():
-    import torch
-
     # Tiny models run fastest on one thread, and stay fast when other processes share the cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

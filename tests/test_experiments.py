@@ -4,12 +4,19 @@ The expected numbers of cells are counted here from the papers (CrAFT Tables 2-5
 4, Figures 5-7), not read from the configs.
 """
 
+import importlib.util
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
+from sklearn.datasets import load_digits
 
+from craft_runner.data import build_digits, check_dataset
 from craft_runner.report.papers import GENERIC, layout_for
+from craft_runner.schema import ConfigError, DatasetConfig
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -135,11 +142,6 @@ def test_every_job_composes(sweeps, name):
 
 
 def test_digits_class_subset_is_relabelled_in_the_order_given():
-    from sklearn.datasets import load_digits
-
-    from craft_runner.data import build_digits, check_dataset
-    from craft_runner.schema import ConfigError, DatasetConfig
-
     target = load_digits().target
     b = build_digits(DatasetConfig(classes=[7, 5, 9]), 16)
     labels = b.train_y.tolist() + b.test_y.tolist()
@@ -155,12 +157,6 @@ def test_digits_class_subset_is_relabelled_in_the_order_given():
 
 
 def test_digits_augmentation_shifts_without_flipping():
-    import numpy as np
-    import torch
-
-    from craft_runner.data import build_digits
-    from craft_runner.schema import DatasetConfig
-
     assert build_digits(DatasetConfig(), 16).augment is None
     b = build_digits(DatasetConfig(augment=True), 16)
     x = b.train_x[:8]
@@ -178,9 +174,6 @@ def test_digits_augmentation_shifts_without_flipping():
 
 
 def _make_tables():
-    import importlib.util
-    import sys
-
     spec = importlib.util.spec_from_file_location("make_tables", CONF.parent / "scripts" / "make_tables.py")
     mt = importlib.util.module_from_spec(spec)
     sys.modules["make_tables"] = mt  # its dataclass looks its module up

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
+from PIL import Image
 
 from craft_runner.bench import gpu_measure as gm
 
@@ -88,8 +90,6 @@ def test_parse_timm_logs():
 
 
 def test_image_folder_for_timm(tmp_path):
-    from PIL import Image
-
     root = gm.make_image_folder(tmp_path / "f", 7, 24, n_classes=3)
     files = sorted((root / "train").rglob("*.jpg"))
     assert len(files) == 7 and {f.parent.name for f in files} == {"class_0", "class_1", "class_2"}
@@ -97,8 +97,6 @@ def test_image_folder_for_timm(tmp_path):
 
 
 def _timm_scripts_match():
-    import timm
-
     version = ROOT / ".timm" / "VERSION"
     return version.exists() and version.read_text().strip() == timm.__version__
 
