@@ -112,7 +112,8 @@ def test_smoke_paper_runs_every_stage(tmp_path):
     assert math.isfinite(total) and total > 0
     assert r["gpu_hours_projected"] == pytest.approx(total, rel=1e-9)
     craft = r["experiments"]["craft_table2"]
-    assert (craft["cells"], craft["trainings"]) == (140, 14)  # 7 tasks x 2 optimizers x 2 methods x 5 widths
+    # 7 tasks x 2 optimizers x 4 quantizers (BasePTQ, PTQ4ViT, GPTQ, SmoothQuant + BasePTQ) x 6 widths (W3A16 added)
+    assert (craft["cells"], craft["trainings"]) == (7 * 2 * 4 * 6, 14)
     # Training by 3 forward FLOPs per image (6 with SAM) at the paper's input size.
     train = {c["kind"]: c for c in r["experiments"]["craft_table2"]["components"] if c["stage"] == "train"}
     f = vit["paper_forward_flops_per_image"]
