@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from craft_runner import __version__
+
 # What craft-report compares across the cells of one table (dotted paths into ``environment``).
 COMPARED = ("versions.torch", "versions.timm", "versions.onnxruntime", "versions.numpy", "cpu.model", "gpu.name",
             "gpu.cuda", "gpu.driver", "flags.matmul_allow_tf32", "flags.cudnn_allow_tf32",
@@ -41,10 +43,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def nvidia_driver() -> Optional[str]:
+def nvidia_driver(path: str = "/proc/driver/nvidia/version") -> Optional[str]:
     """The NVIDIA kernel driver's version (e.g. 550.54.15), None without one."""
     try:
-        text = Path("/proc/driver/nvidia/version").read_text()
+        text = Path(path).read_text()
     except OSError:
         return None
     for word in text.split():
@@ -79,6 +81,25 @@ def environment(device: torch.device, autocast: Optional[str] = None, training_t
             "cpu": {"model": cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()},
             "gpu": gpu, "device": str(device), "flags": flags(), "autocast": autocast or "off",
             "tf32": {"training": bool(training_tf32) and cuda, "measuring": False}}
+
+
+def versions() -> dict:
+    """results.json's ``versions`` (the fingerprint has more)."""
+    return {"craft_runner": __version__, "torch": torch.__version__, "timm": _version("timm"),
+            "python": platform.python_version()}
+
+
+def device_name(device: torch.device) -> str:
+    """results.json's ``device``: the GPU's name, or the CPU's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def scheduler_job() -> dict:
+    """Where the run ran, when a cluster scheduler started it."""
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME")
+    return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 
 def _get(env: dict, path: str):

@@ -16,18 +16,15 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import timm
 import torch
 from torch import nn
 
-from craft_runner import __version__, distributed, results, train
 from craft_runner import device as device_module
+from craft_runner import distributed, results, train
 from craft_runner.atomic import atomic_save, atomic_write_json
 from craft_runner.cache import (  # noqa: F401  (CACHE_VERSION, diagnostics_key, locked, ...: re-exported)
     CACHE_VERSION,
@@ -47,7 +44,7 @@ from craft_runner.config import to_run_config
 from craft_runner.data import build_data
 from craft_runner.diagnostics import run_diagnostics
 from craft_runner.export import check_export, export_cell
-from craft_runner.fingerprint import environment
+from craft_runner.fingerprint import device_name, environment, scheduler_job, versions
 from craft_runner.models import create_model, model_data_config
 from craft_runner.optim import build_optimizer
 from craft_runner.plan import describe_plan, plan_cell, runnable  # noqa: F401  (re-exported)
@@ -266,27 +263,10 @@ def export(p: Prepared, model: nn.Module, simulated_accuracy: float, run_dir: Pa
 # --------------------------------------------------------------------------------------------- record
 
 
-def _versions() -> dict:
-    return {"craft_runner": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()}
-
-
-def _scheduler_job() -> dict:
-    """Where the run ran, when a cluster scheduler started it."""
-    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME")
-    return {k.lower(): os.environ[k] for k in keys if k in os.environ}
-
-
 def _autocast(p: Prepared) -> Optional[str]:
     """The autocast dtype training runs under on this device (train.amp resolved), None for float32."""
     dtype = train.amp_dtype(p.device, p.rc.train.amp)
     return str(dtype).removeprefix("torch.") if dtype is not None else None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
@@ -347,11 +327,11 @@ def execute(p: Prepared) -> Optional[dict]:
     # Continue the W&B run of this directory unless its last attempt finished ok (then this is a new run).
     tracker = make_tracker(rc.logger, config_dict, run_dir,
                            reuse_run_dir_id=results.previous_status(run_dir) != "ok")
-    record_ = {"config": config_dict, "cache_key": cache_dir.name, "versions": _versions(),
-               "device": _device_name(p.device), "world_size": distributed.world_size(), "status": "running",
+    record_ = {"config": config_dict, "cache_key": cache_dir.name, "versions": versions(),
+               "device": device_name(p.device), "world_size": distributed.world_size(), "status": "running",
                "splits": p.data.splits(),  # val_* metrics: the validation split, held out of train
                "environment": environment(p.device, _autocast(p), getattr(rc.train, "tf32", False)),
-               **({"slurm": job} if (job := _scheduler_job()) else {})}
+               **({"slurm": job} if (job := scheduler_job()) else {})}
     status = "failed"
     results.write(record_, run_dir)  # a run that dies hard stays "running", never "ok"
     try:

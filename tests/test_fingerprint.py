@@ -52,3 +52,14 @@ def test_results_json_records_the_environment(tmp_path):
     assert env["versions"]["torch"] == torch.__version__
     assert set(env["flags"]) >= {"matmul_allow_tf32", "cudnn_allow_tf32", "deterministic_algorithms",
                                  "cudnn_deterministic"}
+
+
+def test_the_driver_version_is_read_from_the_kernel_modules_line(tmp_path):
+    from craft_runner.fingerprint import nvidia_driver
+
+    f = tmp_path / "version"
+    f.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build  "
+                 "(dvs-builder@U16-I3-B03-4-3)  Tue Mar  5 22:15:33 UTC 2024\n"
+                 "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    assert nvidia_driver(str(f)) == "550.54.15"
+    assert nvidia_driver(str(tmp_path / "absent")) is None
