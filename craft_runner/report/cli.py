@@ -220,7 +220,7 @@ def main(argv: Optional[list] = None) -> int:
                          "or paired (per-seed differences over the common seeds)")
     ap.add_argument("--step-costs", metavar="BENCH_JSON",
                     help="cheap_sam's frontier: the cost of each optimizer's step against Adam's as `make bench` "
-                         "measured it side by side (scripts/bench.py --json), instead of the sweep's training times")
+                         "measured it side by side (craft-bench --json), instead of the sweep's training times")
     ap.add_argument("--claims", action="store_true",
                     help="list each claim of the papers that the sweeps' tables test, with its verdict")
     ap.add_argument("--thesis-cells", metavar="DIR",
