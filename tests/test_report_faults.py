@@ -111,3 +111,15 @@ def test_a_table_mixing_environments_warns_in_one_line(tmp_path, capsys):
     assert code == 0 and len(warn) == 1
     assert "versions.torch: 2.5.1 vs 2.6.0" in warn[0] and "gpu.name: NVIDIA H100 vs None" in warn[0]
     assert "threads" not in warn[0].split("compared:")[0]
+
+
+def test_a_failure_that_could_not_be_recorded_is_reported_as_failed(sweep, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "s"
+    shutil.copytree(sweep, root)
+    d = root / "sam-W8A8"
+    (d / "results.json").rename(d / "results.json.incomplete")
+    code, out = _report(root, capsys)
+    line = [ln for ln in out.splitlines() if "could not be recorded" in ln]
+    assert code == 1 and len(line) == 1 and "failed" in line[0] and "killed" not in out

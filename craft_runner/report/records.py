@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from craft_runner.fingerprint import COMPARED, differences
+from craft_runner.results import INCOMPLETE
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,9 @@ def _build(cls, d: dict):
 def training_fields(config: dict) -> dict:
     """The inputs of the weights' cache key of a recorded config, flattened (seed included)."""
     try:
+        from craft_runner.cache import weights_key
         from craft_runner.compress.registry import CompressConfig
         from craft_runner.optim.registry import OptimizerConfig
-        from craft_runner.cache import weights_key
         from craft_runner.schema import ArchConfig, DatasetConfig, ModelConfig, RunConfig, TrainConfig
 
         opt = dict(config.get("optimizer") or {})
@@ -265,9 +266,13 @@ def collect(root: Path) -> Collection:
         if f.parent in seen or not (f.parent / "overrides.yaml").exists():
             continue
         cfg = _config_yaml(f.parent)
-        if cfg is not None:
-            records.append(_record(f.parent, "unfinished", cfg, error="no results.json: killed, or still running",
-                                   overrides=_read_overrides(f.parent), mtime=f.stat().st_mtime))
+        if cfg is None:
+            continue
+        state, why = "unfinished", "no results.json: killed, or still running"
+        if (f.parent / INCOMPLETE).exists():  # craft-run set its "running" record aside: the failure was not written
+            state, why = "failed", f"its failure could not be recorded ({INCOMPLETE} left; a full disk?)"
+        records.append(_record(f.parent, state, cfg, error=why, overrides=_read_overrides(f.parent),
+                               mtime=f.stat().st_mtime))
     sweeps = [s for s in (Sweep.read(m) for m in sorted(root.rglob("multirun.yaml"))) if s is not None]
     stale: list[Record] = []
     for sweep in sweeps:
