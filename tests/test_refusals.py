@@ -83,3 +83,13 @@ def test_dry_run_says_so_groups_the_sentence_and_exits_2_when_no_cell_can_run(tm
     assert out.count("`make pretrained`") == 1  # once, under the list; each cell refers to it
     assert out.count("pretrained weights missing: [1]") == 2
     assert "2 without their pretrained weights; no cell can run" in out
+
+
+def test_a_single_dry_run_that_cannot_run_exits_2_and_leaves_no_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CRAFT_PRETRAINED_DIR", raising=False)
+    code = craft_run(monkeypatch, "+shared=small_craft", "+shared/tiny=test_vit", "dry_run=true",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    out = capsys.readouterr().out
+    assert code == 2 and "pretrained weights missing: model.checkpoint_path=" in out and "no cell can run" in out
+    assert not (tmp_path / "run").exists()
