@@ -153,6 +153,29 @@ CLAIMS: list[Claim] = [
              sweep={"+shared/pruner": ["magnitude"], "+shared/prune_shape": ["nm16_32"]}),
           12.0, "\"up to 12 %\" on 16:32",
           supporting=(("craft_fig4", r"\d+:\d+"),)),
+    # ---------------------------- this runner's extension (issue 31): does CrAFT's gain survive the stronger
+    # compressors? The compressor swapped on the papers' hard cells (W2A16 for weight-only GPTQ, W4A4, 80 %); no
+    # paper effect.
+    Claim("CrAFT", "Table 2 (GPTQ)", "CrAFT's smaller PTQ drop survives GPTQ (error-compensating quantization)",
+          _p("craft_table2", {"Method": "GPTQ", "Fine-tuning": "CrAFT"}, {"Fine-tuning": "ADAM"}, "W2A16",
+             sweep={"+shared/quantizer": ["gptq"], "compress.bits": ["W2A16"]}),
+          None, "an extension: the paper tests round-to-nearest PTQ only; GPTQ quantizes weights, so its hardest "
+          "weight-only column (at A4 the activations' BasePTQ quantizer would decide)",
+          supporting=(("craft_table2", BITS),), rows=({"Method": ("GPTQ",), "Fine-tuning": ("CrAFT",)},),
+          extension=True),
+    Claim("CrAFT", "Figure 4a (SparseGPT)", "CrAFT's pruning gain survives SparseGPT (error-compensating pruning)",
+          _p("craft_fig4", {"Criterion": "SparseGPT", "Fine-tuning": "CrAFT"}, {"Fine-tuning": "ADAM"}, "80%",
+             sweep={"+shared/pruner": ["sparsegpt"], "+shared/prune_shape": ["u80"]}),
+          None, "an extension: the paper tests magnitude and Wanda only",
+          supporting=(("craft_fig4", r"\d+%|\d+:\d+"),), rows=({"Criterion": ("SparseGPT",), "Fine-tuning": ("CrAFT",)},),
+          extension=True),
+    Claim("CrAFT", "Table 2 (SmoothQuant)", "CrAFT's W+A gain survives SmoothQuant (outliers migrated into the weights "
+          "first: if it vanishes, Figure 2's smoothing is the reason)",
+          _p("craft_table2", {"Method": "BasePTQ +SmoothQuant", "Fine-tuning": "CrAFT"}, {"Fine-tuning": "ADAM"},
+             "W4A4", sweep={"+shared/quantizer": ["base_sq"], "compress.bits": ["W4A4"]}),
+          None, "an extension: the paper names equalization but does not test it",
+          supporting=(("craft_table2", r"W\d+A(4|6|8)"),),
+          rows=({"Method": ("BasePTQ +SmoothQuant",), "Fine-tuning": ("CrAFT",)},), extension=True),
     # ---------------------------------------------- SNT: SAM and ARCH (Adam on the transformed network) vs ADAM.
     Claim("SNT", "Table 3 (PTQ)", "SAM lowers λmax below ADAM's",
           _p("snt_table3_ptq", {"Backbone": "ResNet-20", "Approach": "SAM"}, {"Approach": "ADAM"}, "λmax (↓)",
