@@ -3,15 +3,14 @@ training state, ``diagnostics/<digest>/``), the lock that lets one process at a 
 loading of cached weights.
 
 A key is the digest of everything that determines the trained weights (:func:`weights_key`); the diagnostics of
-given weights have their own (:func:`diagnostics_key`). Both record their inputs beside them (``key.json``).
+given weights have their own (:func:`diagnostics_key`). What enters each is the fields' declared roles
+(:mod:`craft_runner.identity`). Both record their inputs beside them (``key.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -22,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from craft_runner import distributed
+from craft_runner import distributed, identity
 from craft_runner.atomic import atomic_write_json
-from craft_runner.optim.registry import optimizer_key
+from craft_runner.identity import DIAGNOSTICS, KEY_VERSION, WEIGHTS, digest  # noqa: F401  (digest: re-exported)
 from craft_runner.schema import RunConfig
 from craft_runner.train import CheckpointError, load_checkpoint, nonfinite_weights
 
@@ -32,28 +31,14 @@ log = logging.getLogger("craft_runner.pipeline")  # what a run logs reads as one
 
 # Bumped whenever what a key hashes changes meaning (2: only the fields that apply; key.json).
 CACHE_VERSION = 2
-# Settings that change how fast a run is, not what it computes.
-# train.tf32 as the device: a GPU's float32 rounding, not what is computed (neither is in the key).
-_NOT_IN_KEY = {"tf32", "progress", "eval_batch_size", "num_workers", "pin_memory", "persistent_workers", "root",
-               "download", "on_device"}
-# Diagnostics switches that decide when and how results are shown, not what is measured.
-_NOT_IN_DIAGNOSTICS_KEY = {"enabled", "before", "after", "plots"}
-
-
-def digest(inputs: dict) -> str:
-    """A key's short name: the first 16 hex digits of the SHA-256 of its inputs as sorted JSON."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def weights_key(rc: RunConfig) -> dict:
-    """Everything that determines the trained weights (not the compression): the inputs of the cache key."""
-    parts = {name: {k: v for k, v in dataclasses.asdict(getattr(rc, name)).items() if k not in _NOT_IN_KEY}
-             for name in ("model", "dataset", "arch", "train")}
-    if not rc.dataset.val_fraction:  # no validation split: the keys cached before the field existed still hold
-        parts["dataset"].pop("val_fraction", None)
+    """Everything that determines the trained weights (the fields of role ``weights``; not the compression):
+    the inputs of the cache key."""
     # Several processes train differently (per-process BatchNorm statistics, SAM's per-process perturbation).
     world = {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
-    return {**parts, "optimizer": optimizer_key(rc.optimizer), "seed": rc.seed, "version": CACHE_VERSION, **world}
+    return {**identity.inputs(rc, WEIGHTS), KEY_VERSION: CACHE_VERSION, **world}
 
 
 def cache_key(rc: RunConfig) -> str:
@@ -61,9 +46,10 @@ def cache_key(rc: RunConfig) -> str:
 
 
 def diagnostics_key(rc: RunConfig) -> dict:
-    """What determines the diagnostics of given weights."""
-    s = dataclasses.asdict(rc.sharpness)
-    return {**{k: v for k, v in s.items() if k not in _NOT_IN_DIAGNOSTICS_KEY}, "version": CACHE_VERSION}
+    """What determines the diagnostics of given weights (the fields of role ``diagnostics``): the sharpness
+    section's at the top, as the keys cached before; any other such field beside them."""
+    inputs = identity.inputs(rc, DIAGNOSTICS)
+    return {**inputs.pop("sharpness", {}), **inputs, KEY_VERSION: CACHE_VERSION}
 
 
 def cache_entry(directory: Path, inputs: dict) -> Path:

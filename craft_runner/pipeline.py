@@ -45,6 +45,7 @@ from craft_runner.data import build_data
 from craft_runner.diagnostics import run_diagnostics
 from craft_runner.export import check_export, export_cell
 from craft_runner.fingerprint import device_name, environment, scheduler_job, versions
+from craft_runner.identity import recorded
 from craft_runner.models import create_model, model_data_config
 from craft_runner.optim import build_optimizer
 from craft_runner.plan import describe_plan, plan_cell, runnable  # noqa: F401  (re-exported)
@@ -327,7 +328,9 @@ def execute(p: Prepared) -> Optional[dict]:
     # Continue the W&B run of this directory unless its last attempt finished ok (then this is a new run).
     tracker = make_tracker(rc.logger, config_dict, run_dir,
                            reuse_run_dir_id=results.previous_status(run_dir) != "ok")
-    record_ = {"config": config_dict, "cache_key": cache_dir.name, "versions": versions(),
+    # identity: the inputs of the training key and the cell's, so that craft-report needs no RunConfig
+    record_ = {"config": config_dict, "cache_key": cache_dir.name, "identity": recorded(rc, p.key_inputs),
+               "versions": versions(),
                "device": device_name(p.device), "world_size": distributed.world_size(), "status": "running",
                "splits": p.data.splits(),  # val_* metrics: the validation split, held out of train
                "environment": environment(p.device, _autocast(p), getattr(rc.train, "tf32", False)),

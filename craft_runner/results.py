@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from craft_runner.atomic import atomic_write_json, disk_full
+from craft_runner.identity import same_cell
 from craft_runner.schema import RunConfig
-from craft_runner.tracking import without_export_none
 
 log = logging.getLogger("craft_runner.pipeline")  # what a run logs reads as one logger's, as before
 
@@ -52,24 +52,16 @@ def previous_status(run_dir: Path) -> Optional[str]:
     return r.get("status") if r is not None else None
 
 
-# Fields that say how to run a cell, not what it computes: a rerun with another value still skips.
-_NOT_COMPARED = ("rerun", "dry_run")
-
-
-def _comparable(config: dict) -> dict:
-    c = without_export_none(json.loads(json.dumps(config, sort_keys=True, default=str)))
-    return {k: v for k, v in c.items() if k not in _NOT_COMPARED}
-
-
 def previous_result(rc: RunConfig) -> Optional[dict]:
-    """The run directory's results.json when it is ok and was made by the same config, else None."""
+    """The run directory's results.json when it is ok and was made by the same cell (craft_runner.identity:
+    equal in every field but those of role ``nothing``, e.g. rerun, dry_run, paths, logger), else None."""
     if not rc.paths.run_dir:
         return None
     r = read(Path(rc.paths.run_dir))
     if r is None:
         return None
     if r.get("status") == "ok" and isinstance(r.get("config"), dict) and \
-            _comparable(r["config"]) == _comparable(dataclasses.asdict(rc)):
+            same_cell(r["config"], dataclasses.asdict(rc)):
         return r
     return None
 

@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A config value that is out of range or unknown; the message is one line."""
 
 
+# A field's role in the run's identity (craft_runner.identity derives every key, digest and comparison from it):
+# "weights" (the training cache key), "diagnostics" (the λmax cache key), "cell" (what the cell is beyond its
+# training: the cell digest, the skip comparison, the run's name) or "nothing". A field without one takes its section's.
+_CELL = {"role": "cell"}
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
@@ -51,8 +57,8 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     name: str = "digits"
-    root: Optional[str] = None  # None: ${paths.data_dir}/<torchvision's folder name>
-    download: bool = False
+    root: Optional[str] = field(default=None, metadata=_CELL)  # None: ${paths.data_dir}/<torchvision's folder name>
+    download: bool = field(default=False, metadata=_CELL)
     # On-disk sets: open every image file with PIL (verify()) before any work; refuse, naming the bad ones.
     verify: bool = False
     img_size: Optional[int] = None  # None: the model's own input size
@@ -65,15 +71,16 @@ class DatasetConfig:
     # Seeds digits' train/test split and the validation hold-out.
     split_seed: int = 0
     # A stratified validation split held out of the TRAINING split (never the test split), for tuning; 0: none.
-    val_fraction: float = 0.0
+    # At 0 it stays out of the training key: the keys cached before the field existed still hold.
+    val_fraction: float = field(default=0.0, metadata={"role": "weights", "absent_when": 0.0})
     # digits only: keep these classes, relabelled 0..len-1 in this order (a transfer task, e.g. 0-4 then 5-9).
     classes: Optional[list] = None
     augment: bool = False
     # Hold a small data set as tensors on the run's device (no loader workers).
-    on_device: bool = True
-    num_workers: int = 4
-    pin_memory: bool = True
-    persistent_workers: bool = True
+    on_device: bool = field(default=True, metadata=_CELL)
+    num_workers: int = field(default=4, metadata=_CELL)
+    pin_memory: bool = field(default=True, metadata=_CELL)
+    persistent_workers: bool = field(default=True, metadata=_CELL)
 
     def __post_init__(self):
         _check(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", self.test_fraction, "a value in (0, 1)")
@@ -97,7 +104,7 @@ def _finite_positive(key: str, value: float) -> None:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
-    eval_batch_size: int = 256
+    eval_batch_size: int = field(default=256, metadata=_CELL)
     scheduler: str = "cosine"
     warmup_epochs: int = 0
     grad_clip: Optional[float] = None
@@ -108,10 +115,10 @@ class TrainConfig:
     # TF32 (10-bit mantissa) for float32 matmuls and cuDNN convolutions while training on an Ampere+ GPU.
     # false: training in float32 is float32 (CPU-comparable); amp=auto already trains in bf16 on those GPUs.
     # Measuring, searching and evaluating always run with TF32 off (craft_runner.device.full_fp32).
-    tf32: bool = False
+    tf32: bool = field(default=False, metadata=_CELL)
     # NHWC activations: faster convolutions on CPU and on tensor cores.
     channels_last: bool = True
-    progress: bool = True
+    progress: bool = field(default=True, metadata=_CELL)
 
     def __post_init__(self):
         _check(self.epochs >= 0, "train.epochs", self.epochs, "an integer >= 0")
@@ -127,9 +134,10 @@ class TrainConfig:
 class SharpnessConfig:
     """Diagnostics measured before and after training (craft_runner.diagnostics.run_diagnostics)."""
 
-    enabled: bool = True
-    before: bool = True
-    after: bool = True
+    # When the diagnostics are measured and shown, not what they are: out of the diagnostics key.
+    enabled: bool = field(default=True, metadata=_CELL)
+    before: bool = field(default=True, metadata=_CELL)
+    after: bool = field(default=True, metadata=_CELL)
     # Calibration data for the Hessian and the activation ranges.
     n_samples: int = 256
     batch_size: int = 256
@@ -152,7 +160,7 @@ class SharpnessConfig:
     # Per-channel min/max of each block's input (CrAFT Fig. 2).
     act_ranges: bool = False
     # PNG plots of the spectrum and the ranges, when the caller gives an output folder.
-    plots: bool = True
+    plots: bool = field(default=True, metadata=_CELL)
 
     def __post_init__(self):
         _check(self.n_samples >= 1, "sharpness.n_samples", self.n_samples, "an integer >= 1")
@@ -192,31 +200,34 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"role": "weights"})
+    dataset: DatasetConfig = field(default_factory=DatasetConfig, metadata={"role": "weights"})
     # The optimizer group's schema (craft_runner.optim.registry.OptimizerConfig: the common keys and each registered
     # optimizer's own, set by craft_runner.config).
-    optimizer: Any = "???"
-    arch: ArchConfig = field(default_factory=ArchConfig)
+    # Its training-key part is the registry's (only the fields the chosen optimizer uses).
+    optimizer: Any = field(default="???",
+                           metadata={"role": "weights", "key": "craft_runner.optim.registry:optimizer_key"})
+    arch: ArchConfig = field(default_factory=ArchConfig, metadata={"role": "weights"})
     # The compress group's schema, chosen by its YAML (see craft_runner.compress.registry).
-    compress: Any = "???"
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    compress: Any = field(default="???", metadata=_CELL)
+    logger: LoggerConfig = field(default_factory=LoggerConfig, metadata={"role": "nothing"})
     # The export group's schema (craft_runner.export.config.ExportConfig); None: no export, as export=none.
-    export: Any = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    seed: int = 0
-    device: str = "auto"
-    name: str = "run"
+    # None or none: out of the cell's identity, the cell it was before the export group existed.
+    export: Any = field(default=None, metadata={"role": "cell", "absent_when": "none"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"role": "weights"})
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig, metadata={"role": "diagnostics"})
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata={"role": "nothing"})
+    seed: int = field(default=0, metadata={"role": "weights"})
+    device: str = field(default="auto", metadata=_CELL)
+    name: str = field(default="run", metadata=_CELL)
     # The metric craft-run returns to a Hydra sweeper; null: compressed_acc when compressing, else fp_acc.
-    optimized_metric: Optional[str] = None
+    optimized_metric: Optional[str] = field(default=None, metadata=_CELL)
     # A run whose results.json is already ok for the same config is skipped unless rerun=true.
-    rerun: bool = False
+    rerun: bool = field(default=False, metadata={"role": "nothing"})
     # List the cells, the trainings they need (cache keys) and what is cached or done, then stop.
-    dry_run: bool = False
+    dry_run: bool = field(default=False, metadata={"role": "nothing"})
     # The experiment this run belongs to (craft-run fills it from Hydra's experiment choice); the report's layout.
-    experiment: Optional[str] = None
+    experiment: Optional[str] = field(default=None, metadata=_CELL)
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device,

@@ -26,6 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from craft_runner import identity
 from craft_runner.atomic import atomic_write_json  # noqa: F401  (re-exported)
 from craft_runner.schema import LoggerConfig
 
@@ -155,24 +156,16 @@ def _compression(config: dict) -> str:
         return str(config["compress"].get("name", "none"))
 
 
-# What the readable part of a name shows, and what never tells runs apart.
+# What the readable part of a name shows (the digest covers the rest of the cell).
 _SHOWN = ("optimizer", "arch", "compress", "seed")
-_NOT_IDENTITY = ("paths", "logger", "rerun", "dry_run", "name", "optimized_metric")
-
-
-def without_export_none(config: dict) -> dict:
-    """``config`` without an export of none: such a cell is the one it was before the export group existed (its
-    name, digest and done-check unchanged)."""
-    if (config.get("export") or {}).get("name", "none") == "none":
-        return {k: v for k, v in config.items() if k != "export"}
-    return config
 
 
 def run_name(config: dict) -> str:
     """``<optimizer>-<arch>-<compression>-s<seed>-<4 hex>``: readable, and unique per cell — the digest covers
-    every other setting (model, data set, schedule, learning rate, ...), so cells that differ elsewhere differ."""
+    every other setting of the cell (craft_runner.identity: model, data set, schedule, learning rate, ...), so
+    cells that differ elsewhere differ."""
     label = _compression(config).replace(" ", "").replace("/", "_")
-    rest = {k: v for k, v in without_export_none(config).items() if k not in _SHOWN + _NOT_IDENTITY}
+    rest = {k: v for k, v in identity.inputs(config, identity.CELL).items() if k not in _SHOWN}
     rest["optimizer"] = {k: v for k, v in config["optimizer"].items() if k != "name"}
     return (f"{config['optimizer']['name']}-{arch_label(config['arch'])}-{label}-s{config['seed']}-"
             f"{_short_digest(rest)}")
@@ -189,9 +182,9 @@ def run_tags(config: dict, extra=()) -> list[str]:
 
 
 def cell_digest(config: dict) -> str:
-    """What makes two runs the same cell wherever their run directory is (a resumed run in a new directory)."""
-    return _short_digest({k: v for k, v in without_export_none(config).items()
-                          if k not in ("paths", "logger", "rerun", "dry_run")}, 16)
+    """What makes two runs the same cell wherever their run directory is (a resumed run in a new directory):
+    the cell's identity (craft_runner.identity)."""
+    return identity.digest(identity.inputs(config, identity.CELL))
 
 
 # The export record's scalars a run logs beside its metrics, as ``export/<name>``.

@@ -10,10 +10,11 @@
   directory is ``missing`` (its input was refused, or the sweep stopped first), a run directory that no job of
   the last sweep names is ``stale`` (left by an earlier sweep into the same directory) and is set aside.
 
-Each record carries ``fields``: the inputs of the trained weights' cache key (``craft_runner.pipeline.
-weights_key``: only what determines the weights, e.g. of ``optimizer`` only the fields the chosen optimizer
-uses) and the whole ``compress`` block, flattened to ``"group.name"`` keys, so that the report can key rows by
-whatever varies.
+Each record carries ``fields``: the inputs of the trained weights' cache key (the fields of role ``weights``,
+craft_runner.identity: e.g. of ``optimizer`` only the fields the chosen optimizer uses), as results.json records
+them (``identity``), and the whole ``compress`` block, flattened to ``"group.name"`` keys, so that the report can
+key rows by whatever varies. A results.json written before it recorded them has them rebuilt from its config
+(:func:`legacy_training_inputs`, the one place the report builds a RunConfig).
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from craft_runner.fingerprint import COMPARED, differences
+from craft_runner.identity import KEY_VERSION, WEIGHTS
 from craft_runner.results import INCOMPLETE
 
 log = logging.getLogger(__name__)
-
-# Fields that name a run rather than determine it.
-_IGNORED = {"version"}
 
 
 @dataclasses.dataclass
@@ -98,8 +97,10 @@ def _build(cls, d: dict):
     return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
 
-def training_fields(config: dict) -> dict:
-    """The inputs of the weights' cache key of a recorded config, flattened (seed included)."""
+def legacy_training_inputs(config: dict) -> dict:
+    """The training key's inputs of a recorded config that does not record them (a results.json written before
+    ``identity``, or a job's config.yaml): rebuilt through a RunConfig, as the runner computes the key. Local
+    imports: only such records need the optimizer registry (and torch)."""
     try:
         from craft_runner.cache import weights_key
         from craft_runner.compress.registry import CompressConfig
@@ -113,15 +114,23 @@ def training_fields(config: dict) -> dict:
                        dataset=_build(DatasetConfig, config.get("dataset")), optimizer=_build(OptimizerConfig, opt),
                        arch=_build(ArchConfig, config.get("arch")), train=_build(TrainConfig, config.get("train")),
                        compress=CompressConfig(), seed=config.get("seed", 0))
-        key = weights_key(rc)
+        return weights_key(rc)
     except Exception as e:  # a config from another version: every recorded field counts
         log.debug("weights_key failed (%s): using the recorded sections", e)
-        key = {k: config.get(k) for k in ("model", "dataset", "arch", "train", "optimizer", "seed")}
-    return {k: v for k, v in flatten(key).items() if k not in _IGNORED}
+        return {k: config.get(k) for k in ("model", "dataset", "arch", "train", "optimizer", "seed")}
 
 
-def _record(path: Path, status: str, config: dict, **kw) -> Record:
-    tf = training_fields(config)
+def training_fields(config: dict, identity: Optional[dict] = None) -> dict:
+    """The inputs of the weights' cache key, flattened (seed included; not the key's version): as results.json
+    records them (``identity``), else rebuilt from the config."""
+    inputs = (identity or {}).get(WEIGHTS)
+    if not isinstance(inputs, dict):
+        inputs = legacy_training_inputs(config)
+    return {k: v for k, v in flatten(inputs).items() if k != KEY_VERSION}
+
+
+def _record(path: Path, status: str, config: dict, identity: Optional[dict] = None, **kw) -> Record:
+    tf = training_fields(config, identity)
     comp = flatten(config.get("compress") or {}, "compress.")
     return Record(path=path, status=status, config=config, fields={**tf, **comp}, train_fields=frozenset(tf), **kw)
 
@@ -179,7 +188,8 @@ def load_results(path: Path) -> Record:
     if status == "running":  # written by an older runner before it finished
         status = "unfinished"
     return _record(Path(path).parent, status if status in ("ok", "failed", "unfinished") else "failed",
-                   r.get("config") or {}, metrics=r.get("metrics") or {}, compression=r.get("compression") or {},
+                   r.get("config") or {}, identity=r.get("identity") if isinstance(r.get("identity"), dict) else None,
+                   metrics=r.get("metrics") or {}, compression=r.get("compression") or {},
                    sharpness=r.get("sharpness") or {}, export=r.get("export") or {}, error=r.get("error"),
                    overrides=_read_overrides(Path(path).parent), mtime=Path(path).stat().st_mtime,
                    environment=r.get("environment") if isinstance(r.get("environment"), dict) else {})
