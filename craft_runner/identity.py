@@ -33,6 +33,7 @@ import json
 import typing
 from typing import Any, Optional, Union
 
+from craft_runner import schema
 from craft_runner.schema import RunConfig
 
 WEIGHTS, DIAGNOSTICS, CELL, NOTHING = "weights", "diagnostics", "cell", "nothing"
@@ -58,10 +59,14 @@ def role_of(f: dataclasses.Field, section: Optional[str] = None) -> str:
     return role
 
 
-def _section_fields(f: dataclasses.Field, live: Any) -> dict[str, dataclasses.Field]:
-    """The fields of the section ``f`` holds: of its live value's dataclass, else of its declared type."""
-    cls = type(live) if dataclasses.is_dataclass(live) else typing.get_type_hints(RunConfig).get(f.name)
-    return {g.name: g for g in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+def _sections() -> tuple[type, dict[str, dict[str, dataclasses.Field]]]:
+    """The run's schema (looked up when asked) and the fields of each section it declares by type. A section
+    typed by its family (``optimizer``, ``compress``, ``export``: ``Any`` here) has no field list: each of its
+    fields has the section's role, the same whether read from a RunConfig or from a recorded config."""
+    run = schema.RunConfig
+    hints = typing.get_type_hints(run)
+    return run, {f.name: {g.name: g for g in dataclasses.fields(hints[f.name])}
+                 for f in dataclasses.fields(run) if dataclasses.is_dataclass(hints.get(f.name))}
 
 
 def _absent(meta: typing.Mapping, value: Any) -> bool:
@@ -89,13 +94,15 @@ def inputs(config: Union[RunConfig, dict], role: str) -> dict:
     config (results.json's); a field absent from an older record is absent here. A section with a ``key`` hook
     needs the RunConfig for its own role's inputs."""
     covers = _COVERS[role]
-    live = config if isinstance(config, RunConfig) else None
+    live = None if isinstance(config, dict) else config
+    run, sections = _sections()
     plain = _plain(dataclasses.asdict(config) if live is not None else config)
     out: dict = {}
-    for f in dataclasses.fields(RunConfig):
+    for f in dataclasses.fields(run):
+        own = role_of(f)
         if f.name not in plain:
             continue
-        own, value = role_of(f), plain[f.name]
+        value = plain[f.name]
         if own == role and _absent(f.metadata, value):
             continue
         if own == role and "key" in f.metadata:
@@ -108,7 +115,7 @@ def inputs(config: Union[RunConfig, dict], role: str) -> dict:
             if own in covers:
                 out[f.name] = value
             continue
-        sub = _section_fields(f, getattr(live, f.name) if live is not None else None)
+        sub = sections.get(f.name, {})
         part = {}
         for k, v in value.items():
             g = sub.get(k)
@@ -120,16 +127,15 @@ def inputs(config: Union[RunConfig, dict], role: str) -> dict:
     return out
 
 
-def leaves(role: str) -> dict[str, str]:
+def leaves(role: Optional[str] = None) -> dict[str, str]:
     """Every field path of the schema (``"dataset.num_workers"``; a section typed by its family, e.g.
     ``optimizer``, as one path) with its role; ``role`` None: all, else only the fields of that role."""
     out = {}
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
+    run, sections = _sections()
+    for f in dataclasses.fields(run):
         own = role_of(f)
-        cls = hints.get(f.name)
-        if dataclasses.is_dataclass(cls):
-            out.update({f"{f.name}.{g.name}": role_of(g, own) for g in dataclasses.fields(cls)})
+        if f.name in sections:
+            out.update({f"{f.name}.{g.name}": role_of(g, own) for g in sections[f.name].values()})
         else:
             out[f.name] = own
     return {p: r for p, r in out.items() if role is None or r == role}

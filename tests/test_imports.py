@@ -127,3 +127,28 @@ def test_the_walker_sees_lazy_relative_and_package_imports(tmp_path):
                      "craft_runner.q": {"craft_runner.p.a"}}
     assert find_cycle(graph) == ["craft_runner.p", "craft_runner.p.a", "craft_runner.p.b", "craft_runner.p"]
     assert find_cycle({"x": {"y"}, "y": set()}) is None
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_report_never_reaches_the_pipeline():
+    """craft-report reads what results.json records (the key's inputs included, craft_runner.identity): no
+    module of report/ imports the pipeline, directly or through another module, lazily or not."""
+    graph = import_graph()
+    report = [m for m in graph if m.startswith(PKG + ".report")]
+    assert len(report) > 5
+    assert {m: sorted(_reach(graph, m) & {PKG + ".pipeline", PKG + ".run"}) for m in report} == {m: [] for m in report}
+    assert _reach({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+
+
+def test_run_identity_sits_on_the_schema_alone():
+    """The roles' one home imports only the schema (no torch, no family): the report and the runner both use it."""
+    assert import_graph()["craft_runner.identity"] == {"craft_runner.schema"}
