@@ -11,7 +11,10 @@ Pets', batch 8 as conf/shared/task/oxford_pets.yaml), the SNT models at 32x32 wi
 128. Stages: fine-tune with Adam and with SAM (:func:`pipeline.train_or_load`, one epoch over the folder), λmax
 (:class:`pipeline.Diagnostics`), evaluation (:func:`pipeline.evaluate`), and BasePTQ, PTQ4ViT, Wanda, N:M 2:4 and
 ToMe (:func:`pipeline.compress`, the run's compression stage, fine-tuning included; its evaluation is a stage of
-its own). What is capped, and to what, is recorded per stage.
+its own). What is capped, and to what, is recorded per stage. GPTQ (W4A16, per channel) and SparseGPT (50 %) are
+timed on one transformer block of ViT-B/16 only (its qkv, proj, fc1 and fc2: the Hessians from one pass of the
+block over --calib images, then each layer's OBS sweep; the whole model would take too long on a CPU) and scaled
+to the model by its layer count (:func:`obs_per_unit`).
 
 Per stage: wall seconds, peak resident memory (the process's RSS read from /proc/self/statm every 10 ms while the
 stage runs, freed heap returned with malloc_trim before it; GB = 1e9 bytes), steps done, and the FLOPs the stage
@@ -19,7 +22,11 @@ executed, counted by torch's FlopCounterMode (matmuls and convolutions; the fuse
 by its formula). The projection: each stage's FLOPs per work unit (training image, image of a Hessian-vector
 product, calibration image x search candidate, evaluated image) times the units of every cell of the experiment's
 sweep at paper scale (the sweep read from conf/experiment/<name>.yaml, every cell composed), divided by an
-H100's sustained throughput (see GPU below). Writes ``<out>/projection.json`` atomically.
+H100's sustained throughput (see GPU below). GPTQ / SparseGPT cells (craft_table2, craft_table3, craft_fig4)
+add a calibration part per image (one forward of the model per layer group, as the runner's block-by-block
+calibration runs it, plus every layer's Hessian accumulation scaled from the measured block's, linear in the
+images, so the reference's 128 are projected from the few measured) and a sweep part per compressed model.
+Writes ``<out>/projection.json`` atomically.
 """
 
 from __future__ import annotations
@@ -48,6 +55,13 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import craft_runner
 from craft_runner import pipeline
 from craft_runner.atomic import atomic_write_json
+from craft_runner.compress.gptq import gptq_matrix, layer_groups
+from craft_runner.compress.obs import HessianAccumulator, weight_matrix
+from craft_runner.compress.prune import block_of
+from craft_runner.compress.quant import PTQConfig
+from craft_runner.compress.quantizers import FULL_PRECISION_BITS
+from craft_runner.compress.registry import target_layers
+from craft_runner.compress.sparsegpt import sparsegpt_matrix
 from craft_runner.config import register_configs, to_run_config
 from craft_runner.models import create_model
 from craft_runner.schema import ConfigError
@@ -79,6 +93,21 @@ PEAK_FLOPS = {"bf16": 989.5e12, "fp32": 67.0e12}
 # would replace it). ViT-B/16 at 224 is large GEMMs: 40 %, typical of well-fed transformer training. The SNT
 # models at 32x32 are small kernels that cannot fill an H100 (launch- and memory-bound): 10 %.
 UTILISATION = {"craft_table2": 0.40, "snt_table3_ptq": 0.10}
+# Tables whose GPTQ / SparseGPT cells are projected (issue 31's columns); only ViT-B/16's cells have a measurement.
+# craft_table3 and craft_fig4 are ViT-B/16 at 224 as craft_table2 is: its utilisation is theirs (OBS_UTILISATION).
+OBS_TABLES = ("craft_table2", "craft_table3", "craft_fig4")
+OBS_UTILISATION = UTILISATION["craft_table2"]
+# FLOPs of inverse_hessian per Hessian, x columns³ (torch's FlopCounterMode does not count LAPACK): Cholesky
+# (potrf, C³/3), the inverse from it (potri, 2C³/3), the inverse's Cholesky (C³/3); LAPACK's operation counts.
+CHOLESKY_FLOPS = 4 / 3
+
+
+def obs_uncounted_flops(groups: int, rows: int, columns: int, block_size: int) -> float:
+    """What FlopCounterMode misses of one layer's OBS sweep (it counts matmuls only): the inverse Hessian's
+    factorisations (CHOLESKY_FLOPS x C³ per group) and the in-block update W1[:, j:] -= e·U1[j, j:], a multiply
+    and a subtract per row for each of the b(b+1)/2 entries of a block's upper triangle."""
+    inblock = sum(b * (b + 1) for b in (min(block_size, columns - i) for i in range(0, columns, block_size)))
+    return groups * (CHOLESKY_FLOPS * columns ** 3 + rows * inblock)
 
 # The smoke's data: ViT-B/16 gets Oxford Pets' 37 classes (CrAFT's batch 8 task); SNT's rows their own counts.
 VIT_TASK = "oxford_pets"
@@ -121,6 +150,19 @@ def ptq_units(calib: int, rounds: int, steps: int, w_bits: int, a_bits: int, met
     return calib * (capture + rounds * sides * steps)
 
 
+def obs_work(rc, c) -> dict:
+    """A GPTQ / SparseGPT cell's compressor work: one model's calibration images and OBS sweep; GPTQ below 16-bit
+    activations adds BasePTQ's input-scale search (one side) on the quantized model, as :func:`gptq.gptq` runs it."""
+    work = {"obs_kind": f"{rc.model.name}|{c.name}", "obs_calib_images": c.calib_size}
+    if c.name == "gptq" and c.a_bits < FULL_PRECISION_BITS:
+        a = PTQConfig(w_bits=FULL_PRECISION_BITS, a_bits=c.a_bits, calib_size=c.calib_size,
+                      scale_steps=c.scale_steps, search_rounds=c.search_rounds)
+        work.update(ptq_kind=f"{rc.model.name}|base", finetune_images=0,
+                    ptq_units=ptq_units(a.calib_size, a.search_rounds, a.scale_steps, a.w_bits, a.a_bits, a.metric,
+                                        a.search))
+    return work
+
+
 def cell_work(rc) -> dict:
     """The paper-scale work of one cell, in the units the smoke measures per stage (plain numbers, no torch)."""
     n_train, n_test = SPLITS[rc.dataset.name]
@@ -135,6 +177,8 @@ def cell_work(rc) -> dict:
                     ptq_units=ptq_units(c.calib_size, c.search_rounds, c.scale_steps, c.w_bits, c.a_bits, c.metric,
                                         c.search),
                     finetune_images=c.finetune_epochs * n_train)
+    elif c.name in ("gptq", "sparsegpt"):
+        work.update(obs_work(rc, c))
     return work
 
 
@@ -160,6 +204,14 @@ def project(cells: list[dict], per_unit: dict, sustained: dict) -> dict:
             add("ptq", w["ptq_kind"], w["ptq_units"], "fp32")
             if w["finetune_images"]:  # fine-tuning after PTQ: a training of the same kind, in bf16
                 add("train", w["train_kind"], w["finetune_images"], "bf16")
+        if "obs_kind" in w:  # GPTQ / SparseGPT: calibration images, then one model's sweep
+            add("obs_calib", w["obs_kind"], w["obs_calib_images"], "fp32")
+            add("obs_sweep", w["obs_kind"], 1, "fp32")
+    return {"cells": len(cells), "trainings": len(trained), **components_of(totals, per_unit, sustained)}
+
+
+def components_of(totals: dict, per_unit: dict, sustained: dict) -> dict:
+    """{(stage, kind, precision): units} -> the components, their FLOPs and GPU hours."""
     components, flops, seconds = [], 0.0, 0.0
     for (stage, kind, precision), units in sorted(totals.items()):
         f = units * per_unit[(stage, kind)]
@@ -168,8 +220,29 @@ def project(cells: list[dict], per_unit: dict, sustained: dict) -> dict:
                            "gpu_hours": f / sustained[precision] / 3600})
         flops += f
         seconds += f / sustained[precision]
-    return {"cells": len(cells), "trainings": len(trained), "components": components, "flops": flops,
-            "gpu_hours_projected": seconds / 3600}
+    return {"components": components, "flops": flops, "gpu_hours_projected": seconds / 3600}
+
+
+def project_obs(cells: list[dict], per_unit: dict, sustained: dict) -> dict:
+    """The GPTQ / SparseGPT cells of a table alone: their count per (model|method), and the compute of those whose
+    model the smoke measured (the others are counted under ``not_projected``)."""
+    counts: dict = {}
+    missing: dict = {}
+    totals: dict = {}
+    for w in cells:
+        if "obs_kind" not in w:
+            continue
+        kind = w["obs_kind"]
+        counts[kind] = counts.get(kind, 0) + 1
+        if ("obs_sweep", kind) not in per_unit:
+            missing[kind] = missing.get(kind, 0) + 1
+            continue
+        parts = [(("obs_calib", kind, "fp32"), w["obs_calib_images"]), (("obs_sweep", kind, "fp32"), 1)]
+        if "ptq_kind" in w:  # GPTQ at A < 16: BasePTQ's input search after it
+            parts.append((("ptq", w["ptq_kind"], "fp32"), w["ptq_units"]))
+        for key, units in parts:
+            totals[key] = totals.get(key, 0) + units
+    return {"cells": counts, "not_projected": missing, **components_of(totals, per_unit, sustained)}
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -266,6 +339,101 @@ class Recorder:
         return rec
 
 
+class _Captured(Exception):
+    """Raised by a pre-hook once a module's input is kept: the rest of the forward is not needed."""
+
+
+def module_inputs(model, module, batches) -> list:
+    """``module``'s input on every ``(x, y)`` batch, the forward stopped there (eval mode, no grad)."""
+    xs = []
+
+    def keep(_mod, args):
+        xs.append(args[0].detach())
+        raise _Captured
+
+    handle, was = module.register_forward_pre_hook(keep), model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                with contextlib.suppress(_Captured):
+                    model(x)
+    finally:
+        handle.remove()
+        model.train(was)
+    return xs
+
+
+def obs_matrix(c, W, H) -> dict:
+    """One layer's GPTQ or SparseGPT with the composed config's settings (the runner's own functions)."""
+    if c.name == "gptq":
+        return gptq_matrix(W, H, c.w_bits, c.group_size, c.sym, c.act_order, c.damp, c.block_size)
+    n, m = (c.n, c.m) if c.pattern == "nm" else (0, 0)
+    return sparsegpt_matrix(W, H, c.sparsity, n, m, c.damp, c.block_size)
+
+
+# The OBS sweeps are thousands of small ops per layer: on this shared 2-core machine two OpenMP threads made
+# GPTQ of a qkv layer (2304 x 768) 13.5 s against 0.37 s with one (load average 5), so they are timed on one.
+OBS_SWEEP_THREADS = 1
+
+
+def measure_obs_block(model, c, batches) -> dict:
+    """GPTQ / SparseGPT (config ``c``) on one layer group of ``model``, the middle one of the runner's
+    block-by-block order (a transformer block: qkv, proj, fc1, fc2): its Hessians from one pass of the block over
+    ``batches`` (its inputs captured first, not timed), then each layer's OBS sweep, each timed and FLOP-counted;
+    the weights are left as they were. Also the model's layer and group counts, for the scaling."""
+    layers = target_layers(model, c.skip_first_last)
+    groups = layer_groups(model, layers, c.sequential)
+    group = max(groups[len(groups) // 2:], key=len)  # a middle block (not the stem or the head alone)
+    block = model.get_submodule(block_of(model, group[0][0]))
+    xs = module_inputs(model, block, batches)
+    was = block.training
+    block.eval()
+    with torch.no_grad(), flop_counter() as fwd:
+        for x in xs:
+            block(x)
+    acc = {m: HessianAccumulator(m) for _, m in group}
+
+    def hook(mod, args, _out):
+        acc[mod].add(args[0])
+
+    handles = [m.register_forward_hook(hook) for _, m in group]
+    try:
+        with torch.no_grad(), flop_counter() as fc:
+            t0 = time.perf_counter()
+            for x in xs:
+                block(x)
+            pass_seconds = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+        block.train(was)
+    images = sum(len(x) for x in xs)
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(OBS_SWEEP_THREADS)
+    try:
+        for name, m in group:
+            W = weight_matrix(m)
+            with flop_counter() as lc:
+                t0 = time.perf_counter()
+                obs_matrix(c, W, acc[m].H)
+                seconds = time.perf_counter() - t0
+            G, R, C = W.shape
+            out[name] = {"rows": R, "columns": C, "groups": G, "seconds": seconds,
+                         "flops": int(lc.get_total_flops()) + obs_uncounted_flops(G, R, C, c.block_size)}
+    finally:
+        torch.set_num_threads(threads)
+    return {"block": block_of(model, group[0][0]), "layers": out, "calib_images": images,
+            "tokens_per_image": xs[0].shape[1] if xs[0].dim() == 3 else None,
+            "hessian_pass_seconds": pass_seconds,
+            "hessian_flops_per_image": (fc.get_total_flops() - fwd.get_total_flops()) / images,
+            "sweep_seconds": sum(v["seconds"] for v in out.values()),
+            "sweep_flops": sum(v["flops"] for v in out.values()),
+            "model_layers": len(layers), "model_layer_groups": len(groups), "block_layers": len(group),
+            "sweep_threads": OBS_SWEEP_THREADS}
+
+
 # ------------------------------------------------------------------------------------------ data and configs
 
 
@@ -310,6 +478,29 @@ def paper_work(compose, experiment: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ the stages
+
+# issue 31's compressors on ViT-B/16: GPTQ W4A16 per channel (craft_table2/3's column), SparseGPT 50 % (craft_fig4's).
+OBS_STAGES = {"gptq": ["compress=gptq", "compress.bits=W4A16"],
+              "sparsegpt": ["compress=sparsegpt", "compress.sparsity=0.5"]}
+
+
+def obs_stages(p, compose, base: list, rec: Recorder, experiment: str) -> None:
+    """GPTQ and SparseGPT on one block of ``p.model`` (:func:`measure_obs_block`), over the --calib images
+    ``base`` sets (compress.calib_size), recorded as ``<experiment>/gptq`` and ``<experiment>/sparsegpt``."""
+    for method, overrides in OBS_STAGES.items():
+        rc = to_run_config(compose([*base, *overrides]))
+        c = rc.compress
+        batches = p.data.calib_batches(c.calib_size, rc.train.eval_batch_size, c.calib_seed, p.device)
+
+        def fn(c=c, batches=batches):
+            m = measure_obs_block(p.model, c, batches)
+            n = len(m["layers"])
+            return {**m, "steps": n, "units": n, "step": "layer (Hessian pass of its block, then its OBS sweep)",
+                    "unit": "layer", "seconds_per_layer": m["sweep_seconds"] / n,
+                    "block_seconds": m["hessian_pass_seconds"] + m["sweep_seconds"]}
+
+        rec.run(f"{experiment}/{method}", fn, experiment=experiment, model=rc.model.name, method=method,
+                capped={"calib_size": c.calib_size, "layers": "one block"})
 
 
 def run_stages(args, compose, rec: Recorder, work: Path) -> dict:
@@ -421,6 +612,7 @@ def run_stages(args, compose, rec: Recorder, work: Path) -> dict:
                                              "compress.speed_warmup=0", f"compress.speed_reps={steps}",
                                              f"compress.speed_max_reps={steps}", f"compress.calib_size={calib}"],
                    tome_info)
+    obs_stages(p, compose, base, rec, experiment)
     del p
     _release_memory()
 
@@ -482,7 +674,33 @@ def per_unit_flops(stages: dict, models: dict) -> dict:
                                          * m["paper_forward_flops_per_image"])
             method = {"baseptq": "base", "ptq4vit": "ptq4vit"}.get(stage, "base")
             out[("ptq", f"{s['model']}|{method}")] = s["paper_flops_per_unit"]
+        elif stage in OBS_STAGES:
+            s.update(obs_per_unit(s, m))
+            kind = f"{s['model']}|{stage}"
+            out[("obs_calib", kind)] = s["paper_flops_per_calib_image"]
+            out[("obs_sweep", kind)] = s["paper_flops_per_model"]
     return out
+
+
+def obs_per_unit(s: dict, m: dict) -> dict:
+    """A measured GPTQ / SparseGPT block (``s``) scaled to the whole model ``m`` at the paper's input size, by the
+    layer count (model layers / block layers: the stem and head, one layer each, are counted as an average layer of
+    the block, an overestimate as the block's fc2 has 4x the columns). Per calibration image: one model forward per
+    layer group (the runner's block-by-block calibration passes the whole model) plus the Hessian accumulations,
+    these by the tokens at the paper's size; per model: the layers' OBS sweeps (FLOPs and CPU seconds)."""
+    scale = s["model_layers"] / s["block_layers"]
+    tokens = s["tokens_per_image"]
+    if tokens is None:
+        token_scale = 1.0
+    else:  # ViT: prefix tokens + patches, the patches growing with the area
+        patches = (m["img_size"] // 16) ** 2
+        token_scale = (tokens - patches + patches * (m["paper_img_size"] / m["img_size"]) ** 2) / tokens
+    return {"layer_scale": scale, "paper_token_scale": token_scale,
+            "paper_flops_per_calib_image": (s["model_layer_groups"] * m["paper_forward_flops_per_image"]
+                                            + scale * s["hessian_flops_per_image"] * token_scale),
+            "paper_flops_per_model": scale * s["sweep_flops"],
+            "columns_per_model": scale * sum(v["columns"] for v in s["layers"].values()),
+            "cpu_sweep_seconds_per_model": scale * s["sweep_seconds"]}
 
 
 def check_args(args) -> None:
@@ -524,11 +742,13 @@ def main(argv=None) -> dict:
     with composer() as compose:
         models = run_stages(args, compose, rec, work)
         wall = time.perf_counter() - t0
-        cells = {e: paper_work(compose, e) for e in ("craft_table2", "snt_table3_ptq")}
+        cells = {e: paper_work(compose, e) for e in ("craft_table2", "snt_table3_ptq", *OBS_TABLES)}
     for s in rec.stages.values():  # how many forward passes of one image a unit costs, a check on the units
         s["forward_equivalents_per_unit"] = s["flops_per_unit"] / models[s["model"]]["forward_flops_per_image"]
     per_unit = per_unit_flops(rec.stages, models)
-    experiments = {e: project(c, per_unit, sustained_flops(e)) for e, c in cells.items()}
+    experiments = {e: project(cells[e], per_unit, sustained_flops(e)) for e in ("craft_table2", "snt_table3_ptq")}
+    obs_sustained = {k: v * OBS_UTILISATION for k, v in PEAK_FLOPS.items()}
+    compressors = {e: project_obs(cells[e], per_unit, obs_sustained) for e in OBS_TABLES}
     total = sum(e["gpu_hours_projected"] for e in experiments.values())
     if not (math.isfinite(total) and total > 0):
         raise RuntimeError(f"smoke-paper: projected GPU hours {total} is not a positive number")
@@ -542,14 +762,21 @@ def main(argv=None) -> dict:
         "models": models, "stages": rec.stages,
         "throughput": {"gpu": GPU, "source": GPU_SOURCE, "peak_flops": PEAK_FLOPS, "utilisation": UTILISATION,
                        "sustained_flops": {e: sustained_flops(e) for e in UTILISATION},
+                       "compressors_utilisation": OBS_UTILISATION,
                        "precision": "train (and PTQ's fine-tuning) bf16 autocast; λmax, PTQ, evaluation float32"},
         "data_splits": SPLITS, "experiments": experiments, "gpu_hours_projected": total,
+        # GPTQ / SparseGPT cells alone (craft_table2's are in its experiment above too), at OBS_UTILISATION.
+        "compressors": compressors,
+        "compressors_note": "FLOPs over sustained FP32 as every stage; the OBS sweep is column by column, on a GPU "
+                            "bound by kernel launches more than FLOPs: its part is a lower bound",
     }
     atomic_write_json(result, out / "projection.json")
     shutil.rmtree(work, ignore_errors=True)
     print(f"smoke-paper: {len(rec.stages)} stages in {wall:.0f} s; projected "
           + ", ".join(f"{e} {v['gpu_hours_projected']:.2f}" for e, v in experiments.items())
           + f" GPU hours on one {GPU}, {total:.2f} in all -> {out / 'projection.json'}")
+    print("smoke-paper: GPTQ / SparseGPT cells alone: " + ", ".join(
+        f"{e} {sum(v['cells'].values())} cells {v['gpu_hours_projected']:.3f} h" for e, v in compressors.items()))
     return result
 
 
