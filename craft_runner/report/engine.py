@@ -29,8 +29,10 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+from craft_runner import identity
+from craft_runner.identity import DIAGNOSTICS
 from craft_runner.report import export_cols, stats
-from craft_runner.report.records import Record, environment_note
+from craft_runner.report.records import Record, environment_note, flatten
 
 DASH = "—"
 
@@ -431,14 +433,12 @@ def _check_merge(layout: Layout, spec: Col, members: Sequence[Record], key: tupl
                                  f"records separately)")
 
 
-# Sharpness settings that say whether something is measured, not how (as cache.diagnostics_key leaves out).
-_NOT_HOW = {"enabled", "before", "after", "plots"}
 
 
 def _diagnostics_settings(r: Record) -> dict:
-    """The settings a recorded λmax (and the other diagnostics) depends on, flattened (``sharpness.n_samples``)."""
-    s = r.config.get("sharpness") or {}
-    return {f"sharpness.{k}": v for k, v in s.items() if k not in _NOT_HOW} if isinstance(s, dict) else {}
+    """The settings a recorded λmax (and the other diagnostics) depends on, flattened (``sharpness.n_samples``):
+    the fields of role diagnostics (craft_runner.identity), as the diagnostics key."""
+    return flatten(identity.inputs(r.config, DIAGNOSTICS))
 
 
 def _cell(spec: Col, members: Sequence[Record]) -> Cell:
