@@ -17,14 +17,12 @@ resumed run continues the same W&B run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import netrc
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Optional, Protocol
 
 from craft_runner import identity
 from craft_runner.atomic import atomic_write_json  # noqa: F401  (re-exported)
@@ -137,10 +135,6 @@ def wandb_mode(cfg: LoggerConfig) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------- names
 
 
-def _short_digest(obj: Any, n: int = 4) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
 def arch_label(arch: dict) -> str:
     if arch["name"] != "snt" or (arch.get("preact") and arch.get("rprelu")):
         return arch["name"]
@@ -168,7 +162,7 @@ def run_name(config: dict) -> str:
     rest = {k: v for k, v in identity.inputs(config, identity.CELL).items() if k not in _SHOWN}
     rest["optimizer"] = {k: v for k, v in config["optimizer"].items() if k != "name"}
     return (f"{config['optimizer']['name']}-{arch_label(config['arch'])}-{label}-s{config['seed']}-"
-            f"{_short_digest(rest)}")
+            f"{identity.digest(rest, 4)}")
 
 
 def run_tags(config: dict, extra=()) -> list[str]:
@@ -181,9 +175,9 @@ def run_tags(config: dict, extra=()) -> list[str]:
     return [t[:64] for t in tags]
 
 
-def cell_digest(config: dict) -> str:
+def cell_digest(config) -> str:
     """What makes two runs the same cell wherever their run directory is (a resumed run in a new directory):
-    the cell's identity (craft_runner.identity)."""
+    the cell's identity (craft_runner.identity), of a RunConfig or a recorded config."""
     return identity.digest(identity.inputs(config, identity.CELL))
 
 
