@@ -64,6 +64,8 @@ def test_every_field_declares_a_known_role():
     assert roles["train.progress"] == CELL and roles["dataset.num_workers"] == CELL  # speed, not the weights
     assert roles["sharpness.max_iter"] == DIAGNOSTICS and roles["sharpness.plots"] == CELL
     assert roles["compress"] == CELL and roles["export"] == CELL
+    hooks = [f.metadata["key"] for f in dataclasses.fields(RunConfig) if "key" in f.metadata]
+    assert hooks and all(callable(identity._hook(h)) for h in hooks)  # a family's key part still resolves
     assert {p for p, r in roles.items() if r == NOTHING} == {
         "paths.data_dir", "paths.cache_dir", "paths.run_dir", "logger.name", "logger.project", "logger.entity",
         "logger.group", "logger.tags", "logger.mode", "rerun", "dry_run"}
