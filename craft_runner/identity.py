@@ -16,8 +16,8 @@ Derived from them (:func:`inputs`): the training key's inputs (``weights``), the
 (``diagnostics``), and the cell's (every role but ``nothing``), which give the cell digest, the run's name and
 the done-check that skips a finished cell. Two more declarations a field may make:
 
-- ``"absent_when": v``: in the identity of its own role the field is left out at the value ``v`` (a section:
-  when it is None or its ``name`` is ``v``), so that the keys made before the field existed still hold;
+- ``"absent_when": v`` (or a tuple of values): in the identity of its own role the field is left out at ``v``
+  (a section: when its ``name`` is ``v``), so that the keys made before the field existed still hold;
 - ``"key": "module:function"``: the section's part of its own role's key is ``function(section)`` (the
   optimizer's: only the fields the chosen optimizer uses), computed by the family that owns the section.
 
@@ -70,12 +70,12 @@ def _sections() -> tuple[type, dict[str, dict[str, dataclasses.Field]]]:
 
 
 def _absent(meta: typing.Mapping, value: Any) -> bool:
+    """The field's value (a section: its name) is one its ``absent_when`` names (a value or a tuple of them)."""
     marker = meta.get("absent_when", _UNSET)
     if marker is _UNSET:
         return False
-    if isinstance(value, dict) or value is None:  # a section: absent when missing or of that name
-        return value is None or value.get("name", marker) == marker
-    return value == marker
+    markers = marker if isinstance(marker, tuple) else (marker,)
+    return (value.get("name") if isinstance(value, dict) else value) in markers
 
 
 def _plain(value: Any) -> Any:

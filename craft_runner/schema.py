@@ -213,7 +213,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig, metadata={"role": "nothing"})
     # The export group's schema (craft_runner.export.config.ExportConfig); None: no export, as export=none.
     # None or none: out of the cell's identity, the cell it was before the export group existed.
-    export: Any = field(default=None, metadata={"role": "cell", "absent_when": "none"})
+    export: Any = field(default=None, metadata={"role": "cell", "absent_when": (None, "none")})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"role": "weights"})
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig, metadata={"role": "diagnostics"})
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"role": "nothing"})
