@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import compose_run
+from omegaconf import OmegaConf
 
 from craft_runner.config import to_run_config
 from craft_runner.report import cli as report_cli
@@ -141,3 +142,55 @@ def test_every_craft_run_in_a_code_block_composes(page, overrides):
             for part in key.split("."):
                 node = node[part]
             assert str(node) == value, f"{o} did not reach the config ({node})"
+
+
+def _walk() -> str:
+    text = _text(ROOT / "docs" / "architecture.md")
+    start = text.index("## One run, from `craft-run` to `results.json`")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _resolve(dotted: str):
+    """``craft_runner.<module path>.<attribute path>`` → the object; None when the first name is no module of
+    the package (a variable such as ``p.cache_dir``)."""
+    import importlib
+
+    parts = dotted.split(".")
+    module, i = None, 0
+    for i in range(len(parts), 0, -1):
+        try:
+            module = importlib.import_module("craft_runner." + ".".join(parts[:i]))
+            break
+        except ModuleNotFoundError:
+            continue
+    if module is None:
+        return None
+    obj = module
+    for name in parts[i:]:
+        obj = getattr(obj, name)  # AttributeError: the walk names a function the code no longer has
+    return obj
+
+
+def test_the_walk_of_one_run_names_functions_that_exist():
+    named = []
+    defaults = compose_run()  # a config key (`compress.bn_recalib`) is no function
+    for span in re.findall(r"`([^`\n]+)`", _walk()):
+        span = span.replace("craft_runner.run:", "run.")
+        m = re.fullmatch(r"([a-z_][\w.]*)(?:\(.*\))?", span)
+        if not m or "." not in m.group(1) or re.search(r"\.(json|yaml|pt|py|log)$", m.group(1)):
+            continue
+        if OmegaConf.select(defaults, m.group(1), default="<absent>") != "<absent>":
+            continue
+        obj = _resolve(m.group(1))
+        if obj is not None:
+            assert callable(obj) or isinstance(obj, type), f"`{span}` in the walk is not a function or class"
+            named.append(m.group(1))
+    # the walk's spine, in the order the code calls it
+    spine = ["run.main", "run.job", "config.to_run_config", "results.done", "pipeline.prepare",
+             "validate.validate", "pipeline.execute", "results.write", "pipeline.train_or_load", "train.fit",
+             "pipeline.compress", "compress.apply_compression", "pipeline.record", "pipeline.optimized_value"]
+    missing = [s for s in spine if s not in named]
+    assert not missing, f"the walk does not name {missing}"
+    positions = [named.index(s) for s in spine]
+    assert positions == sorted(positions), "the walk names the spine out of call order"
