@@ -1,6 +1,6 @@
 """The training cache: what a key hashes, its entries (``<cache_dir>/<key>/``: ``key.json``, ``model.pt``, the
 training state, ``diagnostics/<digest>/``), the lock that lets one process at a time train a key, and the
-loading of cached weights.
+storing and loading of cached weights.
 
 A key is the digest of everything that determines the trained weights (:func:`weights_key`); the diagnostics of
 given weights have their own (:func:`diagnostics_key`). What enters each is the fields' declared roles
@@ -22,10 +22,10 @@ from typing import Optional
 import torch
 
 from craft_runner import distributed, identity
-from craft_runner.atomic import atomic_write_json
+from craft_runner.atomic import atomic_save, atomic_write_json
 from craft_runner.identity import DIAGNOSTICS, KEY_VERSION, WEIGHTS, digest  # noqa: F401  (digest: re-exported)
 from craft_runner.schema import RunConfig
-from craft_runner.train import CheckpointError, load_checkpoint, nonfinite_weights
+from craft_runner.train import CheckpointError, NonFiniteError, load_checkpoint, nonfinite_weights
 
 log = logging.getLogger("craft_runner.pipeline")  # what a run logs reads as one logger's, as before
 
@@ -114,6 +114,17 @@ def load_cached_weights(path: Path, device: torch.device, key: Optional[str] = N
             raise CheckpointError(f"{path} holds the weights of training {recorded}, not of {key} (its folder's "
                                   f"key): it was moved or copied there; {fix}")
     return st
+
+
+def store_weights(path: Path, model: torch.nn.Module, meta: dict, key_inputs: dict, what: str) -> None:
+    """``model``'s weights as the cache entry ``path`` (``model.pt``), with ``meta`` (the training's record), the
+    entry's key and what it hashes (checked when loaded). Non-finite weights are never cached: a one-line
+    NonFiniteError naming ``what`` (the optimizer) instead."""
+    if nonfinite_weights(model):  # fit checks every epoch; never cache what it would have refused
+        raise NonFiniteError(f"non-finite weights after training {what}: nothing cached")
+    inputs = json.loads(json.dumps(key_inputs, sort_keys=True, default=str))
+    atomic_save({"model": model.state_dict(), "meta": meta, "cache_key": path.parent.name, "key_inputs": inputs},
+                path)
 
 
 def uncertified_lambda_min_dropped(results: dict) -> dict:

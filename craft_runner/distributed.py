@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,13 @@ def local_device(device: torch.device) -> torch.device:
     if initialized() and device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel when several processes train it, else ``model`` itself."""
+    if world_size() <= 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def broadcast(obj):

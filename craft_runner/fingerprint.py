@@ -102,6 +102,14 @@ def scheduler_job() -> dict:
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 
+def machine(device: torch.device, autocast: Optional[str] = None, training_tf32: bool = False) -> dict:
+    """What results.json records of the machine a run computes on: ``versions``, ``device``, ``environment``
+    (see :func:`environment` for the arguments) and, when a cluster scheduler started it, ``slurm``."""
+    job = scheduler_job()
+    return {"versions": versions(), "device": device_name(device),
+            "environment": environment(device, autocast, training_tf32), **({"slurm": job} if job else {})}
+
+
 def _get(env: dict, path: str):
     node = env
     for part in path.split("."):

@@ -5,8 +5,9 @@ prepare ─► diagnostics before (cached) ─► train or load (cached) ─► 
 
 Each stage is a function a test or a notebook can call; :func:`execute` calls them in that order on what
 :func:`prepare` built, :func:`run` skips a run done already, prepares and executes. Around the stages: the
-checks (:mod:`.validate`), the training cache (:mod:`.cache`), results.json (:mod:`.results`) and the dry-run
-plan (:mod:`.plan`).
+checks (:mod:`.validate`), the training cache (:mod:`.cache`), the cached diagnostics
+(:mod:`.cached_diagnostics`), results.json (:mod:`.results`), what is recorded of the machine
+(:mod:`.fingerprint`), the tracker (:mod:`.tracking`) and the dry-run plan (:mod:`.plan`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,46 +23,26 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from craft_runner import device as device_module
 from craft_runner import distributed, results, train
-from craft_runner.atomic import atomic_save, atomic_write_json
-from craft_runner.cache import (  # noqa: F401  (CACHE_VERSION, diagnostics_key, locked, ...: re-exported)
-    CACHE_VERSION,
-    cache_entry,
-    cache_key,
-    diagnostics_key,
-    digest,
-    load_cached_weights,
-    locked,
-    read_json,
-    uncertified_lambda_min_dropped,
-    weights_key,
-)
+from craft_runner.cache import cache_entry, digest, load_cached_weights, locked, store_weights, weights_key
+from craft_runner.cache import cache_key as cache_key  # re-exported: craft_runner.bench.smoke_paper uses it
+from craft_runner.cached_diagnostics import Diagnostics
 from craft_runner.compress import CompressContext, apply_compression, check_compression
 from craft_runner.compress.bn import recalibrate_bn
 from craft_runner.config import to_run_config
 from craft_runner.data import build_data
-from craft_runner.diagnostics import run_diagnostics
+from craft_runner.device import resolve_device
 from craft_runner.export import check_export, export_cell
-from craft_runner.fingerprint import device_name, environment, scheduler_job, versions
+from craft_runner.fingerprint import machine
 from craft_runner.identity import recorded
 from craft_runner.models import create_model, model_data_config
 from craft_runner.optim import build_optimizer
-from craft_runner.plan import describe_plan, plan_cell, runnable  # noqa: F401  (re-exported)
-from craft_runner.results import previous_result, read_results  # noqa: F401  (re-exported)
 from craft_runner.schema import ConfigError, RunConfig
-from craft_runner.tracking import NullTracker, cell_digest, export_scalars, make_tracker
-from craft_runner.validate import check_device, check_writable, validate  # noqa: F401  (re-exported)
+from craft_runner.tracking import NullTracker, export_scalars, make_tracker, replay_cached, start_training
+from craft_runner.validate import check_writable as check_writable  # re-exported: as cache_key
+from craft_runner.validate import validate
 
 log = logging.getLogger(__name__)
-
-# Its old name here (tests of cached diagnostics import it from the pipeline).
-_uncertified_lambda_min_dropped = uncertified_lambda_min_dropped
-
-
-def resolve_device(name: str) -> torch.device:
-    # auto on a CUDA build without a usable GPU says so in one line (craft_runner.device)
-    return device_module.resolve_device(name)
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -109,54 +89,6 @@ def prepare(cfg) -> Prepared:
     return Prepared(rc, device, data, model)
 
 
-class Diagnostics:
-    """The diagnostics of the weights of one cache entry, measured once per key and kept beside them."""
-
-    def __init__(self, p: Prepared):
-        self.p = p
-        s = p.rc.sharpness
-        inputs = diagnostics_key(p.rc)
-        self.dir = p.cache_dir / "diagnostics" / digest(inputs)
-        self._inputs = inputs
-        self.path = self.dir / "diagnostics.json"
-        self.results: dict = uncertified_lambda_min_dropped(read_json(self.path)) if self.path.exists() else {}
-        self._batches = None
-        self.enabled = s.enabled
-
-    def measure(self, when: str) -> None:
-        """Measure ``when`` ("before" or "after" training) unless switched off or already cached."""
-        s = self.p.rc.sharpness
-        if not (self.enabled and getattr(s, when)) or when in self.results:
-            return
-        if self._batches is None:
-            self._batches = self.p.data.calib_batches(s.n_samples, s.batch_size, s.seed, self.p.device)
-            used = sum(len(y) for _, y in self._batches)
-            if used < s.n_samples:  # the training set is smaller: all of it, said and recorded
-                log.warning("sharpness.n_samples=%d is more than the training split holds: %d used", s.n_samples,
-                            used)
-        cache_entry(self.dir, self._inputs)
-        self.results[when] = run_diagnostics(self.p.model, self._batches, s, self.dir, tag=when)
-        self.results[when]["n_samples_used"] = sum(len(y) for _, y in self._batches)
-        atomic_write_json(self.results, self.path)
-
-    def metrics(self) -> dict:
-        """λmax and every diagnostic scalar, as ``lambda_max_{when}`` and ``{when}/{name}``."""
-        out = {}
-        for when in ("before", "after"):
-            d = self.results.get(when)
-            if d is None or not getattr(self.p.rc.sharpness, when):
-                continue
-            if "lambda_max" in d:
-                out[f"lambda_max_{when}"] = d["lambda_max"]["value"]
-                out[f"lambda_max_{when}_iterations"] = d["lambda_max"]["iterations"]
-            out.update({f"{when}/{k}": v for k, v in d.get("scalars", {}).items()})
-        return out
-
-    def record(self) -> dict:
-        s = self.p.rc.sharpness
-        return {when: d for when, d in self.results.items() if getattr(s, when)}
-
-
 def train_or_load(p: Prepared, tracker=None) -> dict:
     """Load the cached weights for this key, or train (resuming from the last epoch) and cache them.
 
@@ -175,42 +107,21 @@ def train_or_load(p: Prepared, tracker=None) -> dict:
         st = load_cached_weights(final, p.device, cache_dir.name)
         p.model.load_state_dict(st["model"])
         log.info("loaded cached weights %s (no training)", final)
-        tracker.start()
-        if not tracker.resumed:  # the curves of the training that made these weights
-            for record in st["meta"].get("history", []):
-                tracker.log_epoch(record)
+        replay_cached(tracker, st["meta"].get("history", []))
         return {**st["meta"], "trained": False}
-    state = train.load_state(state_path)
-    cell = cell_digest(dataclasses.asdict(rc))
-    previous = (state or {}).get("wandb") or {}
-    tracker.start(previous.get("id") if previous.get("cell") == cell else None)
-    if state is not None:
-        # The epochs trained before: a new W&B run has none of them; a continued one may lack some (SIGTERM of a
-        # requeue ends the W&B service of the job before the job itself) and drops the steps it already has.
-        for record in state["history"]:
-            if record["epoch"] >= tracker.next_step:
-                tracker.log_epoch(record)
-    model, world = p.model, distributed.world_size()
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(p.model, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+    state = train.load_state(state_path)  # resumed from its last epoch, and its W&B run continued
+    extra = start_training(tracker, state, dataclasses.asdict(rc))
+    model, world = distributed.wrap(p.model, p.device), distributed.world_size()
     opt = build_optimizer(model, rc.optimizer)
     loader = p.data.train_loader(rc.train.batch_size, rc.seed, p.device, rc.dataset, distributed.rank(), world)
-    extra = {"wandb": {"id": tracker.run_id, "cell": cell}} if tracker.run_id else {}
     info = train.fit(model, loader, opt, rc.train, p.device, state_path=state_path, desc=rc.optimizer.name,
                      on_epoch=tracker.log_epoch, state=state, extra_state=extra, save_state=distributed.is_main())
     meta = {k: info[k] for k in ("train_seconds", "history", "epochs", "steps", "second_pass_fraction",
                                  "optimizer_extra_bytes")}
     meta["world_size"] = world
-    meta["autocast"] = _autocast(p) or "off"  # train.amp as it was in effect on this device
+    meta["autocast"] = train.autocast_name(p.device, rc.train.amp) or "off"  # train.amp as in effect here
     if distributed.is_main():
-        if train.nonfinite_weights(p.model):  # fit checks every epoch; never cache what it would have refused
-            raise train.NonFiniteError(f"non-finite weights after training {rc.optimizer.name}: nothing cached")
-        # The key and what it hashes: the checkpoint says which training it is (checked when loaded).
-        inputs = json.loads(json.dumps(p.key_inputs, sort_keys=True, default=str))
-        atomic_save({"model": p.model.state_dict(), "meta": meta, "cache_key": cache_dir.name,
-                     "key_inputs": inputs}, final)
+        store_weights(final, p.model, meta, p.key_inputs, rc.optimizer.name)
         state_path.unlink(missing_ok=True)
     distributed.barrier()  # the other ranks leave once the weights are cached
     return {**meta, "trained": True, "resumed_from": info["resumed_from"]}
@@ -264,12 +175,6 @@ def export(p: Prepared, model: nn.Module, simulated_accuracy: float, run_dir: Pa
 # --------------------------------------------------------------------------------------------- record
 
 
-def _autocast(p: Prepared) -> Optional[str]:
-    """The autocast dtype training runs under on this device (train.amp resolved), None for float32."""
-    dtype = train.amp_dtype(p.device, p.rc.train.amp)
-    return str(dtype).removeprefix("torch.") if dtype is not None else None
-
-
 def optimized_value(name: Optional[str], metrics: dict) -> Optional[float]:
     """The metric ``optimized_metric`` names (null: compressed_acc when compressing, else fp_acc; their val_
     versions when there is a validation split, so that a sweeper never tunes on the test split by default)."""
@@ -290,16 +195,6 @@ def record(rec: dict, run_dir: Path, tracker) -> None:
              f", compressed {metrics['compressed_acc']:.2f}% ({metrics['drop']:+.2f})"
              if "compressed_acc" in metrics else "",
              f"{metrics['lambda_max_after']:.4g}" if "lambda_max_after" in metrics else "n/a")
-
-
-def _figures(sharpness: dict) -> dict:
-    """The diagnostics' PNG plots as ``{"diagnostics/<when>/<name>": path}``."""
-    out = {}
-    for when, d in sharpness.items():
-        plots = d.get("plots") or {}
-        items = plots.items() if isinstance(plots, dict) else ((Path(p).stem, p) for p in plots)
-        out.update({f"diagnostics/{when}/{name}": path for name, path in items if Path(path).exists()})
-    return out
 
 
 def run(cfg) -> Optional[dict]:
@@ -330,11 +225,9 @@ def execute(p: Prepared) -> Optional[dict]:
                            reuse_run_dir_id=results.previous_status(run_dir) != "ok")
     # identity: the inputs of the training key and the cell's, so that craft-report needs no RunConfig
     record_ = {"config": config_dict, "cache_key": cache_dir.name, "identity": recorded(rc, p.key_inputs),
-               "versions": versions(),
-               "device": device_name(p.device), "world_size": distributed.world_size(), "status": "running",
+               "world_size": distributed.world_size(), "status": "running",
                "splits": p.data.splits(),  # val_* metrics: the validation split, held out of train
-               "environment": environment(p.device, _autocast(p), getattr(rc.train, "tf32", False)),
-               **({"slurm": job} if (job := scheduler_job()) else {})}
+               **machine(p.device, train.autocast_name(p.device, rc.train.amp), getattr(rc.train, "tf32", False))}
     status = "failed"
     results.write(record_, run_dir)  # a run that dies hard stays "running", never "ok"
     try:
@@ -367,7 +260,7 @@ def execute(p: Prepared) -> Optional[dict]:
         record_.update(metrics=metrics, train=train_info, sharpness=diagnostics.record())
         record_["wandb"] = tracker.info() or None
         record(record_, run_dir, tracker)
-        tracker.log_images(_figures(record_["sharpness"]))
+        tracker.log_images(diagnostics.figures())
         status = "ok"
         return metrics
     except BaseException as e:

@@ -181,6 +181,29 @@ def cell_digest(config) -> str:
     return identity.digest(identity.inputs(config, identity.CELL))
 
 
+def start_training(tracker: Tracker, state: Optional[dict], config: dict) -> dict:
+    """Start ``tracker`` for a training: it continues the W&B run the training ``state`` names when that run is
+    this cell's, and logs the epochs trained before; returns what the training state keeps of the W&B run."""
+    cell = cell_digest(config)
+    previous = (state or {}).get("wandb") or {}
+    tracker.start(previous.get("id") if previous.get("cell") == cell else None)
+    # The epochs trained before: a new W&B run has none of them; a continued one may lack some (SIGTERM of a
+    # requeue ends the W&B service of the job before the job itself) and drops the steps it already has.
+    for record in (state or {}).get("history", []):
+        if record["epoch"] >= tracker.next_step:
+            tracker.log_epoch(record)
+    return {"wandb": {"id": tracker.run_id, "cell": cell}} if tracker.run_id else {}
+
+
+def replay_cached(tracker: Tracker, history: list) -> None:
+    """Start ``tracker`` for cached weights: the curves of the training that made them, unless the W&B run
+    continued has them already."""
+    tracker.start()
+    if not tracker.resumed:
+        for record in history:
+            tracker.log_epoch(record)
+
+
 # The export record's scalars a run logs beside its metrics, as ``export/<name>``.
 EXPORT_SCALARS = ("accuracy", "bytes_ratio", "latency_ratio_b1", "latency_ratio_b64", "max_logit_diff")
 

@@ -97,6 +97,13 @@ def amp_dtype(device: torch.device, mode: str) -> Optional[torch.dtype]:
     return None
 
 
+def autocast_name(device: torch.device, mode: str) -> Optional[str]:
+    """The autocast dtype training runs under on ``device`` (``train.amp`` resolved) as recorded, e.g.
+    "bfloat16"; None for float32."""
+    dtype = amp_dtype(device, mode)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 @functools.cache
 def _native_bf16(device: torch.device) -> bool:
     # asked once per device: autocast() runs on every training step

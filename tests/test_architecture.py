@@ -12,6 +12,7 @@ from helpers import TINY, compose_run
 from torch import nn
 
 from craft_runner import pipeline
+from craft_runner.cache import cache_key, diagnostics_key, weights_key
 from craft_runner.compress import CompressContext, apply_compression, compressors, get_compressor
 from craft_runner.compress.registry import CompressConfig, register_compressor
 from craft_runner.config import to_run_config
@@ -97,7 +98,7 @@ def test_registered_optimizers_build_with_their_fields():
 
 
 def _key(*overrides):
-    return pipeline.cache_key(to_run_config(compose_run(*TINY, *overrides)))
+    return cache_key(to_run_config(compose_run(*TINY, *overrides)))
 
 
 def test_rho_does_not_change_adams_cache_key_but_changes_sams():
@@ -111,7 +112,7 @@ def test_rho_does_not_change_adams_cache_key_but_changes_sams():
 
 def test_diagnostics_key_ignores_when_and_how_results_are_shown():
     def dkey(*o):
-        return pipeline.diagnostics_key(to_run_config(compose_run(*TINY, *o)))
+        return diagnostics_key(to_run_config(compose_run(*TINY, *o)))
 
     assert dkey("sharpness.before=false", "sharpness.plots=false") == dkey()
     assert dkey("sharpness.max_iter=7") != dkey()
@@ -121,9 +122,9 @@ def test_every_cache_entry_writes_key_json(tmp_path):
     cfg = compose_run(*TINY, "train.epochs=1", tmp_path=tmp_path)
     pipeline.run(cfg)
     rc = to_run_config(cfg)
-    entry = tmp_path / "cache" / pipeline.cache_key(rc)
+    entry = tmp_path / "cache" / cache_key(rc)
     key = json.loads((entry / "key.json").read_text())
-    assert key == json.loads(json.dumps(pipeline.weights_key(rc), default=str))
+    assert key == json.loads(json.dumps(weights_key(rc), default=str))
     assert key["optimizer"] == {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}
     (diag,) = (entry / "diagnostics").iterdir()
     dkey = json.loads((diag / "key.json").read_text())

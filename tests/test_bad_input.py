@@ -9,7 +9,9 @@ from helpers import TINY, compose_run
 from test_robust import cli, error_lines
 
 from craft_runner import pipeline
+from craft_runner.cache import cache_key
 from craft_runner.config import ConfigError, to_run_config
+from craft_runner.plan import describe_plan, plan_cell
 from craft_runner.train import CheckpointError
 
 FAST = (*TINY, "train.epochs=1", "sharpness.enabled=false")
@@ -61,11 +63,11 @@ def test_results_json_of_the_wrong_shape_is_redone(tmp_path, caplog):
 def test_cached_checkpoint_records_its_key_and_a_moved_one_is_refused(tmp_path, caplog):
     cfg = compose_run(*FAST, tmp_path=tmp_path)
     pipeline.run(cfg)
-    key = pipeline.cache_key(to_run_config(cfg))
+    key = cache_key(to_run_config(cfg))
     st = torch.load(tmp_path / "cache" / key / "model.pt", weights_only=True)
     assert st["cache_key"] == key and st["key_inputs"]["seed"] == 0 and st["key_inputs"]["version"] == 2
     other = compose_run(*FAST, "seed=1", tmp_path=tmp_path)
-    other_dir = tmp_path / "cache" / pipeline.cache_key(to_run_config(other))
+    other_dir = tmp_path / "cache" / cache_key(to_run_config(other))
     other_dir.mkdir()
     torch.save(st, other_dir / "model.pt")  # the weights of seed 0 in seed 1's folder
     with pytest.raises(CheckpointError, match=rf"holds the weights of training {key}, not of {other_dir.name}"):
@@ -79,7 +81,7 @@ def test_cached_checkpoint_records_its_key_and_a_moved_one_is_refused(tmp_path, 
 
 def test_dry_run_lists_a_cell_without_its_data_as_data_missing(tmp_path):
     cfg = compose_run(*FAST, "dataset=flowers102", f"paths.data_dir={tmp_path / 'none'}", tmp_path=tmp_path)
-    line = pipeline.describe_plan([pipeline.plan_cell(cfg)])
+    line = describe_plan([plan_cell(cfg)])
     assert ", data missing: Flowers-102 (flowers102) not found" in line and "1 without their data" in line
 
 

@@ -145,13 +145,13 @@ def test_training_sets_tf32_as_train_tf32_says(monkeypatch, enabled):
 def test_train_tf32_is_an_option_outside_the_cache_key(tmp_path):
     from helpers import TINY, compose_run
 
-    from craft_runner import pipeline
+    from craft_runner.cache import cache_key
     from craft_runner.config import to_run_config
 
     default = to_run_config(compose_run(*TINY, tmp_path=tmp_path))
     on = to_run_config(compose_run(*TINY, "train.tf32=true", tmp_path=tmp_path))
     assert default.train.tf32 is False and on.train.tf32 is True
-    assert pipeline.cache_key(default) == pipeline.cache_key(on)  # as the device: rounding, not what is computed
+    assert cache_key(default) == cache_key(on)  # as the device: rounding, not what is computed
 
 
 # ------------------------------------------------------------------------------------------ 9: no autocast

@@ -170,7 +170,7 @@ def test_sharpness_config_checks():
 
 
 def test_diagnostics_cached_before_certification_report_no_lambda_min():
-    from craft_runner.pipeline import _uncertified_lambda_min_dropped
+    from craft_runner.cache import uncertified_lambda_min_dropped as _uncertified_lambda_min_dropped
 
     old = {"after": {"lambda_max": {"value": 10.0, "lambda_min": -3.0}, "scalars": {"lambda_max": 10.0,
                                                                                       "lambda_min": -3.0}}}

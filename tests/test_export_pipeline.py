@@ -22,10 +22,13 @@ from test_robust import cli, error_lines
 
 import craft_runner.train as train_mod
 from craft_runner import pipeline
+from craft_runner.cache import cache_key
 from craft_runner.compress import PTQConfig
 from craft_runner.config import ConfigError, to_run_config
 from craft_runner.export import ExportConfig
+from craft_runner.plan import plan_cell
 from craft_runner.report.cli import main as report_main
+from craft_runner.results import previous_result
 
 # digits / ResNet-20, one epoch, BasePTQ; latency measured briefly (its value is not what is tested here).
 DIGITS = ("dataset=digits", "model=resnet20", "train.epochs=1", "train.progress=false", "sharpness.enabled=false",
@@ -75,14 +78,14 @@ def test_w8a8_cell_exports_int8_and_w6a6_is_simulated_only_without_training_agai
 def test_export_is_not_part_of_the_training_key_and_none_keeps_old_cells_done(tmp_path):
     base = to_run_config(compose_run(*TINY, "compress=ptq", tmp_path=tmp_path))
     other = to_run_config(compose_run(*TINY, "compress=ptq", "export=onnx_int8", tmp_path=tmp_path))
-    assert pipeline.cache_key(base) == pipeline.cache_key(other)
+    assert cache_key(base) == cache_key(other)
     # a results.json written before the export group (no "export" key) is the same cell as export=none
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     old = {k: v for k, v in dataclasses.asdict(base).items() if k != "export"}
     (run_dir / "results.json").write_text(json.dumps({"status": "ok", "config": old, "metrics": {"fp_acc": 1.0}}))
-    assert pipeline.previous_result(base)["metrics"] == {"fp_acc": 1.0}
-    assert pipeline.previous_result(other) is None
+    assert previous_result(base)["metrics"] == {"fp_acc": 1.0}
+    assert previous_result(other) is None
 
 
 def test_export_scalars_go_to_the_tracker_with_the_metrics(tmp_path):
@@ -113,7 +116,7 @@ def test_export_with_token_merging_is_refused_before_any_work(tmp_path):
     assert "\n" not in str(e.value) and str(e.value).startswith("export=onnx_int8 is not allowed with compress=tome")
     assert list(tmp_path.iterdir()) == []
     # dry_run's listing says so too
-    assert pipeline.plan_cell(cfg)["error"].startswith("export=onnx_int8 is not allowed with compress=tome")
+    assert plan_cell(cfg)["error"].startswith("export=onnx_int8 is not allowed with compress=tome")
 
 
 def test_export_with_token_merging_exits_2_in_one_line(tmp_path):

@@ -13,13 +13,13 @@ import torch
 from helpers import compose_run
 
 from craft_runner import schema
+from craft_runner.cache import cache_key, weights_key
 from craft_runner.compress import registry as compress_registry
 from craft_runner.config import ConfigError, to_run_config
 from craft_runner.discovery import Registry
 from craft_runner.export import registry as export_registry
 from craft_runner.optim import registry
 from craft_runner.optim.registry import CommonParams, HParams, OptimInfo, OptimizerConfig, optimizers
-from craft_runner.pipeline import cache_key, weights_key
 
 # `craft-run` with no overrides: its weights' cache key before the schemas were split
 DEFAULT_KEY = "212bb006bcfd23a2"

@@ -9,6 +9,7 @@ from helpers import TINY, compose_run
 
 import craft_runner.train as train_mod
 from craft_runner import pipeline
+from craft_runner.cache import cache_key
 from craft_runner.config import ConfigError
 
 
@@ -46,9 +47,9 @@ def test_second_run_with_other_compression_does_not_train(tiny_run, tiny_cache, 
 
 
 def test_sam_changes_the_cache_key(tmp_path):
-    a = pipeline.cache_key(pipeline.to_run_config(compose_run(*TINY)))
-    b = pipeline.cache_key(pipeline.to_run_config(compose_run(*TINY, "optimizer=sam")))
-    c = pipeline.cache_key(pipeline.to_run_config(compose_run(*TINY, "compress=prune", "train.progress=true")))
+    a = cache_key(pipeline.to_run_config(compose_run(*TINY)))
+    b = cache_key(pipeline.to_run_config(compose_run(*TINY, "optimizer=sam")))
+    c = cache_key(pipeline.to_run_config(compose_run(*TINY, "compress=prune", "train.progress=true")))
     assert a != b and a == c
 
 

@@ -17,6 +17,7 @@ from helpers import TINY, compose_run
 from torch import nn
 
 from craft_runner import pipeline
+from craft_runner.cache import cache_key, locked
 from craft_runner.config import OptimizerConfig, TrainConfig
 from craft_runner.data.core import TensorLoader
 from craft_runner.optim import build_optimizer
@@ -171,7 +172,7 @@ class Planted:
 
 def _cache_dir(tmp_path, *overrides):
     cfg = compose_run(*TINY, "sharpness.enabled=false", *overrides, tmp_path=tmp_path)
-    d = tmp_path / "cache" / pipeline.cache_key(pipeline.to_run_config(cfg))
+    d = tmp_path / "cache" / cache_key(pipeline.to_run_config(cfg))
     d.mkdir(parents=True)
     return cfg, d
 
@@ -276,7 +277,7 @@ def test_a_job_waiting_on_the_training_lock_says_so(tmp_path, caplog):
     entered = threading.Event()
 
     def job():
-        with pipeline.locked(d):
+        with locked(d):
             entered.set()
 
     with caplog.at_level(logging.INFO, logger="craft_runner.pipeline"):

@@ -10,6 +10,7 @@ from helpers import TINY, compose_run
 from test_data import RESNET20_DC, make_oxford_pets
 
 from craft_runner import pipeline
+from craft_runner.cache import cache_key, weights_key
 from craft_runner.config import to_run_config
 from craft_runner.data import build_data, dataset_root, stratified_holdout
 from craft_runner.schema import ConfigError, DatasetConfig
@@ -123,7 +124,7 @@ def test_no_val_split_records_zero_and_keeps_the_cache_key(tmp_path):
     assert res["splits"] == {"train": 96, "val": 0, "test": 48}
     assert not any(k.startswith("val_") for k in m) and pipeline.optimized_value(None, m) == m["fp_acc"]
     rc = to_run_config(cfg)
-    assert "val_fraction" not in pipeline.weights_key(rc)["dataset"]  # keys cached before the field still hold
+    assert "val_fraction" not in weights_key(rc)["dataset"]  # keys cached before the field still hold
     held = to_run_config(compose_run(*TINY, "dataset.val_fraction=0.25"))
-    assert pipeline.weights_key(held)["dataset"]["val_fraction"] == 0.25
-    assert pipeline.cache_key(held) != pipeline.cache_key(rc)
+    assert weights_key(held)["dataset"]["val_fraction"] == 0.25
+    assert cache_key(held) != cache_key(rc)
