@@ -89,6 +89,20 @@ def _p(experiment, row, base, column, estimand="drop", scale="raw", base_column=
 
 
 _LN = math.log
+
+
+def _ptq(approach: str, column: str, scale: str = "raw") -> Primary:
+    """SNT Table 3 (PTQ), ResNet-20 (the row the paper's text discusses): ``approach`` against ADAM."""
+    return _p("snt_table3_ptq", {"Backbone": "ResNet-20", "Approach": approach}, {"Approach": "ADAM"}, column,
+              "value", scale, sweep={"+shared/snt_row": ["resnet20_w4ft"]})
+
+
+def _qat(approach: str, column: str, scale: str = "raw") -> Primary:
+    """SNT Table 3 (QAT), MobileNet-V1 with distiller's activation coverage: ``approach`` against ADAM."""
+    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": "distiller", "Approach": approach},
+              {"Approach": "ADAM"}, column, "value", scale,
+              sweep={"+shared/snt_qat": ["mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"],
+                     "compress.act_quant": ["distiller"]})
 _T1 = dict(Model="tiny ViT")
 _NOT_CRAFT = "trained from scratch with BN re-calibration (cheap_sam) or make run's recipe, not CrAFT's fine-tuning"
 
@@ -178,51 +192,35 @@ CLAIMS: list[Claim] = [
           rows=({"Method": ("BasePTQ +SmoothQuant",), "Fine-tuning": ("CrAFT",)},), extension=True),
     # ---------------------------------------------- SNT: SAM and ARCH (Adam on the transformed network) vs ADAM.
     Claim("SNT", "Table 3 (PTQ)", "SAM lowers λmax below ADAM's",
-          _p("snt_table3_ptq", {"Backbone": "ResNet-20", "Approach": "SAM"}, {"Approach": "ADAM"}, "λmax (↓)",
-             "value", "log", sweep={"+shared/snt_row": ["resnet20_w4ft"]}),
+          _ptq("SAM", "λmax (↓)", "log"),
           _LN(15.19 / 105.62), "ResNet-20: ln(15.19 / 105.62)", LOWER,
           supporting=(("snt_table3_ptq", r"λmax.*"), ("cheap_sam", "λmax"))),
     Claim("SNT", "Table 3 (PTQ)", "ARCH lowers λmax below ADAM's",
-          _p("snt_table3_ptq", {"Backbone": "ResNet-20", "Approach": "ARCH"}, {"Approach": "ADAM"}, "λmax (↓)",
-             "value", "log", sweep={"+shared/snt_row": ["resnet20_w4ft"]}),
+          _ptq("ARCH", "λmax (↓)", "log"),
           _LN(39.43 / 105.62), "ResNet-20: ln(39.43 / 105.62)", LOWER,
           supporting=(("snt_table3_ptq", r"λmax.*"), ("cheap_sam", "λmax")), rows=ARCH_ROWS),
     Claim("SNT", "Table 3 (PTQ)", "SAM keeps more accuracy than ADAM after PTQ (ResNet-20 W4: +2.2)",
-          _p("snt_table3_ptq", {"Backbone": "ResNet-20", "Approach": "SAM"}, {"Approach": "ADAM"}, "Top-1 (%)",
-             "value", sweep={"+shared/snt_row": ["resnet20_w4ft"]}),
+          _ptq("SAM", "Top-1 (%)"),
           68.33 - 66.12, "ResNet-20 W4 Top-1: 68.33 − 66.12",
           supporting=(("snt_table3_ptq", r"Top-1.*"),)),
     Claim("SNT", "Table 3 (PTQ)", "ARCH keeps more accuracy than ADAM after PTQ (ResNet-20 W4: +1.0)",
-          _p("snt_table3_ptq", {"Backbone": "ResNet-20", "Approach": "ARCH"}, {"Approach": "ADAM"}, "Top-1 (%)",
-             "value", sweep={"+shared/snt_row": ["resnet20_w4ft"]}),
+          _ptq("ARCH", "Top-1 (%)"),
           67.14 - 66.12, "ResNet-20 W4 Top-1: 67.14 − 66.12",
           supporting=(("snt_table3_ptq", r"Top-1.*"),), rows=ARCH_ROWS),
     Claim("SNT", "Table 3 (QAT)", "SAM lowers λmax below ADAM's",
-          _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": "distiller", "Approach": "SAM"},
-             {"Approach": "ADAM"}, "λmax (↓)",
-             "value", "log", sweep={"+shared/snt_qat": ["mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"],
-                                    "compress.act_quant": ["distiller"]}),
+          _qat("SAM", "λmax (↓)", "log"),
           _LN(943.16 / 1234.5), "MobileNet-V1: ln(943.16 / 1234.5)", LOWER,
           supporting=(("snt_table3_qat", r"λmax.*"),)),
     Claim("SNT", "Table 3 (QAT)", "ARCH lowers λmax below ADAM's (below SAM's on MobileNet-V1)",
-          _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": "distiller", "Approach": "ARCH"},
-             {"Approach": "ADAM"}, "λmax (↓)",
-             "value", "log", sweep={"+shared/snt_qat": ["mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"],
-                                    "compress.act_quant": ["distiller"]}),
+          _qat("ARCH", "λmax (↓)", "log"),
           _LN(809.96 / 1234.5), "MobileNet-V1: ln(809.96 / 1234.5)", LOWER,
           supporting=(("snt_table3_qat", r"λmax.*"),), rows=ARCH_ROWS),
     Claim("SNT", "Table 3 (QAT)", "SAM keeps more accuracy than ADAM after W4A4 QAT",
-          _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": "distiller", "Approach": "SAM"},
-             {"Approach": "ADAM"}, "Top-1 (%)",
-             "value", sweep={"+shared/snt_qat": ["mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"],
-                             "compress.act_quant": ["distiller"]}),
+          _qat("SAM", "Top-1 (%)"),
           82.8 - 78.2, "MobileNet-V1 W4A4 Top-1: 82.8 − 78.2",
           supporting=(("snt_table3_qat", r"Top-1.*"),)),
     Claim("SNT", "Table 3 (QAT)", "ARCH keeps more accuracy than ADAM after W4A4 QAT (MobileNet-V1: +5.4)",
-          _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": "distiller", "Approach": "ARCH"},
-             {"Approach": "ADAM"}, "Top-1 (%)",
-             "value", sweep={"+shared/snt_qat": ["mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"],
-                             "compress.act_quant": ["distiller"]}),
+          _qat("ARCH", "Top-1 (%)"),
           83.67 - 78.2, "MobileNet-V1 W4A4 Top-1: 83.67 − 78.2",
           supporting=(("snt_table3_qat", r"Top-1.*"),), rows=ARCH_ROWS),
     Claim("SNT", "Table 4",
