@@ -234,7 +234,8 @@ def test_confirmatory_plan(tmp_path):
 def test_the_thesis_as_a_claim():
     setting = claims.THESIS[3]
     base = {"setting": setting, "n": 55, "rho": -0.4, "ci_low": -0.6, "ci_high": -0.2,
-            "verdict": "λmax predicts the drop", "within_pooled": (55, 0.05, -0.2, 0.3), "within_verdict": "not separated"}
+            "verdict": "λmax predicts the drop", "within_pooled": (55, 0.05, -0.2, 0.3),
+            "within_verdict": "not separated"}
     other = {**base, "setting": "x: W6A6", "rho": 0.1, "ci_low": -0.2, "ci_high": 0.4, "verdict": "not separated"}
     block, line, row = claims.thesis_block([other, base])
     assert "— **holds**" in block and "shown not counted: x: W6A6" in block and "**holds**" in line

@@ -181,7 +181,8 @@ CLAIMS: list[Claim] = [
           _p("craft_fig4", {"Criterion": "SparseGPT", "Fine-tuning": "CrAFT"}, {"Fine-tuning": "ADAM"}, "80%",
              sweep={"+shared/pruner": ["sparsegpt"], "+shared/prune_shape": ["u80"]}),
           None, "an extension: the paper tests magnitude and Wanda only",
-          supporting=(("craft_fig4", r"\d+%|\d+:\d+"),), rows=({"Criterion": ("SparseGPT",), "Fine-tuning": ("CrAFT",)},),
+          supporting=(("craft_fig4", r"\d+%|\d+:\d+"),),
+          rows=({"Criterion": ("SparseGPT",), "Fine-tuning": ("CrAFT",)},),
           extension=True),
     Claim("CrAFT", "Table 2 (SmoothQuant)", "CrAFT's W+A gain survives SmoothQuant (outliers migrated into the weights "
           "first: if it vanishes, Figure 2's smoothing is the reason)",
