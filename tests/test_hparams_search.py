@@ -36,7 +36,8 @@ def test_code_recipe_gives_the_released_scripts_values(optimizer):
         assert (rc.optimizer.rho, rc.optimizer.adaptive) == (CODE["rho"], CODE["adaptive"])
 
 
-@pytest.mark.parametrize("overrides,name", [(("optimizer=sgd",), "sgd"), (("optimizer=sam", "optimizer.base=sgd"), "sam")])
+@pytest.mark.parametrize("overrides,name",
+                         [(("optimizer=sgd",), "sgd"), (("optimizer=sam", "optimizer.base=sgd"), "sam")])
 def test_code_recipe_with_sgd_gives_the_last_revision_that_runs(overrides, name):
     # 7d096f4 (2023-08-19): torch.optim.SGD(lr, momentum=0.9, weight_decay), --SAM wrapping it; documented command
     rc = _rc("experiment=craft_table2", "+shared/task=oxford_pets", *overrides, "optimizer.lr=1e-4",

@@ -14,7 +14,7 @@ from scipy.stats import t as student_t
 from test_report import _python, config, table, write
 
 from craft_runner.compress import PruneConfig, PTQConfig
-from craft_runner.report import claims, stats
+from craft_runner.report import stats
 from craft_runner.report.cli import main
 
 # ------------------------------------------------------------------------------------------------ intervals
