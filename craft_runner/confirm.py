@@ -58,9 +58,15 @@ def lanes(batch: list) -> list[list]:
     return [lane for lane in (rest, snt) if lane]
 
 
+def sweep_dir(sweeps: Path, experiment: str, seeds: list) -> Path:
+    """One folder per invocation: craft-report reads the jobs of a folder's last sweep only, so a second round
+    into the first round's folder would set the first round's cells aside."""
+    return sweeps / f"{experiment}_small" / f"seeds{min(seeds)}-{max(seeds)}"
+
+
 def command(bin_dir: str, experiment: str, overrides: list, seeds: list, sweeps: Path) -> list[str]:
     return [f"{bin_dir}/craft-run", "-m", f"experiment={experiment}_small",
-            f"hydra.sweep.dir={sweeps / (experiment + '_small')}", "train.progress=false", *overrides,
+            f"hydra.sweep.dir={sweep_dir(sweeps, experiment, seeds)}", "train.progress=false", *overrides,
             "seed=" + ",".join(map(str, seeds))]
 
 
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
             t.join()
     timings["total_minutes"] = round((time.time() - t_start) / 60, 2)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
-    roots = [str(d) for d in sorted(sweeps.iterdir()) if d.is_dir()] if sweeps.is_dir() else []
+    roots = [str(d) for d in sorted(sweeps.glob("*/seeds*")) if d.is_dir()]
     if not roots:
         print("craft-claims: error: no sweep finished", file=sys.stderr)
         return 2

@@ -243,3 +243,12 @@ def test_the_thesis_as_a_claim():
     undecided = claims.thesis_block([{**base, "ci_high": 0.1, "verdict": "not separated"}])
     assert "— **undecided**" in undecided[0]
     assert claims.thesis_block([other])[2]["verdict"] == "not measured"
+
+
+def test_each_round_sweeps_into_its_own_folder(tmp_path):
+    """craft-report reads a folder's last sweep: two rounds into one folder would hide the first round's cells."""
+    first = confirm.command("bin", "craft_table2", ["compress.bits=W4A4"], list(range(100, 110)), tmp_path)
+    second = confirm.command("bin", "craft_table2", ["compress.bits=W4A4"], list(range(110, 120)), tmp_path)
+    dirs = [next(a for a in c if a.startswith("hydra.sweep.dir=")) for c in (first, second)]
+    assert dirs[0] != dirs[1] and all("craft_table2_small" in d for d in dirs)
+    assert first[-1] == "seed=" + ",".join(map(str, range(100, 110))) and "compress.bits=W4A4" in first
