@@ -73,7 +73,8 @@ def _per_channel_sums(ts: list[torch.Tensor]) -> torch.Tensor:
     """(len(ts), C): each tensor summed over all but its channel dim, first within each sample (the
     generated reduction then runs in parallel over the samples, and faster than one long sum)."""
     x = ts[0]
-    f32 = torch.float32  # parameter gradients accumulate in float32 also for bf16 activations
+    # parameter gradients accumulate in float32 also for bf16 activations, and in float64 for float64 ones
+    f32 = torch.promote_types(x.dtype, torch.float32)
     if x.ndim == 4:
         parts = [t.sum((2, 3), dtype=f32) for t in ts]  # (N, C)
     elif x.ndim > 2:
