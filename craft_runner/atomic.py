@@ -80,27 +80,38 @@ class _Watched:
         return getattr(self._f, name)
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    watched = None
+@contextlib.contextmanager
+def _replacing(path: Path, tmp: Path, cause: Callable[[BaseException], BaseException] = lambda e: e):
+    """The shared end of the atomic writers: a disk-full failure raised as one line naming ``path``, the
+    temporary always removed (after a success it is already renamed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            watched = _Watched(f)
-            write(watched)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield
     except Exception as e:
-        cause = watched.error if watched is not None and watched.error is not None else e
-        full = disk_full(cause, path)
+        full = disk_full(cause(e), path)
         if full is not None:
             raise full from e
         raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    watched = None
+
+    def cause(e: BaseException) -> BaseException:  # the OSError the writer swallowed, if any
+        return watched.error if watched is not None and watched.error is not None else e
+
+    with _replacing(path, tmp, cause):
+        with open(tmp, "wb") as f:
+            watched = _Watched(f)
+            write(watched)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -109,20 +120,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     the same suffix; on success the file is fsynced and renamed to ``path``, on failure removed."""
     path = Path(path)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with _replacing(path, tmp):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        full = disk_full(e, path)
-        if full is not None:
-            raise full from e
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
