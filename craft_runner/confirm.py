@@ -3,11 +3,12 @@
 Only each claim's primary comparison is run — the cells of its ``_small`` experiment that the primary needs —
 on seeds the 5-seed tables did not use (from ``CONFIRM_SEED0``), with the seeds per arm that the power analysis
 of those tables asks for (``docs/small/*-cells.csv``; at least ``MIN_SEEDS``, at most ``MAX_SEEDS``). Seeds run
-in rounds over all experiments (the first ``MIN_SEEDS`` everywhere, then the rest), two lanes side by side, each
-``craft-run`` on one thread, so a run cut short leaves every claim with as many seeds as the time allowed; a
-rerun resumes (finished cells are skipped, trainings come from the cache). Ends with ``craft-report --claims``
-over what finished: claims.md, claims-summary.md and claims.csv in OUT, with ``plan.json`` (per experiment the
-seeds asked for and the overrides) and ``timings.json``.
+in rounds (the first ``MIN_SEEDS`` of every sweep, then the rest), so a run cut short leaves every claim with as
+many seeds as the time allowed. Two workers, each ``craft-run`` on one thread, take the next sweep whose trainings
+the other worker is not making (sweeps of one family share cached trainings: side by side, one would wait on the
+other's training lock). A rerun resumes: finished cells are skipped, trainings come from the cache. Ends with
+``craft-report --claims`` over what finished: claims.md, claims-summary.md and claims.csv in OUT, with
+``plan.json`` (per sweep its experiment, overrides, claims and seeds per arm) and ``timings.json``.
 
     python -m craft_runner.confirm [--out outputs/claims] [--cells docs/small] [--jobs 2] [--dry-run]
 """
@@ -25,49 +26,80 @@ from pathlib import Path
 
 from craft_runner.report import claims as claims_mod
 
-# The from-scratch (SNT) experiments share trainings among themselves; so do the CrAFT ones. One lane each,
-# cheapest first within a lane so that the cheap claims are measured early.
-LANE_ORDER = ("craft_table4", "craft_fig1", "craft_fig2", "craft_table5", "craft_table1", "craft_table2",
-              "craft_table3", "craft_fig4",
-              "snt_table4", "snt_table3_ptq", "snt_fig6", "snt_fig7", "snt_fig5", "snt_table3_qat")
+# Cheapest first, so that the cheap claims are measured early.
+ORDER = ("craft_table4", "craft_fig1", "craft_fig2", "craft_table5", "craft_table1", "craft_table2",
+         "craft_table3", "craft_fig4",
+         "snt_table4", "snt_table3_ptq", "snt_fig6", "snt_fig7", "snt_fig5", "snt_table3_qat")
+# The network each experiment's confirmatory sweeps train (or fine-tune): sweeps of one family share trainings.
+FAMILY = {"craft_table3": "tiny EfficientNet", "snt_fig5": "Mixer-S", "snt_table3_qat": "MobileNet-V1"}
+
+
+def family(experiment: str) -> str:
+    return FAMILY.get(experiment, "ResNet-20" if experiment.startswith("snt_") else "tiny ViT")
 
 
 def plan(cells_dir: Path) -> dict:
-    """{experiment: {"seeds": n per arm, "overrides": [...]}} from the 5-seed tables' cells CSVs."""
+    """{sweep name: {"experiment", "overrides", "claims", "seeds"}} from the 5-seed tables' cells CSVs: the
+    sweep name is the experiment's, with "-2", "-3" for an experiment's further sweeps; seeds per arm are the
+    most any claim of the sweep asks for."""
     paths = sorted(Path(cells_dir).glob("*-cells.csv"))
     if not paths:
         raise SystemExit(f"craft-claims: error: no *-cells.csv under {cells_dir} (the 5-seed tables: make tables)")
-    seeds = claims_mod.seeds_per_arm(claims_mod.tables_from_cells(paths))
+    need = claims_mod.seeds_per_claim(claims_mod.tables_from_cells(paths))
     sweeps = claims_mod.confirm_sweeps()
-    order = [e for e in LANE_ORDER if e in sweeps] + sorted(e for e in sweeps if e not in LANE_ORDER)
-    return {e: {"seeds": seeds.get(e, claims_mod.MIN_SEEDS), "overrides": sweeps[e]} for e in order}
+    order = [e for e in ORDER if e in sweeps] + sorted(e for e in sweeps if e not in ORDER)
+    out = {}
+    for e in order:
+        for i, g in enumerate(sweeps[e]):
+            seeds = max(need.get(c, claims_mod.MIN_SEEDS) for c in g["claims"])
+            out[e if i == 0 else f"{e}-{i + 1}"] = {"experiment": e, "overrides": g["overrides"],
+                                                    "claims": g["claims"], "seeds": seeds}
+    return out
 
 
 def rounds(p: dict) -> list[list[tuple[str, list[int]]]]:
-    """The seeds in rounds: first MIN_SEEDS for every experiment, then the rest where more are asked for."""
+    """The seeds in rounds: first MIN_SEEDS for every sweep, then the rest where more are asked for."""
     first = claims_mod.MIN_SEEDS
     s0 = claims_mod.CONFIRM_SEED0
-    out = [[(e, list(range(s0, s0 + min(first, v["seeds"])))) for e, v in p.items()]]
-    more = [(e, list(range(s0 + first, s0 + v["seeds"]))) for e, v in p.items() if v["seeds"] > first]
+    out = [[(name, list(range(s0, s0 + min(first, v["seeds"])))) for name, v in p.items()]]
+    more = [(name, list(range(s0 + first, s0 + v["seeds"]))) for name, v in p.items() if v["seeds"] > first]
     return out + ([more] if more else [])
 
 
-def lanes(batch: list) -> list[list]:
-    snt = [x for x in batch if x[0].startswith("snt_")]
-    rest = [x for x in batch if not x[0].startswith("snt_")]
-    return [lane for lane in (rest, snt) if lane]
-
-
-def sweep_dir(sweeps: Path, experiment: str, seeds: list) -> Path:
+def sweep_dir(sweeps: Path, name: str, experiment: str, seeds: list) -> Path:
     """One folder per invocation: craft-report reads the jobs of a folder's last sweep only, so a second round
-    into the first round's folder would set the first round's cells aside."""
-    return sweeps / f"{experiment}_small" / f"seeds{min(seeds)}-{max(seeds)}"
+    (or a second sweep of the experiment) into the first one's folder would set its cells aside."""
+    tag = name[len(experiment):]  # "" or "-2"
+    return sweeps / f"{experiment}_small" / f"seeds{min(seeds)}-{max(seeds)}{tag}"
 
 
-def command(bin_dir: str, experiment: str, overrides: list, seeds: list, sweeps: Path) -> list[str]:
-    return [f"{bin_dir}/craft-run", "-m", f"experiment={experiment}_small",
-            f"hydra.sweep.dir={sweep_dir(sweeps, experiment, seeds)}", "train.progress=false", *overrides,
+def command(bin_dir: str, name: str, entry: dict, seeds: list, sweeps: Path) -> list[str]:
+    exp = entry["experiment"]
+    return [f"{bin_dir}/craft-run", "-m", f"experiment={exp}_small",
+            f"hydra.sweep.dir={sweep_dir(sweeps, name, exp, seeds)}", "train.progress=false", *entry["overrides"],
             "seed=" + ",".join(map(str, seeds))]
+
+
+class Queue:
+    """The jobs in order; ``take`` gives a worker the first whose family no other worker is training, else the
+    first (it then waits on a training lock at worst)."""
+
+    def __init__(self, jobs: list):
+        self.jobs, self.busy, self.lock = list(jobs), {}, threading.Lock()
+
+    def take(self, worker: int):
+        with self.lock:
+            if not self.jobs:
+                return None
+            others = {f for w, f in self.busy.items() if w != worker}
+            job = next((j for j in self.jobs if j[0] not in others), self.jobs[0])
+            self.jobs.remove(job)
+            self.busy[worker] = job[0]
+            return job
+
+    def done(self, worker: int) -> None:
+        with self.lock:
+            self.busy.pop(worker, None)
 
 
 def main(argv=None) -> int:
@@ -84,36 +116,38 @@ def main(argv=None) -> int:
     batches = rounds(p)
     if args.dry_run:
         for i, batch in enumerate(batches):
-            for exp, seeds in batch:
-                print(f"round {i + 1}: " + " ".join(command(args.bin, exp, p[exp]["overrides"], seeds, sweeps)))
+            for name, seeds in batch:
+                print(f"round {i + 1}: " + " ".join(command(args.bin, name, p[name], seeds, sweeps)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(p, indent=2) + "\n", encoding="utf-8")
+    (out / "plan.json").write_text(json.dumps(p, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if args.jobs == 2 else dict(os.environ)
     timings: dict = {"jobs": args.jobs, "cpus": os.cpu_count(), "runs": []}
     lock = threading.Lock()
     t_start = time.time()
+    queue = Queue([(family(p[name]["experiment"]), rnd, name, seeds)
+                   for rnd, batch in enumerate(batches, 1) for name, seeds in batch])
 
-    def run_lane(lane: list, rnd: int) -> None:
-        for exp, seeds in lane:
+    def work(worker: int) -> None:
+        while (job := queue.take(worker)) is not None:
+            _, rnd, name, seeds = job
             t0 = time.time()
-            with open(out / f"{exp}_small.log", "a") as log:
-                rc = subprocess.call(command(args.bin, exp, p[exp]["overrides"], seeds, sweeps), stdout=log,
+            with open(out / f"{name}_small.log", "a") as log:
+                rc = subprocess.call(command(args.bin, name, p[name], seeds, sweeps), stdout=log,
                                      stderr=subprocess.STDOUT, env=env)
+            queue.done(worker)
             minutes = (time.time() - t0) / 60
             with lock:
-                timings["runs"].append({"experiment": exp, "round": rnd, "seeds": len(seeds),
+                timings["runs"].append({"sweep": name, "round": rnd, "seeds": len(seeds), "worker": worker,
                                         "minutes": round(minutes, 2), "rc": rc})
                 (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
-            print(f"{exp}_small round {rnd}: {len(seeds)} seeds, {minutes:.1f} min, rc {rc}", flush=True)
+            print(f"{name} round {rnd}: {len(seeds)} seeds, {minutes:.1f} min, rc {rc}", flush=True)
 
-    for rnd, batch in enumerate(batches, 1):
-        groups = lanes(batch) if args.jobs == 2 else [batch]
-        threads = [threading.Thread(target=run_lane, args=(lane, rnd)) for lane in groups]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(args.jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     timings["total_minutes"] = round((time.time() - t_start) / 60, 2)
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     roots = [str(d) for d in sorted(sweeps.glob("*/seeds*")) if d.is_dir()]

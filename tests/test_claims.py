@@ -212,16 +212,26 @@ def test_confirmatory_plan(tmp_path):
     sweeps = claims.confirm_sweeps()
     assert set(sweeps) == {c.primary.experiment for c in claims.CLAIMS}
     conf = Path(__file__).resolve().parent.parent / "conf" / "experiment"
-    for exp, overrides in sweeps.items():
+    fixed = {o for c in claims.CLAIMS for o in c.primary.fixed}
+    for exp, groups in sweeps.items():
         params = yaml.safe_load((conf / f"{exp}_small.yaml").read_text())["hydra"]["sweeper"]["params"]
-        for ov in overrides:  # every restriction narrows a key the experiment sweeps, to values it sweeps
+        for ov in (o for g in groups for o in g["overrides"] if o not in fixed):
+            # every restriction narrows a key the experiment sweeps, to values it sweeps
             key, vals = ov.split("=", 1)
             assert key in params, (exp, key)
             assert set(vals.split(",")) <= {str(v) for v in str(params[key]).split(",")} | {
                 str(float(v)) for v in str(params[key]).split(",") if v.replace(".", "").isdigit()}, (exp, ov)
+    # every claim is in exactly one sweep
+    texts = [t for groups in sweeps.values() for g in groups for t in g["claims"]]
+    assert sorted(texts) == sorted(c.text for c in claims.CLAIMS)
+    # SNT Figure 5: IMP at 90 % and one-shot at 70 % are two sweeps, not the four cells of their product
+    fig5 = [dict(o.split("=", 1) for o in g["overrides"]) for g in sweeps["snt_fig5"]]
+    assert sorted((g["compress"], g["compress.sparsity"]) for g in fig5) == [("imp", "0.9"), ("prune", "0.7")]
+    assert all(g["sharpness.enabled"] == "false" for g in fig5)  # none of its claims reads λmax
     # the power analysis of the 5-seed tables sets the seeds per arm, within [10, 20], seeds from 100 on
     cells = Path(__file__).resolve().parent.parent / "docs" / "small"
     p = confirm.plan(cells)
+    assert {v["experiment"] for v in p.values()} == set(sweeps)
     assert all(claims.MIN_SEEDS <= v["seeds"] <= claims.MAX_SEEDS for v in p.values())
     rounds = confirm.rounds(p)
     first = dict(rounds[0])
@@ -229,6 +239,28 @@ def test_confirmatory_plan(tmp_path):
     seen = {e: sorted(first[e] + dict(rounds[1]).get(e, [])) for e in p} if len(rounds) > 1 else first
     assert all(seen[e] == list(range(100, 100 + p[e]["seeds"])) for e in p)
     assert all(min(s) >= 5 for s in seen.values())  # none of the 5-seed tables' seeds 0-4
+
+
+def test_sweeps_merge_only_without_extra_cells():
+    """Two primaries share a sweep where their joint product adds no cell; otherwise they are two sweeps."""
+    def claim(text, **sweep):
+        return claims.Claim("X", "T", text, claims._p("e", {"R": "a"}, {"R": "b"}, "c", sweep=sweep), None, "")
+
+    one = claims.confirm_sweeps([claim("a", k=["1"], j=["x"]), claim("b", k=["2"], j=["x"])])
+    assert [g["overrides"] for g in one["e"]] == [["k=1,2", "j=x"]]
+    two = claims.confirm_sweeps([claim("a", k=["1"], j=["x"]), claim("b", k=["2"], j=["y"])])
+    assert [g["overrides"] for g in two["e"]] == [["k=1", "j=x"], ["k=2", "j=y"]]
+    full = claims.confirm_sweeps([claim("a", k=["1"]), claim("b")])  # the whole sweep covers the restricted one
+    assert [(g["overrides"], g["claims"]) for g in full["e"]] == [([], ["b", "a"])]
+
+
+def test_workers_take_sweeps_of_another_family():
+    q = confirm.Queue([("vit", 1, "a", [1]), ("vit", 1, "b", [1]), ("resnet", 1, "c", [1])])
+    assert q.take(0)[2] == "a"
+    assert q.take(1)[2] == "c"  # b would wait on a's trainings
+    q.done(1)
+    assert q.take(1)[2] == "b"  # nothing else left: the same family after all
+    assert q.take(0) is None
 
 
 def test_the_thesis_as_a_claim():
@@ -246,9 +278,12 @@ def test_the_thesis_as_a_claim():
 
 
 def test_each_round_sweeps_into_its_own_folder(tmp_path):
-    """craft-report reads a folder's last sweep: two rounds into one folder would hide the first round's cells."""
-    first = confirm.command("bin", "craft_table2", ["compress.bits=W4A4"], list(range(100, 110)), tmp_path)
-    second = confirm.command("bin", "craft_table2", ["compress.bits=W4A4"], list(range(110, 120)), tmp_path)
-    dirs = [next(a for a in c if a.startswith("hydra.sweep.dir=")) for c in (first, second)]
-    assert dirs[0] != dirs[1] and all("craft_table2_small" in d for d in dirs)
+    """craft-report reads a folder's last sweep: two rounds (or two sweeps of one experiment) into one folder
+    would hide the first one's cells."""
+    entry = {"experiment": "craft_table2", "overrides": ["compress.bits=W4A4"]}
+    first = confirm.command("bin", "craft_table2", entry, list(range(100, 110)), tmp_path)
+    second = confirm.command("bin", "craft_table2", entry, list(range(110, 120)), tmp_path)
+    other = confirm.command("bin", "craft_table2-2", entry, list(range(100, 110)), tmp_path)
+    dirs = [next(a for a in c if a.startswith("hydra.sweep.dir=")) for c in (first, second, other)]
+    assert len(set(dirs)) == 3 and all("craft_table2_small/seeds" in d for d in dirs)
     assert first[-1] == "seed=" + ",".join(map(str, range(100, 110))) and "compress.bits=W4A4" in first

@@ -62,6 +62,8 @@ class Primary:
     base_column: Optional[str] = None  # compare with another column of the baseline row (CrAFT Table 5)
     # The restriction of the experiment's sweep that produces both arms (``make claims``): {sweep key: values}.
     sweep: tuple = ()
+    # Overrides the confirmatory run adds to that sweep (e.g. no λmax where no claim of the sweep reads it).
+    fixed: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +85,13 @@ def _rows(**kw) -> tuple:
     return tuple((k.replace("_", " ") if k != "blank" else "", v) for k, v in kw.items())
 
 
-def _p(experiment, row, base, column, estimand="drop", scale="raw", base_column=None, sweep=None):
+def _p(experiment, row, base, column, estimand="drop", scale="raw", base_column=None, sweep=None, fixed=()):
     return Primary(experiment, tuple(row.items()), tuple(base.items()), column, estimand, scale, base_column,
-                   tuple((k, tuple(v)) for k, v in (sweep or {}).items()))
+                   tuple((k, tuple(v)) for k, v in (sweep or {}).items()), tuple(fixed))
+
+
+# The confirmatory run skips the diagnostics (λmax, ranges) of a sweep none of whose claims reads them.
+_NO_DIAGNOSTICS = ("sharpness.enabled=false",)
 
 
 _LN = math.log
@@ -134,7 +140,7 @@ CLAIMS: list[Claim] = [
           related=(("cheap_sam", BITS, _NOT_CRAFT), ("digits_default", BITS, _NOT_CRAFT))),
     Claim("CrAFT", "Table 3", "CrAFT's smaller BasePTQ drops generalize across backbones",
           _p("craft_table3", {"Backbone": "tiny EfficientNet", "Method": "CrAFT"}, {"Method": "ADAM"}, "W4A4",
-             sweep={"+shared/tiny": ["test_efficientnet"], "compress.bits": ["W4A4"]}),
+             sweep={"+shared/tiny": ["test_efficientnet"], "compress.bits": ["W4A4"]}, fixed=_NO_DIAGNOSTICS),
           (84.75 - 77.32) - (85.51 - 81.43), "EfficientNet-B0's W8A8 gain: 7.43 − 4.08",
           supporting=(("craft_table3", BITS),)),
     Claim("CrAFT", "Table 4", "CrAFT's fine-tuning takes longer than Adam's (about 2×)",
@@ -238,19 +244,20 @@ CLAIMS: list[Claim] = [
           supporting=(("snt_table4", r"Top-1.*"),), rows=({"": ("+Preact", "+PReLU/LBias")},)),
     Claim("SNT", "Figure 5", "IMP: ARCH keeps more accuracy than ADAM (Mixer-S: about +2)",
           _p("snt_fig5", {"Backbone": "Mixer-S", "Pruning": "IMP", "Approach": "ARCH"}, {"Approach": "ADAM"}, "90%",
-             "value", sweep={"model": ["mixer_s"], "compress": ["imp", "prune"], "compress.sparsity": ["0.7", "0.9"]}),
+             "value", sweep={"model": ["mixer_s"], "compress": ["imp"], "compress.sparsity": ["0.9"],
+                             "+shared/approach": ["adam", "arch"]}, fixed=_NO_DIAGNOSTICS),
           2.0, "\"ARCH consistently outperforms base ... by 2 %\"",
           supporting=(("snt_fig5", r"\d+%"),), rows=({"Pruning": ("IMP",), "Approach": ("ARCH",)},)),
     Claim("SNT", "Figure 5", "one-shot pruning: SAM keeps more accuracy than ADAM (\"a clear winner\")",
           _p("snt_fig5", {"Backbone": "Mixer-S", "Pruning": "one-shot", "Approach": "SAM"}, {"Approach": "ADAM"},
-             "70%", "value",
-             sweep={"model": ["mixer_s"], "compress": ["imp", "prune"], "compress.sparsity": ["0.7", "0.9"]}),
+             "70%", "value", sweep={"model": ["mixer_s"], "compress": ["prune"], "compress.sparsity": ["0.7"],
+                                     "+shared/approach": ["adam", "sam"]}, fixed=_NO_DIAGNOSTICS),
           None, "\"a clear winner\": no figure",
           supporting=(("snt_fig5", r"\d+%"),), rows=({"Pruning": ("one-shot",), "Approach": ("SAM",)},)),
     Claim("SNT", "Figure 5", "one-shot pruning above 50 %: ARCH keeps slightly more accuracy than ADAM",
           _p("snt_fig5", {"Backbone": "Mixer-S", "Pruning": "one-shot", "Approach": "ARCH"}, {"Approach": "ADAM"},
-             "70%", "value",
-             sweep={"model": ["mixer_s"], "compress": ["imp", "prune"], "compress.sparsity": ["0.7", "0.9"]}),
+             "70%", "value", sweep={"model": ["mixer_s"], "compress": ["prune"], "compress.sparsity": ["0.7"],
+                                     "+shared/approach": ["adam", "arch"]}, fixed=_NO_DIAGNOSTICS),
           None, "\"slightly more\": no figure",
           supporting=(("snt_fig5", r"[6-9]\d%"),), rows=({"Pruning": ("one-shot",), "Approach": ("ARCH",)},)),
     Claim("SNT", "Figure 6", "after W4 PTQ and k epochs of fine-tuning SAM recovers more accuracy than ADAM",
@@ -768,30 +775,59 @@ def _parse_baseline(text: str, headers: list, rows: dict, col: str) -> tuple:
 # ------------------------------------------------------------------------------------------------ make claims
 
 
-def seeds_per_arm(tables: dict, claims: Sequence[Claim] = CLAIMS) -> dict:
-    """{experiment: seeds per arm} for the confirmatory run: per claim the seeds the 5-seed tables' power
-    analysis asks for (the paper's effect where the paper gives one, else the observed), within
-    [MIN_SEEDS, MAX_SEEDS]; per experiment the largest of its claims'."""
+def seeds_per_claim(tables: dict, claims: Sequence[Claim] = CLAIMS) -> dict:
+    """{claim text: seeds per arm} for the confirmatory run: the seeds the 5-seed tables' power analysis asks for
+    (the paper's effect where the paper gives one, else the observed), within [MIN_SEEDS, MAX_SEEDS]."""
     need: dict = {}
     for a in assess(claims, tables):
         want = a.seeds_paper if a.seeds_paper == a.seeds_paper else a.seeds_observed
-        n = MAX_SEEDS if not want == want or math.isinf(want) else int(min(MAX_SEEDS, max(MIN_SEEDS, want)))
-        exp = a.claim.primary.experiment
-        need[exp] = max(need.get(exp, 0), n)
+        need[a.claim.text] = (MAX_SEEDS if not want == want or math.isinf(want)
+                              else int(min(MAX_SEEDS, max(MIN_SEEDS, want))))
     return need
 
 
+def seeds_per_arm(tables: dict, claims: Sequence[Claim] = CLAIMS) -> dict:
+    """{experiment: seeds per arm}: the most any of its claims asks for (:func:`seeds_per_claim`)."""
+    per_claim = seeds_per_claim(tables, claims)
+    need: dict = {}
+    for c in claims:
+        if c.text in per_claim:
+            need[c.primary.experiment] = max(need.get(c.primary.experiment, 0), per_claim[c.text])
+    return need
+
+
+def _cells(sweep: dict) -> set:
+    """The cells of a sweep {key: values}: its Cartesian product, each cell a set of (key, value)."""
+    cells = [frozenset()]
+    for k, vals in sweep.items():
+        cells = [c | {(k, v)} for c in cells for v in vals]
+    return set(cells)
+
+
 def confirm_sweeps(claims: Sequence[Claim] = CLAIMS) -> dict:
-    """{experiment: [Hydra override, ...]} restricting each experiment's ``_small`` sweep to what its claims'
-    primaries need (no override: the whole sweep); the seeds are the caller's."""
+    """{experiment: [{"overrides": [Hydra override, ...], "claims": [claim text, ...]}, ...]}: the sweeps that
+    produce the claims' primaries, each a restriction of the experiment's ``_small`` sweep (none: the whole
+    sweep) plus the primaries' fixed overrides. Two primaries share a sweep only where the joint sweep has no
+    cell neither needs: SNT Figure 5's IMP at 90 % and one-shot at 70 % are two sweeps, not the four cells of
+    their product. The seeds are the caller's."""
     out: dict = {}
     for claim in claims:
         p = claim.primary
-        keys = out.setdefault(p.experiment, {"__full__": False})
-        if not p.sweep:
-            keys["__full__"] = True
-        for k, vals in p.sweep:
-            keys.setdefault(k, [])
-            keys[k] += [v for v in vals if v not in keys[k]]
-    return {exp: ([] if keys.pop("__full__") else [f"{k}={','.join(v)}" for k, v in keys.items()])
-            for exp, keys in out.items()}
+        sweep = {k: list(v) for k, v in p.sweep}
+        groups = out.setdefault(p.experiment, [])
+        for g in groups:
+            if g["fixed"] != p.fixed or set(g["sweep"]) != set(sweep):
+                continue
+            joint = {k: g["sweep"][k] + [v for v in sweep[k] if v not in g["sweep"][k]] for k in sweep}
+            if _cells(joint) == _cells(g["sweep"]) | _cells(sweep):
+                g["sweep"], g["claims"] = joint, g["claims"] + [claim.text]
+                break
+        else:
+            groups.append({"sweep": sweep, "fixed": p.fixed, "claims": [claim.text]})
+    for groups in out.values():  # a whole-sweep group covers the experiment's others with its fixed overrides
+        for full in [g for g in groups if not g["sweep"]]:
+            for g in [g for g in groups if g is not full and g["fixed"] == full["fixed"]]:
+                full["claims"] += g["claims"]
+                groups.remove(g)
+    return {exp: [{"overrides": [f"{k}={','.join(v)}" for k, v in g["sweep"].items()] + list(g["fixed"]),
+                   "claims": g["claims"]} for g in groups] for exp, groups in out.items()}
