@@ -8,7 +8,8 @@ many seeds as the time allowed. Two workers, each ``craft-run`` on one thread, t
 the other worker is not making (sweeps of one family share cached trainings: side by side, one would wait on the
 other's training lock). A rerun resumes: finished cells are skipped, trainings come from the cache. Ends with
 ``craft-report --claims`` over what finished: claims.md, claims-summary.md and claims.csv in OUT, with
-``plan.json`` (per sweep its experiment, overrides, claims and seeds per arm) and ``timings.json``.
+``plan.json`` (per sweep its experiment, overrides, claims and seeds per arm) and ``timings.json`` (minutes per
+sweep and round; per folder the seconds of training, diagnostics and compression with evaluation behind it).
 
     python -m craft_runner.confirm [--out outputs/claims] [--cells docs/small] [--jobs 2] [--dry-run]
 """
@@ -24,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from craft_runner import results
 from craft_runner.report import claims as claims_mod
 
 # Cheapest first, so that the cheap claims are measured early.
@@ -78,6 +80,29 @@ def command(bin_dir: str, name: str, entry: dict, seeds: list, sweeps: Path) -> 
     return [f"{bin_dir}/craft-run", "-m", f"experiment={exp}_small",
             f"hydra.sweep.dir={sweep_dir(sweeps, name, exp, seeds)}", "train.progress=false", *entry["overrides"],
             "seed=" + ",".join(map(str, seeds))]
+
+
+def where_time_goes(folder: Path) -> dict:
+    """The seconds of work behind one sweep folder's finished cells, by stage: the trainings its cells made
+    (a cell that read its training from the cache made none) with their diagnostics (λmax, ranges), and per cell
+    the compression with its evaluation passes."""
+    train: dict = {}
+    diagnostics: dict = {}
+    cells, compress_eval = 0, 0.0
+    for path in sorted(Path(folder).glob("*/results.json")):
+        r = results.read_results(path)
+        if r is None or r.get("status") != "ok":
+            continue
+        m = r.get("metrics") or {}
+        cells += 1
+        compress_eval += m.get("eval_seconds") or 0.0
+        if m.get("trained"):
+            key = r.get("cache_key")
+            train[key] = m.get("train_seconds") or 0.0
+            diagnostics[key] = sum(v.get("seconds") or 0.0 for when in (r.get("sharpness") or {}).values()
+                                   if isinstance(when, dict) for v in when.values() if isinstance(v, dict))
+    return {"cells": cells, "trainings": len(train), "train_s": round(sum(train.values()), 1),
+            "diagnostics_s": round(sum(diagnostics.values()), 1), "compress_eval_s": round(compress_eval, 1)}
 
 
 class Queue:
@@ -149,8 +174,9 @@ def main(argv=None) -> int:
     for t in threads:
         t.join()
     timings["total_minutes"] = round((time.time() - t_start) / 60, 2)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     roots = [str(d) for d in sorted(sweeps.glob("*/seeds*")) if d.is_dir()]
+    timings["work"] = {str(Path(r).relative_to(sweeps)): where_time_goes(Path(r)) for r in roots}
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
     if not roots:
         print("craft-claims: error: no sweep finished", file=sys.stderr)
         return 2

@@ -287,3 +287,22 @@ def test_each_round_sweeps_into_its_own_folder(tmp_path):
     dirs = [next(a for a in c if a.startswith("hydra.sweep.dir=")) for c in (first, second, other)]
     assert len(set(dirs)) == 3 and all("craft_table2_small/seeds" in d for d in dirs)
     assert first[-1] == "seed=" + ",".join(map(str, range(100, 110))) and "compress.bits=W4A4" in first
+
+
+def test_where_the_time_goes(tmp_path):
+    """Trainings count once, in the folder whose cell made them; compression and evaluation count per cell."""
+    import json
+
+    def cell(name, key, trained, train_s, eval_s, lam_s, status="ok"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "status": status, "cache_key": key, "sharpness": {"after": {"lambda_max": {"seconds": lam_s}}},
+            "metrics": {"trained": trained, "train_seconds": train_s, "eval_seconds": eval_s}}))
+
+    cell("a", "k1", True, 100.0, 3.0, 8.0)
+    cell("b", "k1", False, 100.0, 4.0, 8.0)  # the same training, read from the cache
+    cell("c", "k2", True, 50.0, 2.5, 6.0)
+    cell("d", "k3", True, 70.0, 9.0, 1.0, status="failed")
+    assert confirm.where_time_goes(tmp_path) == {"cells": 3, "trainings": 2, "train_s": 150.0,
+                                                 "diagnostics_s": 14.0, "compress_eval_s": 9.5}
