@@ -77,6 +77,21 @@ def test_full_fp32_sets_and_restores_the_flags(tf32_on):
     assert inside() == (False, False) and inside() == (False, False) and flags() == (True, True)
 
 
+def test_bn_recalibration_runs_with_tf32_off(tf32_on):
+    from craft_runner.compress.bn import recalibrate_bn
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(flags())
+            return x
+
+    model = nn.Sequential(nn.BatchNorm1d(3), Probe())
+    info = recalibrate_bn(model, [torch.randn(4, 3), torch.randn(4, 3)])
+    assert info["batches"] == 2 and seen == [(False, False)] * 2 and flags() == (True, True)
+
+
 def test_measuring_entry_points_run_with_tf32_off(tf32_on, monkeypatch, tmp_path):
     from craft_runner import compress, export
     from craft_runner.compress import CompressContext, PTQConfig

@@ -17,9 +17,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from craft_runner.device import full_fp32
+
 log = logging.getLogger(__name__)
 
 
+@full_fp32()  # the statistics are measured like λmax: TF32 would round every batch's inputs on a GPU
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches) -> dict:
     """Recompute the running statistics of every BatchNorm of ``model`` on ``batches`` (``(x, y)`` pairs or
