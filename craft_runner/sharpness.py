@@ -177,6 +177,55 @@ class MemoryBudgetError(RunError):
 GiB = 2 ** 30
 
 
+def graph_bytes(outputs: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """The bytes that the autograd graph behind ``outputs`` keeps alive, the outputs included: every tensor its
+    nodes save, each storage once, those of ``exclude`` (parameters, inputs) left out.
+
+    Found by walking the graph's nodes and reading what each saved. (Saved-tensor hooks that hand back the
+    tensor itself would see the same tensors, but tie each saved output to its own node in a reference cycle
+    through autograd's C++ objects that Python's collector cannot see: the whole graph, a gigabyte or more on a
+    CNN, then outlived the measurement.)"""
+    known = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def count(t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own: counted by size
+            seen[id(t)] = t.numel() * t.element_size()
+            return
+        if st.data_ptr() not in known:
+            seen[st.data_ptr()] = st.nbytes()
+
+    for t in outputs:
+        count(t)
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    visited: set = set()
+    while stack:
+        node = stack.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        names = [n for n in dir(node) if n.startswith("_saved_")]
+        values = []
+        for n in names:
+            try:
+                values.append(getattr(node, n))
+            except RuntimeError:  # already freed
+                pass
+        if hasattr(node, "saved_tensors"):  # a custom autograd.Function's node: its ctx
+            try:
+                values.append(node.saved_tensors)
+            except RuntimeError:  # already freed
+                pass
+        for v in values:
+            for t in (v if isinstance(v, (tuple, list)) else (v,)):
+                if torch.is_tensor(t):
+                    count(t)
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return sum(seen.values())
+
+
 class HessianOperator:
     """v ↦ H v for the mean loss over ``batches`` (a reverse-over-reverse Hessian-vector product).
 
@@ -214,25 +263,10 @@ class HessianOperator:
         del first
 
     def _measured_grad(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], int]:
-        """The batch's gradient with its graph, and the bytes that graph holds: every tensor autograd saves
-        for the forward and the double backward (storages counted once, parameters and inputs left out)."""
-        known = {p.untyped_storage().data_ptr() for p in self.params}
-        known |= {t.untyped_storage().data_ptr() for t in batch if torch.is_tensor(t)}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                st = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # a tensor without storage of its own: counted by size
-                seen[id(t)] = t.numel() * t.element_size()
-                return t
-            if st.data_ptr() not in known:
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            grads = self._batch_grad(batch)
-        return grads, sum(seen.values()) + sum(g.numel() * g.element_size() for g in grads)
+        """The batch's gradient with its graph, and the bytes that graph holds (:func:`graph_bytes`)."""
+        grads = self._batch_grad(batch)
+        exclude = [*self.params, *(t for t in batch if torch.is_tensor(t))]
+        return grads, graph_bytes(grads, exclude)
 
     def _fit_in(self, budget: int, graph: int, extra: int, what: str) -> None:
         per_sample = graph / max(len(self.batches[0][1]), 1)
