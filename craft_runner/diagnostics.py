@@ -37,6 +37,7 @@ from torch import nn
 
 from craft_runner.calibration import forward_with_hooks
 from craft_runner.device import full_fp32
+from craft_runner.runtime import release_freed_memory
 from craft_runner.schema import SharpnessConfig
 from craft_runner.sharpness import Batch, hutchinson_trace, lanczos, power_iteration
 
@@ -284,6 +285,7 @@ def run_diagnostics(model: nn.Module, batches: Sequence[Batch], cfg: SharpnessCo
         res = fn(model, loss_fn, batches, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
                  reuse_graph=cfg.reuse_graph)
         d = {**res.to_dict(), "seconds": time.perf_counter() - t0}
+        release_freed_memory()  # the Hessian's graphs are gone: their pages back to the kernel
         out["lambda_max"] = d
         scalars.update(lambda_max=d["value"], lambda_max_iterations=d["iterations"],
                        lambda_max_rel_change=d["rel_change"])

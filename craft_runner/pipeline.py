@@ -37,6 +37,7 @@ from craft_runner.fingerprint import machine
 from craft_runner.identity import recorded
 from craft_runner.models import create_model, model_data_config
 from craft_runner.optim import build_optimizer
+from craft_runner.runtime import release_freed_memory
 from craft_runner.schema import ConfigError, RunConfig
 from craft_runner.tracking import NullTracker, export_scalars, make_tracker, replay_cached, start_training
 from craft_runner.validate import check_writable as check_writable  # re-exported: as cache_key
@@ -269,3 +270,4 @@ def execute(p: Prepared) -> Optional[dict]:
         raise
     finally:
         tracker.finish(status)
+        release_freed_memory()  # the next cell of a multirun starts from what is live, not this one's peak

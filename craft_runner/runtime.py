@@ -13,6 +13,13 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """On glibc, serve tensors up to 1 GiB from the heap and keep freed memory for the next allocation.
 
@@ -35,3 +42,19 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.debug("mallopt refused a setting: glibc's defaults partly kept")
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim(0)``); returns whether it could.
+
+    With :func:`keep_freed_memory` the heap keeps its peak, and across the cells of a multirun its free space
+    fragments: a MobileNet-V1 λmax left 0.5-0.7 GB more resident after each measurement with the live memory
+    flat, until the OOM killer stopped a 10-cell sweep at 8 GB. Called after each λmax and each cell; what stays
+    resident is then what is live. Allocations go on being served from the heap, without page faults once
+    touched again."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:  # not glibc
+        return False
+    trim(0)
+    return True

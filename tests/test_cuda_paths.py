@@ -597,3 +597,32 @@ def test_sam_step_bn_stats_equal_davda54s_training_loop():
     CE(ref(x), y).backward()
     bn.momentum = backup
     assert torch.equal(ours[1].running_mean, bn.running_mean) and torch.equal(ours[1].running_var, bn.running_var)
+
+
+def test_freed_heap_memory_goes_back_after_a_measurement():
+    """glibc keeps freed memory (craft-run's mallopt); malloc_trim hands it back, so a multirun's resident size
+    is what is live, not the fragmented sum of its cells' peaks."""
+    from craft_runner import runtime
+
+    if runtime._libc() is None or not hasattr(runtime._libc(), "malloc_trim"):
+        pytest.skip("not glibc")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    libc = runtime._libc()
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD as craft-run sets them: nothing trimmed
+    libc.mallopt(-3, 1 << 30)
+    try:
+        before = resident()
+        blocks = [torch.ones(16 << 20, dtype=torch.uint8) for _ in range(8)]  # 128 MiB touched on the heap
+        keep = torch.ones(1)  # a live allocation above them keeps the heap's top in place
+        del blocks
+        kept = resident()
+        assert runtime.release_freed_memory()
+        assert kept - before > 100 << 20 and resident() < kept - (100 << 20)
+        del keep
+    finally:
+        libc.mallopt(-1, 128 * 1024)
+        libc.mallopt(-3, 128 * 1024)
