@@ -7,7 +7,8 @@ in rounds (the first ``MIN_SEEDS`` of every sweep, then the rest), so a run cut 
 many seeds as the time allowed. Two workers, each ``craft-run`` on one thread, take the next sweep whose trainings
 the other worker is not making (sweeps of one family share cached trainings: side by side, one would wait on the
 other's training lock). A rerun resumes: finished cells are skipped, trainings come from the cache. Ends with
-``craft-report --claims`` over what finished: claims.md, claims-summary.md and claims.csv in OUT, with
+``craft-report --claims`` over what finished: claims.md, claims-summary.md and claims.csv in OUT, the cells
+they were computed from in OUT/cells (one ``<experiment>-cells.csv`` each, over all its sweeps), with
 ``plan.json`` (per sweep its experiment, overrides, claims and seeds per arm) and ``timings.json`` (minutes per
 sweep and round; per folder the seconds of training, diagnostics and compression with evaluation behind it).
 
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         print("craft-claims: error: no sweep finished", file=sys.stderr)
         return 2
     rc = subprocess.call([f"{args.bin}/craft-report", *roots, "--claims", "--out", str(out), "--thesis-cells",
-                          str(args.cells)])
+                          str(args.cells), "--cells-out", str(out / "cells")])
     return rc
 
 

@@ -163,6 +163,12 @@ def test_claims_report_on_a_sweep(tmp_path, capsys):
     assert summary.rstrip().splitlines()[-1].startswith(f"Verdicts over the {len(claims.CLAIMS) + 1} claims: 1 holds")
     assert main([str(tmp_path / "t2"), "--claims", "--format", "csv"]) == 0
     assert capsys.readouterr().out == (out_dir / "claims.csv").read_text()
+    # the cells the list was computed from, one file per experiment, give the same list
+    assert main([str(tmp_path / "t2"), "--claims", "--format", "csv", "--cells-out", str(tmp_path / "cells")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["craft_table2_small-cells.csv"]
+    assert main([str(tmp_path / "cells"), "--claims", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == (out_dir / "claims.csv").read_text()
 
 
 def test_a_data_pair_counts_once(tmp_path):

@@ -122,9 +122,11 @@ def report(root: Path, out_dir: Optional[Path] = None, fmt: str = "md", paper: b
 
 
 def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welch", stream=None,
-                  fmt: str = "md", thesis_from: Optional[Path] = None) -> int:
+                  fmt: str = "md", thesis_from: Optional[Path] = None, cells_out: Optional[Path] = None) -> int:
     """The claims list of the sweeps under ``roots`` (one table per experiment across them), or of the
-    ``*-cells.csv`` files a root holds when it has no results.json (``docs/small``); 2: no results."""
+    ``*-cells.csv`` files a root holds when it has no results.json (``docs/small``); 2: no results. With
+    ``cells_out``, each table built from the sweeps also goes there as ``<experiment>-cells.csv``: the cells the
+    list was computed from, one file per experiment over all its sweeps (``--claims cells_out`` recomputes it)."""
     stream = stream or sys.stdout
     groups = defaultdict(list)
     cells: list = []
@@ -140,6 +142,10 @@ def claims_report(roots: list, out_dir: Optional[Path] = None, test: str = "welc
               file=sys.stderr)
         return 2
     tables = {name: build(layout_for(name), recs, test) for name, recs in sorted(groups.items())}
+    if cells_out is not None:
+        Path(cells_out).mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            (Path(cells_out) / f"{name}-cells.csv").write_text(cells_csv(table), encoding="utf-8")
     if cells:
         tables.update({k: v for k, v in claims_mod.tables_from_cells(cells).items() if k not in tables})
     records = [r for recs in groups.values() for r in recs]
@@ -226,6 +232,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--thesis-cells", metavar="DIR",
                     help="with --claims: the papers' thesis (λmax predicts the drop) from the *-cells.csv in DIR "
                          "(e.g. docs/small, whose cheap_sam_small has 55 trainings) instead of the sweeps given")
+    ap.add_argument("--cells-out", metavar="DIR",
+                    help="with --claims: write the cells of each experiment's table, over all the sweeps given, as "
+                         "DIR/<experiment>-cells.csv (what the list was computed from; --claims DIR recomputes it)")
     ap.add_argument("--thesis", action="store_true",
                     help="Spearman's ρ between log λmax and each compression drop over every training of the "
                          "sweeps, pooled and per optimizer, with bootstrap intervals (thesis.md, thesis.csv and "
@@ -244,7 +253,8 @@ def main(argv: Optional[list] = None) -> int:
     if args.claims:
         try:
             return claims_report(args.root, Path(args.out) if args.out else None, args.test, fmt=args.format,
-                             thesis_from=Path(args.thesis_cells) if args.thesis_cells else None)
+                             thesis_from=Path(args.thesis_cells) if args.thesis_cells else None,
+                             cells_out=Path(args.cells_out) if args.cells_out else None)
         except MergeError as e:
             print(f"craft-report: error: {e}", file=sys.stderr)
             return 2
