@@ -34,12 +34,34 @@ def test_blocks_are_replaced_and_the_rest_kept(tmp_path):
     assert mod.main([str(_tables(tmp_path)), "--doc", str(doc), "--date", "2026-12-06"]) == 0
     text = doc.read_text()
     assert text.startswith("intro\n<!-- small-minutes:begin -->\n")
-    assert text.endswith("<!-- small-claims:end -->\nend\n")
-    assert "old minutes" not in text and "old claims" not in text and "\nmiddle\n" in text
+    assert "old minutes" not in text and "\nmiddle\n" in text
     assert "**100 min**" in text and "craft_table2 12.3" in text and "snt_fig5 50.0 (failed)" in text
     assert "2 lane(s)" in text and "2026-12-06" in text
-    assert "- CrAFT Table 1, SAM lowers λmax: **holds**.\n<!-- small-claims:end -->" in text
+    # make tables' claims list is exploratory: the claims block is make claims' alone
+    assert text.endswith("<!-- small-claims:begin -->\nold claims\n<!-- small-claims:end -->\nend\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md", "tables"]  # no temporary file left
+
+
+def test_the_claims_run_paragraphs(tmp_path):
+    mod = _module()
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    (claims / "timings.json").write_text(json.dumps({
+        "jobs": 2, "cpus": 2, "total_minutes": 150.2,
+        "runs": [{"sweep": "craft_table1", "round": 1, "seeds": 10, "minutes": 20.0, "rc": 0},
+                 {"sweep": "craft_table1", "round": 2, "seeds": 10, "minutes": 5.5, "rc": 0},
+                 {"sweep": "snt_fig5-2", "round": 1, "seeds": 10, "minutes": 3.0, "rc": 1}],
+        "work": {"a": {"train_s": 5400.0, "diagnostics_s": 1800.0, "compress_eval_s": 3600.0},
+                 "b": {"train_s": 0.0, "diagnostics_s": 0.0, "compress_eval_s": 0.0}}}))
+    (claims / "claims-summary.md").write_text("- SNT Table 4, x: **undecided**.\n")
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- claims-run:begin -->\n<!-- claims-run:end -->\n<!-- small-minutes:begin -->\nkept\n"
+                   "<!-- small-minutes:end -->\n<!-- small-claims:begin -->\n<!-- small-claims:end -->\n")
+    assert mod.main([str(claims), "--claims", "--doc", str(doc), "--date", "2026-12-07"]) == 0
+    text = doc.read_text()
+    assert "**150 min**" in text and "craft_table1 25.5," in text and "snt_fig5-2 3.0 (stopped once)" in text
+    assert "3.0 thread-hours" in text and "training 50 %" in text and "diagnostics 17 %" in text
+    assert "- SNT Table 4, x: **undecided**." in text and "\nkept\n" in text
 
 
 def test_it_writes_docs_results_by_default_and_keeps_the_old_option_name(tmp_path):
@@ -59,16 +81,16 @@ def test_a_document_without_its_markers_is_refused_and_left_as_it_was(tmp_path):
     with pytest.raises(ValueError):
         mod.replace_block("<!-- a:end --> <!-- a:begin -->", "a", "x")
     doc = tmp_path / "r.md"
-    before = "<!-- small-minutes:begin -->\nold\n<!-- small-minutes:end -->\nno claims block\n"
+    before = "<!-- small-claims:begin -->\nold\n<!-- small-claims:end -->\nno minutes block\n"
     doc.write_text(before)
-    with pytest.raises(ValueError, match="small-claims"):
+    with pytest.raises(ValueError, match="small-minutes"):
         mod.main([str(_tables(tmp_path)), "--doc", str(doc)])
     assert doc.read_text() == before
 
 
 def test_docs_results_has_both_blocks_filled_and_the_readme_none():
     text = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
-    for name in ("small-minutes", "small-claims"):
+    for name in ("small-minutes", "claims-run", "small-claims"):
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         assert text.count(begin) == 1 and text.count(end) == 1
         body = text.split(begin)[1].split(end)[0]
