@@ -41,7 +41,8 @@ def test_only_results_py_writes_results_json():
 def test_the_sweep_callback_and_the_pipeline_do_not_import_craft_run():
     for name in ("callbacks.py", "pipeline.py", "plan.py", "validate.py", "cache.py", "results.py"):
         # craft_runner.run itself (craft_runner.runtime, the process settings, is another module)
-        assert not {m for m in _imports(PKG / name) if m == "craft_runner.run" or m.startswith("craft_runner.run.")}, name
+        run = {m for m in _imports(PKG / name) if m == "craft_runner.run" or m.startswith("craft_runner.run.")}
+        assert not run, name
 
 
 def test_the_pipeline_calls_no_one_back_and_has_no_dead_stage():
