@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -22,6 +21,8 @@ from collections.abc import Iterator
 from typing import Optional
 
 import torch
+
+from craft_runner.runtime import libc_function
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,8 @@ class _Mallinfo2(ctypes.Structure):
 
 def _heap_free() -> int:
     """Bytes free inside this process's glibc heap (all arenas), 0 where mallinfo2 is missing."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    fn = libc_function("mallinfo2")
+    if fn is None:
         return 0
     fn.restype = _Mallinfo2
     return int(fn().fordblks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -11,6 +12,14 @@ log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+@functools.cache
+def libc_function(name: str):
+    """glibc's function ``name`` (mallopt, malloc_trim, mallinfo2), None where the C library lacks it (macOS,
+    musl)."""
+    libc = _libc()
+    return getattr(libc, name, None) if libc is not None else None
 
 
 def _libc():
@@ -31,11 +40,8 @@ def keep_freed_memory() -> bool:
     """
     if os.environ.get("CRAFT_MALLOC", "") == "default":
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+    mallopt = libc_function("mallopt")
+    if mallopt is None:  # not glibc (macOS, musl without mallopt)
         return False
     ok = all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 1 << 30),
                                               (_M_TOP_PAD, 256 << 20)))
@@ -52,8 +58,7 @@ def release_freed_memory() -> bool:
     flat, until the OOM killer stopped a 10-cell sweep at 8 GB. Called after each λmax and each cell; what stays
     resident is then what is live. Allocations go on being served from the heap, without page faults once
     touched again."""
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    trim = libc_function("malloc_trim")
     if trim is None:  # not glibc
         return False
     trim(0)

@@ -786,16 +786,6 @@ def seeds_per_claim(tables: dict, claims: Sequence[Claim] = CLAIMS) -> dict:
     return need
 
 
-def seeds_per_arm(tables: dict, claims: Sequence[Claim] = CLAIMS) -> dict:
-    """{experiment: seeds per arm}: the most any of its claims asks for (:func:`seeds_per_claim`)."""
-    per_claim = seeds_per_claim(tables, claims)
-    need: dict = {}
-    for c in claims:
-        if c.text in per_claim:
-            need[c.primary.experiment] = max(need.get(c.primary.experiment, 0), per_claim[c.text])
-    return need
-
-
 def _cells(sweep: dict) -> set:
     """The cells of a sweep {key: values}: its Cartesian product, each cell a set of (key, value)."""
     cells = [frozenset()]
