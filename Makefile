@@ -48,10 +48,13 @@ tables: $(STAMP) pretrained  ## every _small table and figure (5 seeds each) and
 		--out $(TABLES) $(if $(THREADS),--threads $(THREADS))
 
 # The confirmatory run of the claims (craft_runner/confirm.py): each claim's primary comparison only, on seeds
-# 100 on, with the seeds per arm the 5-seed tables' power analysis asks for (10-20), two lanes; a rerun resumes.
+# 100 on, with the seeds per arm the 5-seed tables' power analysis asks for (10-20) within CLAIMS_HOURS (the first
+# 10 seeds of every claim always run), two workers; a rerun resumes.
 CLAIMS ?= outputs/claims
+CLAIMS_HOURS ?= 3
 claims: $(STAMP) pretrained  ## the claims' primary comparisons on new seeds, then the claims list (outputs/claims/)
-	CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/python -m craft_runner.confirm --out $(CLAIMS) --jobs $(JOBS)
+	CRAFT_PRETRAINED_DIR=$(PRETRAINED) $(BIN)/python -m craft_runner.confirm --out $(CLAIMS) --jobs $(JOBS) \
+		--hours $(CLAIMS_HOURS)
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest -q -m "not slow"

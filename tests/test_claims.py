@@ -9,6 +9,7 @@ import itertools
 import math
 import re
 import statistics
+import threading
 
 import pytest
 from scipy import stats as sps
@@ -239,11 +240,16 @@ def test_confirmatory_plan(tmp_path):
     p = confirm.plan(cells)
     assert {v["experiment"] for v in p.values()} == set(sweeps)
     assert all(claims.MIN_SEEDS <= v["seeds"] <= claims.MAX_SEEDS for v in p.values())
-    rounds = confirm.rounds(p)
-    first = dict(rounds[0])
-    assert all(s[0] == claims.CONFIRM_SEED0 and len(s) == claims.MIN_SEEDS for s in first.values())
-    seen = {e: sorted(first[e] + dict(rounds[1]).get(e, [])) for e in p} if len(rounds) > 1 else first
-    assert all(seen[e] == list(range(100, 100 + p[e]["seeds"])) for e in p)
+    todo = confirm.jobs(p)
+    seen: dict = {}
+    for j in todo:
+        assert len(j.seeds) <= confirm.CHUNK and not set(j.seeds) & set(seen.get(j.name, ()))
+        seen[j.name] = seen.get(j.name, ()) + j.seeds
+    assert all(sorted(seen[e]) == list(range(100, 100 + p[e]["seeds"])) for e in p)
+    # round 1 (every sweep's first MIN_SEEDS seeds) comes before any further seed
+    rnd = [j.round for j in todo]
+    assert rnd == sorted(rnd) and {j.name for j in todo if j.round == 1} == set(p)
+    assert all(max(j.seeds) < 100 + claims.MIN_SEEDS for j in todo if j.round == 1)
     assert all(min(s) >= 5 for s in seen.values())  # none of the 5-seed tables' seeds 0-4
 
 
@@ -260,13 +266,46 @@ def test_sweeps_merge_only_without_extra_cells():
     assert [(g["overrides"], g["claims"]) for g in full["e"]] == [([], ["b", "a"])]
 
 
-def test_workers_take_sweeps_of_another_family():
-    q = confirm.Queue([("vit", 1, "a", [1]), ("vit", 1, "b", [1]), ("resnet", 1, "c", [1])])
-    assert q.take(0)[2] == "a"
-    assert q.take(1)[2] == "c"  # b would wait on a's trainings
-    q.done(1)
-    assert q.take(1)[2] == "b"  # nothing else left: the same family after all
+def test_workers_take_jobs_whose_trainings_the_other_is_not_making():
+    J = confirm.Job
+    q = confirm.Queue([J("a", "vit", 1, (1, 2)), J("b", "vit", 1, (1, 2)), J("a", "vit", 1, (3,)),
+                       J("c", "resnet", 1, (1,))])
+    assert q.take(0).name == "a"
+    assert q.take(1).seeds == (3,)  # b would wait on a's trainings of seeds 1-2; seed 3 is another training
+    q.done(1, 10.0)
+    assert q.take(1).name == "c"
+    q.done(1, 10.0)
+    assert q.take(1).name == "b"  # nothing else left: the same trainings after all
+    q.done(0, 10.0)
+    q.done(1, 10.0)
     assert q.take(0) is None
+
+
+def test_further_seeds_start_only_where_they_end_within_the_budget():
+    """Round 1 always runs; a round-2 chunk waits for its sweep's measured seconds per seed and is set aside
+    where now + (seconds per seed x its seeds) passes the budget."""
+    now = [0.0]
+    J = confirm.Job
+    q = confirm.Queue([J("a", "f", 1, (1, 2)), J("b", "g", 1, (1,)), J("a", "f", 2, (3, 4)), J("b", "g", 2, (2,))],
+                      budget_s=100.0, clock=lambda: now[0])
+    a1, b1 = q.take(0), q.take(1)
+    assert (a1.name, b1.name) == ("a", "b")
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.take(2)))
+    t.start()  # only round-2 jobs are left, none measured yet: the worker waits
+    t.join(0.2)
+    assert t.is_alive()
+    now[0] = 40.0
+    q.done(1, 40.0)  # b: 40 s a seed; at 40 s, 40 + 40 = 80 <= 100: b's chunk starts
+    t.join(5)
+    assert got[0].name == "b" and got[0].round == 2
+    now[0] = 70.0
+    q.done(0, 70.0)  # a: 35 s a seed, its 2-seed chunk would end at 70 + 70 = 140 > 100
+    assert q.take(0) is None
+    assert q.skipped == [{"sweep": "a", "seeds": 2, "estimate_minutes": round(70 / 60, 1)}]
+    # round 1 runs whatever the clock says
+    late = confirm.Queue([J("a", "f", 1, (1,))], budget_s=1.0, clock=lambda: 1e6)
+    assert late.take(0).name == "a"
 
 
 def test_the_thesis_as_a_claim():
