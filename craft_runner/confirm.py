@@ -9,8 +9,8 @@ of every sweep in turn, and a chunk starts only where its sweep's measured secon
 budget (the others are listed as skipped). Two workers, each ``craft-run`` on one thread, take the next job whose
 trainings the other worker is not making (same network family and seeds share cached trainings: side by side,
 one would wait on the other's training lock). A rerun resumes: finished cells are skipped, trainings come from
-the cache. Ends with ``craft-report --claims`` over what finished: claims.md, claims-summary.md and claims.csv in OUT, the cells
-they were computed from in OUT/cells (one ``<experiment>-cells.csv`` each, over all its sweeps), with
+the cache. Ends with ``craft-report --claims`` over what finished: claims.md, claims-summary.md and claims.csv
+in OUT, the cells they were computed from in OUT/cells (one ``<experiment>-cells.csv`` each, over all its sweeps), with
 ``plan.json`` (per sweep its experiment, overrides, claims and seeds per arm) and ``timings.json`` (minutes per
 job, the chunks skipped; per folder the seconds of training, diagnostics and compression with evaluation).
 
