@@ -64,6 +64,11 @@ def claims_paragraph(timings: dict, date: str) -> str:
     share = ", ".join(f"{label} {100 * tot[k] / max(sum(tot.values()), 1e-9):.0f} %" for k, label in
                       (("train_s", "training"), ("diagnostics_s", "λmax and the other diagnostics"),
                        ("compress_eval_s", "compression with its evaluation passes")))
+    budget, skipped = timings.get("budget_hours"), timings.get("skipped") or []
+    rule = (f" Its budget, {budget:g} h: the first 10 seeds of every sweep always run, further seeds only where "
+            f"their sweep's measured minutes per seed end them within it; left out at the budget: "
+            + (", ".join(f"{s['sweep']} ({s['seeds']} seeds, about {s['estimate_minutes']:.0f} min)" for s in skipped)
+               or "none") + "." if budget else "")
     sessions = timings.get("sessions")
     when = (f"over {len(sessions)} sessions ({'; '.join(s['date'] + ', ' + s['note'] for s in sessions)})"
             if sessions else date)
@@ -71,7 +76,7 @@ def claims_paragraph(timings: dict, date: str) -> str:
             f"side by side, one thread per craft-run, {when}: **{timings['total_minutes']:.0f} min** of wall "
             f"clock. Minutes per sweep, all rounds (a sweep whose trainings an earlier one made reads them from the "
             f"cache; the seeds per arm each claim reached are in the list below): {per}. The work behind the "
-            f"finished cells, {hours:.1f} thread-hours: {share}.")
+            f"finished cells, {hours:.1f} thread-hours: {share}.{rule}")
 
 
 def main(argv=None) -> int:

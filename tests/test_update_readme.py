@@ -62,6 +62,12 @@ def test_the_claims_run_paragraphs(tmp_path):
     assert "**150 min**" in text and "craft_table1 25.5," in text and "snt_fig5-2 3.0 (stopped once)" in text
     assert "3.0 thread-hours" in text and "training 50 %" in text and "diagnostics 17 %" in text
     assert "- SNT Table 4, x: **undecided**." in text and "\nkept\n" in text
+    assert "budget" not in text  # a run without one says nothing of it
+    t = json.loads((claims / "timings.json").read_text())
+    t.update(budget_hours=2.5, skipped=[{"sweep": "snt_table3_qat", "seeds": 5, "estimate_minutes": 61.4}])
+    (claims / "timings.json").write_text(json.dumps(t))
+    assert mod.main([str(claims), "--claims", "--doc", str(doc), "--date", "2026-12-07"]) == 0
+    assert "Its budget, 2.5 h:" in doc.read_text() and "snt_table3_qat (5 seeds, about 61 min)" in doc.read_text()
 
 
 def test_it_writes_docs_results_by_default_and_keeps_the_old_option_name(tmp_path):
