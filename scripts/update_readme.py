@@ -70,7 +70,8 @@ def claims_paragraph(timings: dict, date: str) -> str:
             + (", ".join(f"{s['sweep']} ({s['seeds']} seeds, about {s['estimate_minutes']:.0f} min)" for s in skipped)
                or "none") + "." if budget else "")
     sessions = timings.get("sessions")
-    when = (f"over {len(sessions)} sessions ({'; '.join(s['date'] + ', ' + s['note'] for s in sessions)})"
+    when = ("; ".join(s["date"] + ", " + s["note"] for s in sessions) if sessions and len(sessions) == 1 else
+            f"over {len(sessions)} sessions ({'; '.join(s['date'] + ', ' + s['note'] for s in sessions)})"
             if sessions else date)
     return (f"`make claims` on the {timings.get('cpus', '?')}-core machine, {timings.get('jobs', 1)} worker(s) "
             f"side by side, one thread per craft-run, {when}: **{timings['total_minutes']:.0f} min** of wall "
