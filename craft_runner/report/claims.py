@@ -104,11 +104,18 @@ def _ptq(approach: str, column: str, scale: str = "raw") -> Primary:
 
 
 def _qat(approach: str, column: str, scale: str = "raw") -> Primary:
-    """SNT Table 3 (QAT), MobileNet-V1 with distiller's activation coverage: ``approach`` against ADAM."""
-    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": "distiller", "Approach": approach},
+    """SNT Table 3 (QAT), MobileNet-V1: ``approach`` against ADAM. distiller's activation coverage (its ReLUs)
+    where both arms have ReLUs; ARCH's RPReLUs get none from it (its W4A4 cells would be weight-only), so its
+    accuracy is compared where every layer input of both arms is quantized (``act_quant=layer_inputs``)."""
+    act = "layer_inputs" if approach == "ARCH" and column.startswith("Top-1") else "distiller"
+    arms = ["mobilenetv1_adam", f"mobilenetv1_{approach.lower()}"] if act == "layer_inputs" else [
+        "mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"]
+    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": act, "Approach": approach},
               {"Approach": "ADAM"}, column, "value", scale,
-              sweep={"+shared/snt_qat": ["mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"],
-                     "compress.act_quant": ["distiller"]})
+              sweep={"+shared/snt_qat": arms, "compress.act_quant": [act]},
+              fixed=_NO_DIAGNOSTICS if act == "layer_inputs" else ())
+
+
 _T1 = dict(Model="tiny ViT")
 _NOT_CRAFT = "trained from scratch with BN re-calibration (cheap_sam) or make run's recipe, not CrAFT's fine-tuning"
 
