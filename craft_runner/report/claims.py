@@ -92,6 +92,7 @@ def _p(experiment, row, base, column, estimand="drop", scale="raw", base_column=
 
 # The confirmatory run skips the diagnostics (λmax, ranges) of a sweep none of whose claims reads them.
 _NO_DIAGNOSTICS = ("sharpness.enabled=false",)
+_CALIBRATED_CLIP = ("compress.alpha_init=null",)
 
 
 _LN = math.log
@@ -106,14 +107,16 @@ def _ptq(approach: str, column: str, scale: str = "raw") -> Primary:
 def _qat(approach: str, column: str, scale: str = "raw") -> Primary:
     """SNT Table 3 (QAT), MobileNet-V1: ``approach`` against ADAM. distiller's activation coverage (its ReLUs)
     where both arms have ReLUs; ARCH's RPReLUs get none from it (its W4A4 cells would be weight-only), so its
-    accuracy is compared where every layer input of both arms is quantized (``act_quant=layer_inputs``)."""
+    accuracy is compared where every layer input of both arms is quantized (``act_quant=layer_inputs``), each
+    clipping level started from calibration: from distiller's fixed 8, a SignedPACT after ARCH's RPReLU would
+    start at [-8, 8] and spend half its levels below zero against PACT's [0, 8] after ADAM's ReLU."""
     act = "layer_inputs" if approach == "ARCH" and column.startswith("Top-1") else "distiller"
     arms = ["mobilenetv1_adam", f"mobilenetv1_{approach.lower()}"] if act == "layer_inputs" else [
         "mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"]
     return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": act, "Approach": approach},
               {"Approach": "ADAM"}, column, "value", scale,
               sweep={"+shared/snt_qat": arms, "compress.act_quant": [act]},
-              fixed=_NO_DIAGNOSTICS if act == "layer_inputs" else ())
+              fixed=_NO_DIAGNOSTICS + _CALIBRATED_CLIP if act == "layer_inputs" else ())
 
 
 _T1 = dict(Model="tiny ViT")
