@@ -10,7 +10,7 @@ from craft_runner.compress.qat import distiller_relus, insert_pact, quantize_lay
 from craft_runner.compress.registry import target_layers
 from craft_runner.config import to_run_config
 from craft_runner.models.factory import create_model
-from craft_runner.report import claims
+from craft_runner.report import claims, papers
 
 
 def _covered(arm: str, act: str) -> tuple[int, int]:
@@ -39,6 +39,8 @@ def test_both_arms_of_a_qat_accuracy_primary_quantize_the_same_layer_inputs(clai
     covered = {a: _covered(f"mobilenetv1_{a.lower()}", act[0]) for a in arms}
     assert len(set(covered.values())) == 1, covered  # e.g. distiller on ARCH: 0 of 26, on ADAM 25 of 26
     assert next(iter(covered.values()))[0] > 0
+    # the row it reads is the one the QAT table labels for that coverage
+    assert dict(claim.primary.row)["Act. quant"] == papers.ACT_QUANT.fmt(None if act[0] == "distiller" else act[0])
 
 
 def test_distiller_coverage_leaves_arch_weight_only():

@@ -113,7 +113,8 @@ def _qat(approach: str, column: str, scale: str = "raw") -> Primary:
     act = "layer_inputs" if approach == "ARCH" and column.startswith("Top-1") else "distiller"
     arms = ["mobilenetv1_adam", f"mobilenetv1_{approach.lower()}"] if act == "layer_inputs" else [
         "mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"]
-    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": act, "Approach": approach},
+    label = {"layer_inputs": "layer inputs"}.get(act, act)  # the QAT table's row label (report/papers.py)
+    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": label, "Approach": approach},
               {"Approach": "ADAM"}, column, "value", scale,
               sweep={"+shared/snt_qat": arms, "compress.act_quant": [act]},
               fixed=_NO_DIAGNOSTICS + _CALIBRATED_CLIP if act == "layer_inputs" else ())
