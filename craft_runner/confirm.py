@@ -38,10 +38,10 @@ from craft_runner.report import claims as claims_mod
 ORDER = ("craft_table4", "craft_fig1", "craft_fig2", "craft_table5", "craft_table1", "craft_table2",
          "craft_table3", "craft_fig4",
          "snt_table4", "snt_table3_ptq", "snt_fig6", "snt_fig7", "snt_fig5", "snt_table3_qat")
-# The network each experiment's confirmatory sweeps train (or fine-tune): sweeps of one family share trainings.
 # Seeds per job: small enough for two workers to pack the sweeps and to stop at the budget.
 CHUNK = 5
 BUDGET_HOURS = 3.0
+# The network each experiment's confirmatory sweeps train (or fine-tune): sweeps of one family share trainings.
 FAMILY = {"craft_table3": "tiny EfficientNet", "snt_fig5": "Mixer-S", "snt_table3_qat": "MobileNet-V1"}
 
 

@@ -34,6 +34,7 @@ from typing import Optional
 
 from craft_runner.report import stats
 from craft_runner.report.engine import Cell, Stat, Table
+from craft_runner.report.papers import ACT_QUANT
 
 # Treatment rows of supporting comparisons: any of these {row header: labels} (all headers of one entry present
 # and matching).
@@ -113,8 +114,7 @@ def _qat(approach: str, column: str, scale: str = "raw") -> Primary:
     act = "layer_inputs" if approach == "ARCH" and column.startswith("Top-1") else "distiller"
     arms = ["mobilenetv1_adam", f"mobilenetv1_{approach.lower()}"] if act == "layer_inputs" else [
         "mobilenetv1_adam", "mobilenetv1_sam", "mobilenetv1_arch"]
-    label = {"layer_inputs": "layer inputs"}.get(act, act)  # the QAT table's row label (report/papers.py)
-    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": label, "Approach": approach},
+    return _p("snt_table3_qat", {"Backbone": "MobileNet-V1", "Act. quant": ACT_QUANT.fmt(act), "Approach": approach},
               {"Approach": "ADAM"}, column, "value", scale,
               sweep={"+shared/snt_qat": arms, "compress.act_quant": [act]},
               fixed=_NO_DIAGNOSTICS + _CALIBRATED_CLIP if act == "layer_inputs" else ())
